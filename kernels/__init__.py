@@ -1,0 +1,1 @@
+"""GPU kernels for vesper_jax (installed as `vesper_jax.kernels`)."""

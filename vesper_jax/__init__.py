@@ -1,0 +1,1 @@
+"""vesper_jax: small decoder language models in JAX/Flax."""

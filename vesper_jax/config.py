@@ -1,0 +1,90 @@
+"""The base configuration every file in configs/ starts from.
+
+`get_config()` returns the full ConfigDict that `python -m vesper_jax.train` reads. Each key is read by
+the code (no `.get(key, default)` anywhere): override on the command line with `--config.a.b=value`.
+Size variants (configs/tiny.py ... large.py) call this and override the `model` section and the budget.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The shared base: the tiny model on the built-in corpus, AdamW, a short CPU-sized run."""
+  config = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- model (→ model.ModelConfig)
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = 4096        # model vocabulary; a trained BPE gets exactly this many tokens
+  config.model.num_layers = 2
+  config.model.num_heads = 4
+  config.model.num_kv_heads = config_dict.placeholder(int)  # None = num_heads; fewer = grouped-query
+  config.model.d_model = 128
+  config.model.d_ff = 384
+  config.model.max_seq_len = 256        # longest context (training windows and generation)
+  config.model.norm = 'layernorm'       # 'layernorm' | 'rmsnorm'
+  config.model.norm_eps = 1e-6
+  config.model.activation = 'era'       # 'era' | 'silu' | 'gelu'
+  config.model.era_temperature = 1.0    # ERA's T
+  config.model.era_entropy_weight = 0.1  # ERA's λ (0 with T=1 is SiLU)
+  config.model.era_detach_entropy = False  # stop the gradient through ERA's entropy term
+  config.model.use_bias = False         # biases in projections and norms
+  config.model.tie_embeddings = False   # share the embedding matrix with the output head
+  config.model.rope_theta = 10000.0
+  config.model.dtype = 'float32'        # compute dtype ('bfloat16' on GPU); parameters stay float32
+  config.model.remat = False            # rematerialise blocks in the backward pass (saves memory)
+  config.model.attention_impl = config_dict.placeholder(str)  # None = auto, 'xla' or 'cudnn'
+
+  # ---------------------------------------------------------------- data (→ data.py, tokenizer.py)
+  config.data = ml_collections.ConfigDict()
+  config.data.sources = 'builtin:pydoc'  # comma-separated files, globs, directories or builtin:pydoc
+  config.data.tokenizer = ''            # a tokenizer.json path; '' trains a byte-level BPE on the corpus
+  config.data.seq_len = 128             # tokens per training window (each window reads seq_len + 1)
+  config.data.doc_separator = '<|endoftext|>'  # splits plain-text files into documents
+  config.data.on_error = 'skip'         # bad records: 'skip' (counted and reported) or 'fail'
+  config.data.val_fraction = 0.05       # fraction of documents held out for validation
+  config.data.cache_dir = ''            # '' = $XDG_CACHE_HOME/vesper_jax (or ~/.cache/vesper_jax)
+
+  # ---------------------------------------------------------------- optimizer
+  config.opt = ml_collections.ConfigDict()
+  config.opt.name = 'adamw'             # 'adamw' | 'velvet'
+  config.opt.learning_rate = 3e-3       # peak learning rate
+  config.opt.warmup_steps = 50          # linear warmup from 0
+  config.opt.min_lr_ratio = 0.1         # cosine decays to learning_rate * min_lr_ratio
+  config.opt.b1 = 0.9
+  config.opt.b2 = 0.95
+  config.opt.eps = 1e-8
+  config.opt.weight_decay = 0.1         # decoupled; never on norms and biases
+  config.opt.decay_embeddings = False   # also decay the embedding matrix and the output head
+  config.opt.grad_clip_norm = 1.0       # global-norm clipping; 0 disables
+
+  # ---------------------------------------------------------------- training
+  config.train = ml_collections.ConfigDict()
+  config.train.seed = 0
+  config.train.num_steps = 400
+  config.train.batch_size = 16          # global batch, in sequences, per optimizer step
+  config.train.grad_accum_steps = 1     # micro-batches per step (batch_size must divide evenly)
+  config.train.mesh_data = -1           # device mesh axis sizes; -1 fills the remaining devices
+  config.train.mesh_fsdp = 1
+  config.train.eval_every = 100         # evaluate on the validation split every N steps (and at the end)
+  config.train.eval_batches = 8
+  config.train.max_nonfinite_steps = 10  # this many skipped (non-finite) updates in a row stop the run
+  config.train.auto_scale = False       # pick num_steps from the cached token count (Chinchilla)
+  config.train.sample_prompt = 'The '   # sampled from the trained model at the end ('' = no sample)
+  config.train.sample_tokens = 48
+  config.train.distributed = False      # call jax.distributed.initialize() (multi-host)
+
+  # ---------------------------------------------------------------- checkpointing
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 200   # also saved at the end and on SIGTERM/SIGINT
+  config.checkpoint.keep = 3            # keep the last K checkpoints
+  config.checkpoint.async_save = True   # write in the background while training continues
+
+  # ---------------------------------------------------------------- logging
+  config.logging = ml_collections.ConfigDict()
+  config.logging.every_steps = 10       # metrics.jsonl / TensorBoard / progress-bar cadence
+  config.logging.tensorboard = True
+  config.logging.progress_bar = True
+  config.logging.compilation_cache_dir = ''  # '' = <cache_dir>/jax_compilation_cache
+
+  return config

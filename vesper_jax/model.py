@@ -1,0 +1,276 @@
+"""VesperLM: a pre-norm decoder-only transformer (SPEC §3).
+
+    h = x + Attention(Norm(x));  y = h + FeedForward(Norm(h));  final Norm;  lm_head
+
+Shape suffixes used below: B batch, T query length, S key length (the KV cache in decode mode),
+N query heads, K key/value heads, H head dim, D d_model, F d_ff, V (padded) vocabulary.
+
+Parameters are float32; `ModelConfig.dtype` is the compute dtype (bfloat16 on GPU). Module names follow
+the export naming of SPEC §11 (`layers_{i}/attention/q_proj`, `layers_{i}/ffn/gate_proj`, ...), so export
+is a rename rather than a remapping.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vesper_jax.era import era
+
+PyTree = Any
+
+ACTIVATIONS = ('era', 'silu', 'gelu')
+NORMS = ('layernorm', 'rmsnorm')
+VOCAB_MULTIPLE = 128  # the embedding and head are padded so matmuls tile evenly on accelerators
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that defines a VesperLM. Decode variants are made with `.replace(decode=True)`."""
+  vocab_size: int = 32000           # the tokenizer's vocabulary may be smaller, never larger
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int | None = None   # grouped-query attention when < num_heads; None = num_heads
+  d_model: int = 128
+  d_ff: int = 384
+  max_seq_len: int = 256            # longest context the model is trained or decoded with
+  norm: str = 'layernorm'           # 'layernorm' | 'rmsnorm'
+  norm_eps: float = 1e-6
+  activation: str = 'era'           # 'era' | 'silu' | 'gelu'
+  era_temperature: float = 1.0
+  era_entropy_weight: float = 0.1
+  era_detach_entropy: bool = False
+  use_bias: bool = False
+  tie_embeddings: bool = False
+  rope_theta: float = 10000.0
+  dtype: str = 'float32'            # compute dtype; parameters stay float32
+  remat: bool = False               # recompute each block's activations in the backward pass
+  attention_impl: str | None = None  # jax.nn.dot_product_attention: None (auto), 'xla' or 'cudnn'
+  decode: bool = False              # KV-cache mode (prefill, then one token per call)
+
+  def __post_init__(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'model.activation={self.activation!r}: expected one of {ACTIVATIONS}')
+    if self.norm not in NORMS:
+      raise ValueError(f'model.norm={self.norm!r}: expected one of {NORMS}')
+    if self.d_model % self.num_heads:
+      raise ValueError(f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'head dim {self.head_dim} must be even for RoPE (d_model / num_heads)')
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
+                       f'model.num_kv_heads={self.kv_heads}')
+    if self.vocab_size <= 0:
+      raise ValueError(f'model.vocab_size={self.vocab_size} must be positive')
+
+  def replace(self, **changes) -> 'ModelConfig':
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Rotary embedding, split-half ("rotate_half", Llama/NeoX) convention."""
+  half = x_BTNH.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  # Angles in float32: positions × frequencies loses precision in bfloat16 long before max_seq_len.
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def _norm(config: ModelConfig, name: str) -> nn.Module:
+  if config.norm == 'rmsnorm':
+    return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.compute_dtype, param_dtype=jnp.float32,
+                      name=name)
+  return nn.LayerNorm(epsilon=config.norm_eps, use_bias=config.use_bias, dtype=config.compute_dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False) -> nn.Module:
+  # GPT-2 style: projections that write into the residual stream start smaller, by 1/sqrt(2·layers),
+  # so the residual's variance does not grow with depth at initialisation.
+  std = 0.02 / math.sqrt(2 * config.num_layers) if out_proj else 0.02
+  return nn.Dense(features, use_bias=config.use_bias, dtype=config.compute_dtype,
+                  param_dtype=jnp.float32, kernel_init=nn.initializers.normal(std), name=name)
+
+
+class Attention(nn.Module):
+  """Causal multi-head (optionally grouped-query) self-attention with RoPE and an optional KV cache."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               attention_mask_BT: jax.Array | None) -> jax.Array:
+    c = self.config
+    B, T, _ = x_BTD.shape
+    N, K, H = c.num_heads, c.kv_heads, c.head_dim
+    q_BTNH = _dense(c, N * H, 'q_proj')(x_BTD).reshape(B, T, N, H)
+    k_BTKH = _dense(c, K * H, 'k_proj')(x_BTD).reshape(B, T, K, H)
+    v_BTKH = _dense(c, K * H, 'v_proj')(x_BTD).reshape(B, T, K, H)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_theta)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_theta)
+
+    if c.decode:
+      k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, attention_mask_BT)
+      # The softmax runs in float32 inside dot_product_attention (its logits are accumulated in float32).
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
+                                              implementation=c.attention_impl)
+    else:
+      mask = None if attention_mask_BT is None else attention_mask_BT.astype(bool)[:, None, None, :]
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True,
+                                              implementation=c.attention_impl)
+    return _dense(c, c.d_model, 'o_proj', out_proj=True)(out_BTNH.reshape(B, T, N * H))
+
+  def _update_cache(self, k_BTKH, v_BTKH, attention_mask_BT):
+    """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
+    B, T = k_BTKH.shape[:2]
+    initialized = self.has_variable('cache', 'cached_key')
+    # On `init`, the input's length sets the cache length (call init with a [B, max_len] input).
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    key_valid = self.variable('cache', 'key_valid', jnp.zeros, (B, T), jnp.bool_)
+    index = self.variable('cache', 'index', lambda: jnp.array(0, jnp.int32))
+    valid_BT = (jnp.ones((B, T), jnp.bool_) if attention_mask_BT is None
+                else attention_mask_BT.astype(jnp.bool_))
+    if not initialized:
+      causal_TT = jnp.tril(jnp.ones((T, T), jnp.bool_))
+      return k_BTKH, v_BTKH, causal_TT[None, None] & valid_BT[:, None, None, :]
+
+    idx = index.value
+    S = cached_key.value.shape[1]
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BTKH, (0, idx, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BTKH, (0, idx, 0, 0))
+    key_valid.value = jax.lax.dynamic_update_slice(key_valid.value, valid_BT, (0, idx))
+    index.value = idx + T
+    # Causality in cache slots: query slot idx+t sees key slots ≤ idx+t that hold real (unpadded) tokens.
+    q_slot_T = idx + jnp.arange(T)
+    causal_TS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
+    mask_B1TS = causal_TS[None, None] & key_valid.value[:, None, None, :]
+    return cached_key.value, cached_value.value, mask_B1TS
+
+
+class FeedForward(nn.Module):
+  """Gated FFN: down(act(gate(x)) * up(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    c = self.config
+    gate_BTF = _dense(c, c.d_ff, 'gate_proj')(x_BTD)
+    up_BTF = _dense(c, c.d_ff, 'up_proj')(x_BTD)
+    if c.activation == 'era':
+      act_BTF = era(gate_BTF, c.era_temperature, c.era_entropy_weight, c.era_detach_entropy)
+    elif c.activation == 'silu':
+      act_BTF = jax.nn.silu(gate_BTF)
+    else:
+      act_BTF = jax.nn.gelu(gate_BTF)
+    return _dense(c, c.d_model, 'down_proj', out_proj=True)(act_BTF * up_BTF)
+
+
+class Block(nn.Module):
+  """One pre-norm transformer block."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               attention_mask_BT: jax.Array | None) -> jax.Array:
+    c = self.config
+    h_BTD = x_BTD + Attention(c, name='attention')(_norm(c, 'attention_norm')(x_BTD), positions_BT,
+                                                   attention_mask_BT)
+    return h_BTD + FeedForward(c, name='ffn')(_norm(c, 'ffn_norm')(h_BTD))
+
+
+class VesperLM(nn.Module):
+  """The decoder. Returns float32 logits over the real (unpadded) vocabulary."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               attention_mask_BT: jax.Array | None = None) -> jax.Array:
+    """Args:
+      tokens_BT: int token ids.
+      positions_BT: RoPE positions; default 0..T-1. Required in decode mode (the cache does not know
+        where each sequence is; with left-padded prompts the positions differ per row).
+      attention_mask_BT: 1 for real tokens, 0 for padding (never attended to); default all real.
+    Returns:
+      logits_BTV, float32, V = config.vocab_size.
+    """
+    c = self.config
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      if c.decode:
+        raise ValueError('VesperLM in decode mode needs explicit positions_BT')
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    embed = nn.Embed(c.padded_vocab_size, c.d_model, embedding_init=nn.initializers.normal(0.02),
+                     dtype=c.compute_dtype, param_dtype=jnp.float32, name='embeddings')
+    x_BTD = embed(tokens_BT)
+    block_cls = nn.remat(Block) if c.remat else Block
+    for i in range(c.num_layers):
+      x_BTD = block_cls(c, name=f'layers_{i}')(x_BTD, positions_BT, attention_mask_BT)
+    x_BTD = _norm(c, 'final_norm')(x_BTD)
+    if c.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = nn.Dense(c.padded_vocab_size, use_bias=c.use_bias, dtype=c.compute_dtype,
+                            param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
+                            name='lm_head')(x_BTD)
+    # The loss and the samplers work in float32; the padded classes are never real tokens.
+    return logits_BTV[..., :c.vocab_size].astype(jnp.float32)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> PyTree:
+  """Initialises the parameter tree (no cache) of a VesperLM."""
+  model = VesperLM(config.replace(decode=False))
+  return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> PyTree:
+  """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (no parameters built)."""
+  model = VesperLM(config.replace(decode=True))
+  tokens = jnp.zeros((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(functools.partial(model.init, positions_BT=tokens), jax.random.key(0), tokens)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
+
+
+_EMBEDDING_NAMES = ('embeddings', 'lm_head')
+
+
+def param_counts(params: PyTree, trainable: PyTree | None = None) -> dict[str, int]:
+  """Counts from the real tree: total, embedding (embeddings + lm_head), non_embedding, trainable.
+
+  Args:
+    params: the parameter tree (the `params` collection).
+    trainable: optional tree of bools with the same structure; default: everything is trainable.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  total = sum(int(v.size) for v in flat.values())
+  embedding = sum(int(v.size) for k, v in flat.items() if k[0] in _EMBEDDING_NAMES)
+  if trainable is None:
+    n_trainable = total
+  else:
+    mask = flax.traverse_util.flatten_dict(flax.core.unfreeze(trainable))
+    n_trainable = sum(int(flat[k].size) for k, m in mask.items() if m)
+  return {'total': total, 'embedding': embedding, 'non_embedding': total - embedding,
+          'trainable': n_trainable}

@@ -1,0 +1,53 @@
+"""The optimizer from `config.opt`: schedule, clipping, weight-decay mask, AdamW or Velvet."""
+
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import optax
+
+PyTree = Any
+
+# Top-level parameter names that hold embedding matrices: excluded from weight decay unless
+# `opt.decay_embeddings` (decaying rarely-seen token rows toward zero hurts more than it regularises).
+_EMBEDDING_NAMES = ('embeddings', 'lm_head')
+
+
+def learning_rate_schedule(opt_config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine decay to peak·min_lr_ratio at `num_steps`."""
+  warmup = min(opt_config.warmup_steps, max(num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt_config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(num_steps, warmup + 1),
+      end_value=opt_config.learning_rate * opt_config.min_lr_ratio)
+
+
+def decay_mask(params: PyTree, decay_embeddings: bool) -> PyTree:
+  """True where weight decay applies: matrices only (never norms or biases), embeddings optional."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  mask = {k: v.ndim >= 2 and (decay_embeddings or k[0] not in _EMBEDDING_NAMES) for k, v in flat.items()}
+  return flax.traverse_util.unflatten_dict(mask)
+
+
+def make_optimizer(opt_config: ml_collections.ConfigDict, num_steps: int,
+                   params: PyTree) -> optax.GradientTransformationExtraArgs:
+  """Builds the optimizer. `update` accepts `loss=` and `entropy=` keyword arguments (Velvet reads them;
+  AdamW ignores them), so the train step calls both the same way."""
+  schedule = learning_rate_schedule(opt_config, num_steps)
+  mask = decay_mask(params, opt_config.decay_embeddings)
+  if opt_config.name == 'adamw':
+    core = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+                       weight_decay=opt_config.weight_decay, mask=mask)
+  else:
+    raise ValueError(f"opt.name={opt_config.name!r}: expected 'adamw' or 'velvet'")
+  parts = []
+  if opt_config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
+  parts.append(core)
+  return optax.chain(*parts)
+
+
+def count_state(opt_state: PyTree) -> int:
+  """Number of array elements held in an optimizer state (to check nothing is kept for frozen params)."""
+  return sum(int(x.size) for x in jax.tree.leaves(opt_state) if hasattr(x, 'size'))

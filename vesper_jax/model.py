@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vesper_jax import flylora
 from vesper_jax.era import era
 
 PyTree = Any
@@ -52,6 +53,15 @@ class ModelConfig:
   remat: bool = False               # recompute each block's activations in the backward pass
   attention_impl: str | None = None  # jax.nn.dot_product_attention: None (auto), 'xla' or 'cudnn'
   decode: bool = False              # KV-cache mode (prefill, then one token per call)
+  # --- FlyLoRA adapters (SPEC §5, flylora.py); lora_targets='' builds a plain model.
+  lora_targets: str = ''            # comma-separated among q,k,v,o,gate,up,down
+  lora_mode: str = 'flylora'        # 'flylora' (frozen sparse routed A) | 'lora' (dense trainable A)
+  lora_rank: int = 32               # r
+  lora_k: int = 8                   # ranks active per token (FlyLoRA's top-k)
+  lora_rho: float | None = None     # density of A's columns; None = lora_k / lora_rank
+  lora_alpha: float | None = None   # the adapter's scale is alpha / r; None = 2·r
+  lora_bias_rate: float = 1e-3      # u in the expert-bias rule d_i += u·sign(mean(c) − c_i)
+  lora_seed: int = 0                # A is generated from this seed and each layer's path
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -67,6 +77,7 @@ class ModelConfig:
                        f'model.num_kv_heads={self.kv_heads}')
     if self.vocab_size <= 0:
       raise ValueError(f'model.vocab_size={self.vocab_size} must be positive')
+    flylora.validate(self)
 
   def replace(self, **changes) -> 'ModelConfig':
     return dataclasses.replace(self, **changes)
@@ -112,6 +123,8 @@ def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False
   # GPT-2 style: projections that write into the residual stream start smaller, by 1/sqrt(2·layers),
   # so the residual's variance does not grow with depth at initialisation.
   std = 0.02 / math.sqrt(2 * config.num_layers) if out_proj else 0.02
+  if flylora.is_target(config, name):  # same name and kernel path, plus the adapter's tensors
+    return flylora.LoRADense(config, features, nn.initializers.normal(std), name=name)
   return nn.Dense(features, use_bias=config.use_bias, dtype=config.compute_dtype,
                   param_dtype=jnp.float32, kernel_init=nn.initializers.normal(std), name=name)
 
@@ -255,6 +268,12 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> PyTree:
 
 
 _EMBEDDING_NAMES = ('embeddings', 'lm_head')
+
+
+def abstract_param_counts(config: ModelConfig) -> dict[str, int]:
+  """`param_counts` of the model `config` describes, from shapes alone (no memory, no compute)."""
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  return param_counts(shapes)
 
 
 def param_counts(params: PyTree, trainable: PyTree | None = None) -> dict[str, int]:

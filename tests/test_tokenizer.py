@@ -1,0 +1,121 @@
+"""Tokenizer: loading Hugging Face tokenizer.json files, special tokens, errors, deterministic BPE training."""
+
+import hashlib
+import json
+
+import pytest
+import tokenizers
+from tokenizers import models
+
+from vesper_jax import tokenizer as tokenizer_lib
+from vesper_jax.tokenizer import Tokenizer
+
+BARTHEZ = 'tokenizers/barthez_fr/tokenizer.json'
+
+
+def _french_lines(shared_data, limit=None):
+  text = (shared_data / 'les_miserables_fr.txt').read_text(encoding='utf-8')
+  lines = [line for line in text.split('\n') if line.strip()]
+  return lines[:limit] if limit else lines
+
+
+def test_barthez_loads_with_its_special_tokens(shared_data):
+  tok = Tokenizer.load(shared_data / BARTHEZ)
+  assert tok.vocab_size == 50_002  # shared/data/README: 50,002 tokens
+  assert (tok.bos_id, tok.pad_id, tok.eos_id) == (0, 1, 2)  # <s>, <pad>, </s> in its added_tokens
+  assert tok.path == str(shared_data / BARTHEZ)
+  expected = hashlib.sha256((shared_data / BARTHEZ).read_bytes()).hexdigest()
+  assert tok.sha256() == expected == '862dbfc3bc1a138b1ea1651a5965952fabf6328136fb7b4623d09831b189ccb1'
+
+
+def test_barthez_round_trips_french_lines(shared_data):
+  tok = Tokenizer.load(shared_data / BARTHEZ)
+  normalizer = tokenizers.Tokenizer.from_file(str(shared_data / BARTHEZ)).normalizer
+  unk = tok.token_to_id('<unk>')
+  lines = _french_lines(shared_data)
+  encoded = tok.encode_batch(lines)
+  known = [(line, ids) for line, ids in zip(lines, encoded) if unk not in ids]
+  # A few characters ('_', 'Ç', 'Ô', ...) are not in BARThez's vocabulary at all: those lines hold <unk>.
+  assert len(known) > 0.95 * len(lines)
+  for line, ids in known:
+    assert ids == tok.encode(line)  # encode_batch agrees with encode
+    # Up to the tokenizer's normalisation: its NFKC-like charsmap, and whitespace split into single spaces.
+    assert tok.decode(ids) == ' '.join(normalizer.normalize_str(line).split()), line
+  assert 'Myriel' in tok.decode(tok.encode('M. Myriel était évêque de Digne.'))
+  assert tok.encode('Jean Valjean')[0] not in (tok.bos_id, tok.eos_id)  # no special tokens added
+
+
+def test_load_missing_file_names_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nope/tokenizer.json'):
+    Tokenizer.load(tmp_path / 'nope' / 'tokenizer.json')
+
+
+@pytest.mark.parametrize('content', ['{"this is": not json', '{"version": "1.0", "model": {"type": "Nope"}}', ''])
+def test_load_invalid_file_names_it(tmp_path, content):
+  path = tmp_path / 'broken.json'
+  path.write_text(content)
+  with pytest.raises(ValueError, match=f'{path}: not a valid Hugging Face tokenizer.json'):
+    Tokenizer.load(path)
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path):
+  vocab = {'a': 0, 'b': 1, '[UNK]': 2}
+  raw = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+  path = tmp_path / 'no_eos.json'
+  raw.save(str(path))
+  with pytest.raises(ValueError, match=f'{path}: the tokenizer has none of the end-of-sequence tokens'):
+    Tokenizer.load(path)
+
+
+def test_gpt2_style_eos_and_gapped_vocabulary(tmp_path):
+  # Ids with a gap: the model needs max id + 1 rows, not the number of entries.
+  raw = tokenizers.Tokenizer(models.WordLevel({'a': 0, 'b': 7, '<unk>': 1}, unk_token='<unk>'))
+  raw.add_special_tokens(['<|endoftext|>', '<pad>'])
+  path = tmp_path / 'gapped.json'
+  raw.save(str(path))
+  tok = Tokenizer.load(path)
+  assert tok.eos_id == raw.token_to_id('<|endoftext|>')
+  assert tok.pad_id == raw.token_to_id('<pad>')
+  assert tok.bos_id is None
+  assert tok.vocab_size == max(raw.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def _stories(shared_data, n=400):
+  text = (shared_data / 'tinystories_2MB.txt').read_text(encoding='utf-8')
+  return [s.strip() for s in text.split('<|endoftext|>') if s.strip()][:n]
+
+
+def test_trained_bpe_is_deterministic_and_exact_size(shared_data, tmp_path):
+  stories = _stories(shared_data)
+  first = tokenizer_lib.train_bpe(iter(stories), 1000, tmp_path / 'a' / 'tokenizer.json')
+  second = tokenizer_lib.train_bpe(iter(stories), 1000, tmp_path / 'b' / 'tokenizer.json')
+  assert first.sha256() == second.sha256()
+  assert (tmp_path / 'a' / 'tokenizer.json').read_bytes() == (tmp_path / 'b' / 'tokenizer.json').read_bytes()
+  assert first.vocab_size == 1000
+  assert first.eos_id == first.token_to_id('<|endoftext|>') == 0
+  assert not list((tmp_path / 'a').glob('*.tmp-*'))  # the temporary file was renamed into place
+  other = tokenizer_lib.train_bpe(iter(stories), 1200, tmp_path / 'c' / 'tokenizer.json')
+  assert other.sha256() != first.sha256() and other.vocab_size == 1200
+
+
+def test_trained_bpe_round_trips_bytes_exactly(shared_data, tmp_path):
+  tok = tokenizer_lib.train_bpe(iter(_stories(shared_data)), 600, tmp_path / 'tokenizer.json')
+  for text in ['Once upon a time, Lily  saw\n\ta dog.', 'Les Misérables — « Jean Valjean »', '日本語 🙂', ' x ']:
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text  # byte-level: no normalisation, nothing lost
+  assert tok.decode([tok.eos_id], skip_special_tokens=False) == '<|endoftext|>'
+  reloaded = Tokenizer.load(tmp_path / 'tokenizer.json')
+  assert reloaded.encode('Lily and Tom') == tok.encode('Lily and Tom')
+
+
+def test_bpe_vocabulary_too_small_is_refused(tmp_path):
+  with pytest.raises(ValueError, match='model.vocab_size=100 is too small'):
+    tokenizer_lib.train_bpe(iter(['hello']), 100, tmp_path / 'tokenizer.json')
+
+
+def test_saved_bpe_is_valid_json_with_the_special_token(shared_data, tmp_path):
+  tokenizer_lib.train_bpe(iter(_stories(shared_data, 50)), 400, tmp_path / 'tokenizer.json')
+  saved = json.loads((tmp_path / 'tokenizer.json').read_text())
+  assert saved['added_tokens'][0]['content'] == '<|endoftext|>' and saved['added_tokens'][0]['special']
+  assert saved['pre_tokenizer']['type'] == 'ByteLevel' and saved['decoder']['type'] == 'ByteLevel'

@@ -29,6 +29,8 @@ def mesh_shape(mesh_data: int, mesh_fsdp: int, num_devices: int) -> tuple[int, i
     if num_devices % mesh_data:
       raise ValueError(f'train.mesh_data={mesh_data} does not divide the {num_devices} devices')
     mesh_fsdp = num_devices // mesh_data
+  if mesh_data * mesh_fsdp < num_devices and jax.process_count() == 1:
+    return mesh_data, mesh_fsdp  # a single host may run on a subset of its devices (the first ones)
   if mesh_data * mesh_fsdp != num_devices:
     raise ValueError(f'mesh (data={mesh_data}, fsdp={mesh_fsdp}) needs {mesh_data * mesh_fsdp} devices, '
                      f'{num_devices} are available (train.mesh_data / train.mesh_fsdp)')
@@ -39,6 +41,7 @@ def make_mesh(mesh_data: int, mesh_fsdp: int, devices: list | None = None) -> Me
   """A ('data', 'fsdp') mesh over all (global) devices."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_data, mesh_fsdp, len(devices))
+  devices = devices[:shape[0] * shape[1]]
   try:
     # Topology-aware placement (keeps fsdp groups on fast links) where the backend knows its topology.
     device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)

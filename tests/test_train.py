@@ -1,0 +1,260 @@
+"""Training: sharding equivalence, exact resume, accumulation, non-finite handling, config errors."""
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from vesper_jax import optim
+from vesper_jax import sharding
+from vesper_jax import train
+from vesper_jax.model import ModelConfig, VesperLM
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  """One token cache for the module: every run below reuses the same tokenized corpus."""
+  return tmp_path_factory.mktemp('cache')
+
+
+def _config(cache_dir, **overrides):
+  config = load_config('tiny')
+  config.model.vocab_size = 512
+  config.data.seq_len = 32
+  config.data.cache_dir = str(cache_dir)
+  config.train.batch_size = 8
+  config.train.num_steps = 5
+  config.train.eval_every = 1000
+  config.train.eval_batches = 2
+  config.train.sample_prompt = ''
+  config.opt.warmup_steps = 2
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.async_save = False
+  config.logging.every_steps = 1
+  config.logging.progress_bar = False
+  config.logging.tensorboard = False
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def _losses(workdir) -> dict[int, float]:
+  """step → training loss from metrics.jsonl (the last line wins where a resumed run repeats a step)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    if 'loss' in row:
+      out[row['step']] = row['loss']
+  return out
+
+
+def test_sharded_runs_match_one_device(cache_dir, tmp_path):
+  assert jax.device_count() == 8, 'conftest simulates 8 CPU devices'
+  runs = {'one': (1, 1), 'data8': (8, 1), 'data2_fsdp4': (2, 4)}
+  losses = {}
+  for name, (data, fsdp) in runs.items():
+    train.train_and_evaluate(_config(cache_dir, **{'train.mesh_data': data, 'train.mesh_fsdp': fsdp}),
+                             tmp_path / name)
+    losses[name] = _losses(tmp_path / name)
+  assert sorted(losses['one']) == [1, 2, 3, 4, 5]
+  for name in ('data8', 'data2_fsdp4'):
+    np.testing.assert_allclose([losses[name][s] for s in range(1, 6)],
+                               [losses['one'][s] for s in range(1, 6)], rtol=1e-5)
+
+
+def test_parameters_are_really_sharded(cache_dir):
+  config = _config(cache_dir)
+  mesh = sharding.make_mesh(2, 4)
+  model = VesperLM(ModelConfig(**config.model))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
+  tx = optim.make_optimizer(config.opt, 10, params)
+  init_fn, _, _ = train._init_state(config, model, tx, mesh, 8)
+  state = init_fn(jax.random.key(0))
+  kernel = state.params['layers_0']['ffn']['gate_proj']['kernel']          # [128, 384]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')  # 384 split over fsdp=4
+  assert {s.data.shape for s in kernel.addressable_shards} == {(128, 96)}
+  mu = state.opt_state[1][0].mu['layers_0']['ffn']['gate_proj']['kernel']
+  assert mu.sharding == kernel.sharding  # Adam moments live with their parameters
+  norm = state.params['layers_0']['ffn_norm']['scale']
+  assert norm.sharding.is_fully_replicated
+
+
+def _tiny_state(config, batch_size):
+  model = VesperLM(ModelConfig(**config.model))
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
+  tx = optim.make_optimizer(config.opt, 10, params)
+  init_fn, _, _ = train._init_state(config, model, tx, mesh, 8)
+  step = functools.partial(train.train_step, model=model, tx=tx,
+                           schedule=optim.learning_rate_schedule(config.opt, 10))
+  tokens = jax.random.randint(jax.random.key(1), (batch_size, 17), 0, config.model.vocab_size)
+  return init_fn(jax.random.key(0)), step, {'tokens': tokens}
+
+
+def test_gradient_accumulation_equals_one_big_batch(cache_dir):
+  config = _config(cache_dir)
+  state, step, batch = _tiny_state(config, batch_size=16)
+  big, m_big = jax.jit(functools.partial(step, grad_accum_steps=1))(state, batch)
+  acc, m_acc = jax.jit(functools.partial(step, grad_accum_steps=4))(state, batch)
+  np.testing.assert_allclose(float(m_acc['loss']), float(m_big['loss']), rtol=1e-6)
+  np.testing.assert_allclose(float(m_acc['grad_norm']), float(m_big['grad_norm']), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_update_is_skipped_and_counted(cache_dir):
+  config = _config(cache_dir)
+  state, step, batch = _tiny_state(config, batch_size=4)
+  poisoned = state.replace(params=jax.tree.map(lambda p: p, state.params))
+  emb = poisoned.params['embeddings']['embedding']
+  poisoned.params['embeddings']['embedding'] = emb.at[batch['tokens'][0, 0]].set(jnp.nan)
+  new, metrics = jax.jit(functools.partial(step, grad_accum_steps=1))(poisoned, batch)
+  assert int(metrics['skipped']) == 1 and int(new.nonfinite_total) == 1
+  assert int(new.nonfinite_streak) == 1 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
+                  jax.tree.leaves((poisoned.params, poisoned.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing moved
+  good, metrics = jax.jit(functools.partial(step, grad_accum_steps=1))(state, batch)
+  assert int(metrics['skipped']) == 0 and int(good.nonfinite_streak) == 0
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(cache_dir, tmp_path, monkeypatch):
+  config = _config(cache_dir, **{'train.num_steps': 4, 'checkpoint.every_steps': 4})
+  train.train_and_evaluate(config, tmp_path)  # a good checkpoint at step 4
+  before = train.ckpt_lib.load_params(tmp_path)[1]
+
+  real_loss = train._loss
+  monkeypatch.setattr(train, '_loss', lambda *a: jax.tree.map(lambda x: x * jnp.nan, real_loss(*a)))
+  config = _config(cache_dir, **{'train.num_steps': 20, 'checkpoint.every_steps': 2,
+                                 'train.max_nonfinite_steps': 3})
+  with pytest.raises(train.NonFiniteError, match='3 consecutive'):
+    train.train_and_evaluate(config, tmp_path)
+  step, after = train.ckpt_lib.load_params(tmp_path)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['skipped'] for r in rows if r['step'] > 4 and 'skipped' in r][:3] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize('override,match', [
+    ({'train.bogus_key': 1}, "unknown config key 'train.bogus_key'"),
+    ({'data.seq_len': 1024}, 'data.seq_len=1024 exceeds model.max_seq_len=256'),
+    ({'data.sources': '/nonexistent/corpus.txt'}, '/nonexistent/corpus.txt'),
+])
+def test_bad_config_fails_before_compiling(cache_dir, tmp_path, override, match, monkeypatch):
+  compiled = []
+  monkeypatch.setattr(train, '_init_state', lambda *a, **k: compiled.append(1))
+  config = _config(cache_dir)
+  (key, value), = override.items()
+  section, name = key.split('.')
+  with config.unlocked():
+    config[section][name] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    train.train_and_evaluate(config, tmp_path)
+  assert not compiled
+
+
+def test_tokenizer_larger_than_model_is_refused(cache_dir, tmp_path, shared_data):
+  config = _config(cache_dir, **{'data.tokenizer': str(shared_data / 'tokenizers/barthez_fr/tokenizer.json')})
+  with pytest.raises(ValueError, match=r'50,?002.*512|512.*50,?002'):
+    train.train_and_evaluate(config, tmp_path)
+
+
+# ------------------------------------------------------------------------------ subprocess runs
+
+def _cli(workdir, cache_dir, *extra):
+  args = [sys.executable, '-m', 'vesper_jax.train', '--config=configs/tiny.py', f'--workdir={workdir}',
+          '--config.model.vocab_size=512', '--config.data.seq_len=32', f'--config.data.cache_dir={cache_dir}',
+          '--config.train.batch_size=8', '--config.train.eval_every=1000', '--config.train.eval_batches=2',
+          '--config.train.sample_prompt=', '--config.logging.every_steps=1',
+          '--config.logging.progress_bar=False', '--config.opt.warmup_steps=2', *extra]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  return args, env
+
+
+def _wait_for(predicate, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f'process exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}')
+    time.sleep(0.05)
+  raise AssertionError('timed out')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(cache_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('full')
+  args, env = _cli(workdir, cache_dir, '--config.train.num_steps=20', '--config.checkpoint.every_steps=5')
+  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  return _losses(workdir)
+
+
+def test_resume_after_sigterm_is_exact(cache_dir, tmp_path, uninterrupted):
+  args, env = _cli(tmp_path, cache_dir, '--config.train.num_steps=20', '--config.checkpoint.every_steps=100')
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / 'metrics.jsonl'
+  _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 8, proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+  stopped_at = max(_losses(tmp_path))
+  assert stopped_at < 20, 'the run should have stopped early'
+  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  resumed = _losses(tmp_path)
+  assert sorted(resumed) == list(range(1, 21))
+  for s in range(stopped_at + 1, 21):
+    assert resumed[s] == uninterrupted[s], f'step {s}: {resumed[s]!r} != {uninterrupted[s]!r}'
+
+
+def test_resume_after_sigkill_is_exact(cache_dir, tmp_path, uninterrupted):
+  args, env = _cli(tmp_path, cache_dir, '--config.train.num_steps=20', '--config.checkpoint.every_steps=10',
+                   '--config.checkpoint.async_save=False')
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / 'metrics.jsonl'
+  # Saves are synchronous here: once step 12 is logged, the step-10 checkpoint is complete.
+  _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 12, proc)
+  proc.kill()
+  proc.wait(timeout=60)
+  assert (tmp_path / 'checkpoints' / '10').is_dir()
+  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  resumed = _losses(tmp_path)
+  for s in range(11, 21):
+    assert resumed[s] == uninterrupted[s], f'step {s}: {resumed[s]!r} != {uninterrupted[s]!r}'
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(cache_dir, tmp_path):
+  """jax.distributed over localhost with CPU (gloo) collectives: 2 processes × 1 device."""
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    args, env = _cli(tmp_path, cache_dir, '--config.train.num_steps=3', '--config.checkpoint.every_steps=100',
+                     f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={pid}')
+    procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  losses = _losses(tmp_path)  # written by process 0 only
+  single = tmp_path / 'single'
+  train.train_and_evaluate(_config(cache_dir, **{'train.num_steps': 3, 'train.mesh_data': 1}), single)
+  expected = _losses(single)
+  np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)], rtol=1e-5)

@@ -34,6 +34,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'        # compute dtype ('bfloat16' on GPU); parameters stay float32
   config.model.remat = False            # rematerialise blocks in the backward pass (saves memory)
   config.model.attention_impl = config_dict.placeholder(str)  # None = auto, 'xla' or 'cudnn'
+  # FlyLoRA adapters (SPEC §5, flylora.py); configs/flylora_finetune.py turns them on.
+  config.model.lora_targets = ''        # comma-separated among q,k,v,o,gate,up,down; '' = no adapters
+  config.model.lora_mode = 'flylora'    # 'flylora' (frozen sparse routed A) | 'lora' (dense trainable A)
+  config.model.lora_rank = 32           # r
+  config.model.lora_k = 8               # ranks active per token (FlyLoRA's top-k)
+  config.model.lora_rho = config_dict.placeholder(float)    # A's column density; None = lora_k/lora_rank
+  config.model.lora_alpha = config_dict.placeholder(float)  # adapter scale alpha/r; None = 2·r
+  config.model.lora_bias_rate = 1e-3    # u in the expert-bias rule d_i += u·sign(mean(c) − c_i)
+  config.model.lora_seed = 0            # A is generated from this seed and each layer's path
 
   # ---------------------------------------------------------------- data (→ data.py, tokenizer.py)
   config.data = ml_collections.ConfigDict()
@@ -44,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.on_error = 'skip'         # bad records: 'skip' (counted and reported) or 'fail'
   config.data.val_fraction = 0.05       # fraction of documents held out for validation
   config.data.cache_dir = ''            # '' = $XDG_CACHE_HOME/vesper_jax (or ~/.cache/vesper_jax)
+  config.data.text_keys = 'text,content'  # JSONL fields holding a document's text, first present wins
+  config.data.squad_template = 'Question: {question}\nAnswer: {answer}'  # SQuAD JSON: one block per question
+  config.data.download_base_url = ''    # '' = public sources; else a mirror serving <url>/<file name>
 
   # ---------------------------------------------------------------- optimizer
   config.opt = ml_collections.ConfigDict()
@@ -57,6 +69,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.opt.weight_decay = 0.1         # decoupled; never on norms and biases
   config.opt.decay_embeddings = False   # also decay the embedding matrix and the output head
   config.opt.grad_clip_norm = 1.0       # global-norm clipping; 0 disables
+  # Velvet (SPEC §8, velvet.py): read when name='velvet'. Ĥ = predictive entropy / ln V.
+  config.opt.entropy_adaptive = True    # scale the step by s_E = clip(Ĥ / entropy_target)
+  config.opt.perplexity_guided = True   # scale β1 by s_P = clip(perplexity_pivot / perplexity)
+  config.opt.entropy_target = 0.5       # H_target: the normalised entropy at which s_E = 1
+  config.opt.perplexity_pivot = 40.0    # P_pivot: the perplexity at which s_P = 1
+  config.opt.scale_min = 0.5            # lower clip of s_E and s_P
+  config.opt.scale_max = 2.0            # upper clip of s_E and s_P
+  config.opt.beta1_min = 0.5            # lower clip of β1_t = b1·s_P
+  config.opt.beta1_max = 0.999          # upper clip of β1_t
+  config.opt.max_log_perplexity = 20.0  # the loss is capped here before exp() (perplexity ≤ e^20)
+  config.opt.kernel = 'auto'            # update path: 'auto' (= 'xla', see velvet.py) | 'xla' | 'pallas'
 
   # ---------------------------------------------------------------- training
   config.train = ml_collections.ConfigDict()

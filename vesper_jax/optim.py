@@ -7,6 +7,8 @@ import jax
 import ml_collections
 import optax
 
+from vesper_jax import velvet
+
 PyTree = Any
 
 # Top-level parameter names that hold embedding matrices: excluded from weight decay unless
@@ -31,21 +33,46 @@ def decay_mask(params: PyTree, decay_embeddings: bool) -> PyTree:
 
 
 def make_optimizer(opt_config: ml_collections.ConfigDict, num_steps: int,
-                   params: PyTree) -> optax.GradientTransformationExtraArgs:
+                   params: PyTree, trainable: PyTree | None = None, *,
+                   vocab_size: int | None = None) -> optax.GradientTransformationExtraArgs:
   """Builds the optimizer. `update` accepts `loss=` and `entropy=` keyword arguments (Velvet reads them;
-  AdamW ignores them), so the train step calls both the same way."""
+  AdamW ignores them), so the train step calls both the same way.
+
+  `trainable` (a tree of bools like params, e.g. flylora.trainable_mask) freezes the False leaves: see
+  `freeze`. `vocab_size` gives Velvet ln V for its loss-based entropy when `update` gets no `entropy=`."""
   schedule = learning_rate_schedule(opt_config, num_steps)
   mask = decay_mask(params, opt_config.decay_embeddings)
   if opt_config.name == 'adamw':
     core = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
                        weight_decay=opt_config.weight_decay, mask=mask)
+  elif opt_config.name == 'velvet':
+    o = opt_config
+    core = velvet.velvet(
+        schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+        entropy_adaptive=o.entropy_adaptive, perplexity_guided=o.perplexity_guided, vocab_size=vocab_size,
+        mask=mask, entropy_target=o.entropy_target, perplexity_pivot=o.perplexity_pivot,
+        scale_min=o.scale_min, scale_max=o.scale_max, beta1_min=o.beta1_min, beta1_max=o.beta1_max,
+        max_log_perplexity=o.max_log_perplexity, kernel=o.kernel)
   else:
     raise ValueError(f"opt.name={opt_config.name!r}: expected 'adamw' or 'velvet'")
   parts = []
   if opt_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   parts.append(core)
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  return tx if trainable is None else freeze(tx, trainable)
+
+
+# --- FlyLoRA fine-tuning (flylora.py): frozen parameters.
+def freeze(tx: optax.GradientTransformation, trainable: PyTree) -> optax.GradientTransformationExtraArgs:
+  """Applies `tx` to the trainable leaves only; frozen leaves get zero updates and no state at all.
+
+  `optax.partition` hands `tx` a masked tree, so its moments exist only for trainable leaves, and
+  clipping inside `tx` measures the global norm of the trainable gradients alone. Frozen leaves get
+  `set_to_zero` (stateless), so even decoupled weight decay never touches them.
+  """
+  labels = jax.tree.map(lambda t: 'train' if t else 'frozen', trainable)
+  return optax.partition({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def count_state(opt_state: PyTree) -> int:

@@ -411,18 +411,19 @@ class TextStream:
     return best
 
 
-def generate_text(params: PyTree, config: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str], *,
+def generate_text(params: PyTree, config: ModelConfig, tokenizer: Tokenizer,
+                  prompts: Sequence[str | Sequence[int]], *,
                   max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                   stop_strings: Sequence[str] = (), chunk_size: int = 1,
                   on_text: Callable[[int, str], None] | None = None,
                   stats: GenerationStats | None = None) -> list[str]:
   """Continues each prompt; `on_text(row, piece)` receives printable text as it is produced.
 
-  Rows end at the tokenizer's EOS, at the first stop string (excluded from the text) or after
-  `max_new_tokens`. An empty prompt starts from the EOS token (the document separator in training).
-  Returns the continuation of each prompt.
+  A prompt is a string or its token ids. Rows end at the tokenizer's EOS, at the first stop string
+  (excluded from the text) or after `max_new_tokens`. An empty prompt starts from the EOS token (the
+  document separator in training). Returns the continuation of each prompt.
   """
-  ids = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+  ids = [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eos_id] for p in prompts]
   streams = [TextStream(tokenizer, stop_strings) for _ in prompts]
 
   def on_tokens(new: list[list[int]]) -> bool:

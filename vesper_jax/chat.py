@@ -1,0 +1,156 @@
+"""Chat with a trained model in the terminal; replies are streamed (SPEC §10).
+
+  python -m vesper_jax.chat --workdir=runs/tiny
+  printf 'Hello\\nHow are you?\\n/exit\\n' | python -m vesper_jax.chat --workdir=runs/tiny
+
+The model sees the conversation as plain text in this template, one line per turn, and continues
+after the last `Assistant:`:
+
+  User: <first message>
+  Assistant: <first reply>
+  User: <new message>
+  Assistant:
+
+A reply ends at EOS, at the start of a new `User:`/`Assistant:` line, or after --max_new_tokens.
+When the conversation no longer fits the context window (model.max_seq_len minus the reply's budget),
+the oldest turns are left out of the prompt (they stay in the history until /reset). Commands: /reset
+forgets the conversation, /exit (or Ctrl-D) quits; Ctrl-C interrupts a reply, or quits at the prompt.
+Piped stdin works: each line is a message; only the replies (`Assistant: ...` lines) go to stdout.
+"""
+
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from absl import app, flags, logging
+
+from vesper_jax import checkpoint, sampling
+from vesper_jax.model import ModelConfig
+
+PyTree = Any
+
+USER_PREFIX = 'User: '
+ASSISTANT_PREFIX = 'Assistant:'
+STOP_STRINGS = ('\nUser:', '\nAssistant:')
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
+                               'checkpoints/).', required=True)
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'Longest reply, in tokens (at most half '
+                                       'the context window).')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 50, '0 = off.')
+_TOP_P = flags.DEFINE_float('top_p', 0.9, '1.0 = off.')
+_REPETITION_PENALTY = flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the first reply (the n-th reply uses seed + n).')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
+                           'inference; default: the trained compute dtype with float32 weights.')
+
+
+def format_prompt(history: list[tuple[str, str]], message: str) -> str:
+  """The template's text for the given past turns and a new message."""
+  turns = ''.join(f'{USER_PREFIX}{user}\n{ASSISTANT_PREFIX} {reply}\n' for user, reply in history)
+  return f'{turns}{USER_PREFIX}{message}\n{ASSISTANT_PREFIX}'
+
+
+class ChatSession:
+  """A conversation with one model: the history and the sampling settings."""
+
+  def __init__(self, params: PyTree, config: ModelConfig, tokenizer: sampling.Tokenizer, *,
+               max_new_tokens: int, settings: sampling.SamplingConfig, seed: int = 0):
+    self._params, self._config, self._tokenizer = params, config, tokenizer
+    self.max_new_tokens = min(max_new_tokens, config.max_seq_len // 2)
+    self._settings = settings
+    self._seed = seed
+    self.history: list[tuple[str, str]] = []
+
+  def reset(self) -> None:
+    self.history = []
+
+  def prompt_ids(self, message: str) -> list[int]:
+    """The newest turns that fit the context window with room for a reply, then the message."""
+    budget = self._config.max_seq_len - self.max_new_tokens
+    for first in range(len(self.history) + 1):
+      ids = self._tokenizer.encode(format_prompt(self.history[first:], message))
+      if len(ids) <= budget:
+        if first:
+          logging.info('chat: the oldest %d turn(s) no longer fit the context window', first)
+        return ids
+    logging.warning('chat: the message alone is %d tokens; keeping its last %d', len(ids), budget)
+    return ids[-budget:]
+
+  def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
+    """Samples the assistant's reply, streaming it to `on_text`, and adds the turn to the history."""
+    ids = self.prompt_ids(message)
+    started = False
+
+    def on_piece(row: int, piece: str) -> None:
+      nonlocal started
+      if not started:  # the template puts a space after 'Assistant:'; the model writes it
+        piece = piece.lstrip()
+        started = bool(piece)
+      if piece and on_text is not None:
+        on_text(piece)
+
+    text = sampling.generate_text(self._params, self._config, self._tokenizer, [ids],
+                                  max_new_tokens=self.max_new_tokens, sampling=self._settings,
+                                  seed=self._seed + len(self.history), stop_strings=STOP_STRINGS,
+                                  on_text=on_piece)[0].strip()
+    self.history.append((message, text))
+    return text
+
+
+def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
+  """Reads messages line by line until /exit or end of input; writes each streamed reply."""
+  interactive = stdin.isatty()
+
+  def write(text: str) -> None:
+    stdout.write(text)
+    stdout.flush()
+
+  while True:
+    try:
+      line = input(USER_PREFIX) if interactive and stdin is sys.stdin else stdin.readline()
+    except (EOFError, KeyboardInterrupt):
+      line = ''
+    if not line:  # Ctrl-D, Ctrl-C at the prompt, or the end of piped input
+      if interactive:
+        write('\n')
+      return
+    message = line.strip()
+    if not message:
+      continue
+    if message == '/exit':
+      return
+    if message == '/reset':
+      session.reset()
+      write('[conversation cleared]\n')
+      continue
+    if message.startswith('/'):
+      write(f'[unknown command {message}: /reset clears the conversation, /exit quits]\n')
+      continue
+    write(f'{ASSISTANT_PREFIX} ')
+    try:
+      session.reply(message, on_text=write)
+    except KeyboardInterrupt:
+      write(' [interrupted]')
+    write('\n')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config, params, tokenizer = checkpoint.load_for_inference(_WORKDIR.value)
+  if _DTYPE.value:
+    config, params = sampling.cast_for_inference(config, params, _DTYPE.value)
+  settings = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                     top_p=_TOP_P.value, repetition_penalty=_REPETITION_PENALTY.value)
+  session = ChatSession(params, config, tokenizer, max_new_tokens=_MAX_NEW_TOKENS.value,
+                        settings=settings, seed=_SEED.value)
+  if sys.stdin.isatty():
+    print(f'Chatting with {_WORKDIR.value} ({config.max_seq_len}-token context). /reset clears the '
+          'conversation, /exit or Ctrl-D quits.', file=sys.stderr)
+  run_repl(session, sys.stdin, sys.stdout)
+
+
+if __name__ == '__main__':
+  app.run(main)

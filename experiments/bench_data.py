@@ -1,0 +1,105 @@
+"""Token-cache build throughput (`vesper_jax.data.build_or_load_cache`) on the real corpora in ../shared/data.
+
+    python experiments/bench_data.py [--repeats=3] [--out=experiments/results/bench_data.json]
+
+For each case, every repeat builds the cache from scratch in a fresh temporary directory and reports:
+  tokenize tok/s    tokens / (read + split + encode + write) — what the issue's 1M tokens/s target measures
+  end-to-end tok/s  tokens / the whole cold call (source hashing, tokenizer load or BPE training included)
+  raw encode tok/s  the tokenizer's encode_batch alone on the same pieces: the ceiling for this machine
+  reopen ms         a second build_or_load_cache on the built cache (hashing the sources, mapping the files)
+Medians over the repeats. The machine's load average is recorded: other processes share these cores.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vesper_jax import config as config_lib  # noqa: E402
+from vesper_jax import data, sources  # noqa: E402
+from vesper_jax.tokenizer import Tokenizer  # noqa: E402
+
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Cold builds per case (median reported).')
+_DATA = flags.DEFINE_string('data_dir', str(REPO.parent / 'shared' / 'data'), 'The real corpora.')
+_OUT = flags.DEFINE_string('out', str(REPO / 'experiments' / 'results' / 'bench_data.json'), 'Results JSON.')
+
+BARTHEZ = 'tokenizers/barthez_fr/tokenizer.json'
+# (name, source, tokenizer ('' = train a byte-level BPE), model vocab_size)
+CASES = [
+    ('les_miserables_fr + BARThez', 'les_miserables_fr.txt', BARTHEZ, 50_048),
+    ('tinystories_2MB + trained BPE 4096', 'tinystories_2MB.txt', '', 4096),
+    ('tinystories_2MB + trained BPE 16384', 'tinystories_2MB.txt', '', 16_384),
+    ('piaf-v1.1 (SQuAD) + BARThez', 'piaf-v1.1.json', BARTHEZ, 50_048),
+    ('tinyshakespeare + trained BPE 4096', 'tinyshakespeare.txt', '', 4096),
+]
+
+
+def _raw_encode_seconds(cache: data.TokenCache, cfg) -> float:
+  options = sources.ReadOptions.from_config(cfg)
+  errors = sources.ErrorLog('skip', quiet=True)
+  found = sources.resolve_sources(cfg.sources, errors, cache_dir=pathlib.Path(cfg.cache_dir), download_base_url='')
+  pieces = [p for s in found for d in sources.read_documents(s, options, errors)
+            for p in data.split_long(d, data.PIECE_CHARS)]
+  tokenizer = Tokenizer.load(cache.tokenizer.path)
+  start = time.perf_counter()
+  tokenizer.encode_batch(pieces)
+  return time.perf_counter() - start
+
+
+def run_case(name: str, source: str, tokenizer: str, vocab_size: int) -> dict:
+  runs = []
+  for _ in range(_REPEATS.value):
+    with tempfile.TemporaryDirectory() as tmp:
+      cfg = config_lib.get_config().data
+      cfg.sources = str(pathlib.Path(_DATA.value) / source)
+      cfg.tokenizer = str(pathlib.Path(_DATA.value) / tokenizer) if tokenizer else ''
+      cfg.cache_dir = tmp
+      cold = data.build_or_load_cache(cfg, vocab_size, progress=False)
+      tokens = cold.meta['train_tokens'] + cold.meta['val_tokens']
+      reopen = [data.build_or_load_cache(cfg, vocab_size, progress=False).open_seconds for _ in range(5)]
+      raw = _raw_encode_seconds(cold, cfg)
+      runs.append({'tokens': tokens, 'build_s': cold.meta['build_seconds'], 'cold_s': cold.open_seconds,
+                   'raw_s': raw, 'reopen_s': statistics.median(reopen),
+                   'documents': cold.meta['train_documents'] + cold.meta['val_documents']})
+  median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+  tokens = runs[0]['tokens']
+  return {
+      'case': name, 'source': source, 'tokenizer': tokenizer or f'trained BPE {vocab_size}',
+      'source_mb': os.path.getsize(pathlib.Path(_DATA.value) / source) / 1e6,
+      'documents': runs[0]['documents'], 'tokens': tokens,
+      'tokenize_tok_s': tokens / median('build_s'), 'end_to_end_tok_s': tokens / median('cold_s'),
+      'raw_encode_tok_s': tokens / median('raw_s'), 'reopen_ms': median('reopen_s') * 1e3,
+      'cold_s': median('cold_s'), 'runs': runs,
+  }
+
+
+def main(argv):
+  del argv
+  load_before = os.getloadavg()
+  results = [run_case(*case) for case in CASES]
+  header = ('| case | MB | documents | tokens | tokenize tok/s | end-to-end tok/s | raw encode tok/s | reopen ms |\n'
+            '|---|---:|---:|---:|---:|---:|---:|---:|')
+  rows = [f'| {r["case"]} | {r["source_mb"]:.1f} | {r["documents"]:,} | {r["tokens"]:,} | '
+          f'{r["tokenize_tok_s"] / 1e6:.2f}M | {r["end_to_end_tok_s"] / 1e6:.2f}M | '
+          f'{r["raw_encode_tok_s"] / 1e6:.2f}M | {r["reopen_ms"]:.1f} |' for r in results]
+  machine = (f'{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before / '
+             f'{os.getloadavg()[0]:.2f} after, medians of {_REPEATS.value} cold builds')
+  table = '\n'.join([header, *rows, '', machine])
+  print(table)
+  out = pathlib.Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({'machine': machine, 'cpu_count': os.cpu_count(), 'results': results}, indent=1))
+  out.with_suffix('.md').write_text(table + '\n')
+  print(f'wrote {out} and {out.with_suffix(".md")}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,439 @@
+"""The token cache and batches (SPEC §6): config → documents → tokens on disk → training windows.
+
+Cache layout, under <cache_dir>/tokens/<key>/ (key = a hash of the source contents, the tokenizer file
+and every reading option, so any change rebuilds and nothing else does):
+  train.bin, val.bin   flat uint16 (uint32 when the vocabulary needs it) token ids; each document is
+                       followed by the tokenizer's EOS id
+  tokenizer.json       a copy of the tokenizer the tokens were made with
+  meta.json            format version, dtype, counts, hashes, options, what was skipped and why
+A cache is built in a temporary directory and renamed into place when complete, so a run killed while
+writing leaves nothing that a later run would accept. Opening is O(1) in the corpus size (np.memmap).
+
+The split is by documents: document i (in source order) is held out for validation when
+floor((i + 1) * val_fraction) > floor(i * val_fraction), i.e. every 1/val_fraction-th document. A corpus
+with too few documents for that (one book, say) holds out the last val_fraction of its tokens instead.
+
+Batches are windows of seq_len + 1 tokens (inputs and shifted targets) at offsets drawn from a generator
+seeded with (seed, step): the global batch for a step is a pure function of them, so resuming needs only
+the step, and each process gathers only its own rows.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import pathlib
+import queue
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from vesper_jax import sources as sources_lib
+from vesper_jax import tokenizer as tokenizer_lib
+from vesper_jax.sources import DataError
+from vesper_jax.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1    # bump when the layout or the reading/splitting rules change: old caches then rebuild
+PIECE_CHARS = 16_384  # long documents are encoded in pieces of about this size, so both cores get work
+BATCH_CHARS = 1 << 22  # characters handed to one encode_batch call
+_MAX_SKIPPED_IN_META = 100
+
+
+@dataclasses.dataclass
+class TokenCache:
+  """An opened token cache: memory-mapped train/val token arrays and the tokenizer that made them."""
+  directory: pathlib.Path
+  meta: dict
+  train: np.ndarray  # 1-D np.memmap of token ids, documents each followed by EOS
+  val: np.ndarray    # the same for the validation documents (empty when data.val_fraction = 0)
+  built: bool = False          # True when this call tokenized the corpus, False when it opened a cache
+  open_seconds: float = 0.0    # wall time of build_or_load_cache (source hashing included)
+  _tokenizer: Tokenizer | None = dataclasses.field(default=None, repr=False)
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    """The tokenizer the tokens were made with (the copy in `directory`), loaded on first use.
+
+    Loading a large tokenizer.json takes longer than opening the cache itself, and training never needs
+    it: only sampling and chat do.
+    """
+    if self._tokenizer is None:
+      self._tokenizer = Tokenizer.load(self.directory / 'tokenizer.json')
+    return self._tokenizer
+
+
+def build_or_load_cache(data_config: ml_collections.ConfigDict, vocab_size: int, *,
+                        progress: bool = True) -> TokenCache:
+  """Opens the token cache for `data_config`, building it (and training a BPE) first if needed.
+
+  Args:
+    data_config: the `data` section of the config.
+    vocab_size: the model's vocabulary. A trained BPE gets exactly this size; a tokenizer.json with more
+      tokens raises ValueError naming both numbers (before anything is trained or tokenized).
+    progress: show progress bars.
+
+  Returns:
+    The opened cache. Raises DataError (a ValueError) on bad input under data.on_error='fail', when no
+    document could be read, or when a split is shorter than one window of data.seq_len + 1 tokens.
+  """
+  start = time.perf_counter()
+  options = sources_lib.ReadOptions.from_config(data_config)
+  if not 0.0 <= data_config.val_fraction < 1.0:
+    raise ValueError(f'data.val_fraction={data_config.val_fraction} must be in [0, 1)')
+  cache_dir = sources_lib.default_cache_dir(data_config.cache_dir)
+  errors = sources_lib.ErrorLog(options.on_error)
+  sources = sources_lib.resolve_sources(data_config.sources, errors, cache_dir=cache_dir,
+                                        download_base_url=data_config.download_base_url, progress=progress)
+  reading = {'format_version': FORMAT_VERSION, 'options': dataclasses.asdict(options),
+             'sources': [[s.kind, s.path, s.digest()] for s in sources]}
+  if data_config.tokenizer:
+    tokenizer_path = pathlib.Path(data_config.tokenizer).expanduser()
+    if not tokenizer_path.is_file():
+      raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {tokenizer_path}')
+  else:
+    tokenizer_path = _trained_bpe(vocab_size, reading, sources, options, cache_dir, progress)
+  key = _hash({**reading, 'tokenizer_sha256': tokenizer_lib.file_sha256(tokenizer_path),
+               'val_fraction': data_config.val_fraction})
+  directory = cache_dir / 'tokens' / key[:24]
+  cache = _open(directory, key) if (directory / 'meta.json').exists() else None
+  if cache is None:
+    tokenizer = Tokenizer.load(tokenizer_path)
+    _check_vocab(tokenizer.vocab_size, vocab_size, tokenizer_path)
+    _build(directory, key, reading, sources, options, errors, tokenizer, data_config, progress)
+    cache = _open(directory, key)
+    cache.built = True
+    cache._tokenizer = tokenizer.relocated(directory / 'tokenizer.json')  # the same bytes: no reload
+  _check_vocab(cache.meta['vocab_size'], vocab_size, tokenizer_path)
+  cache.open_seconds = time.perf_counter() - start
+  logging.info('token cache %s: %d train / %d val tokens (%s in %.3fs)', directory, len(cache.train),
+               len(cache.val), 'built' if cache.built else 'opened', cache.open_seconds)
+  _check_windows(cache, data_config.seq_len, data_config.val_fraction)
+  return cache
+
+
+def _hash(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _check_vocab(tokenizer_vocab: int, model_vocab: int, path: pathlib.Path) -> None:
+  if tokenizer_vocab > model_vocab:
+    raise ValueError(f'{path} has {tokenizer_vocab} tokens, more than model.vocab_size={model_vocab}: '
+                     f'set model.vocab_size to at least {tokenizer_vocab}')
+
+
+def _trained_bpe(vocab_size: int, reading: dict, sources, options, cache_dir: pathlib.Path,
+                 progress: bool) -> pathlib.Path:
+  """The path of a byte-level BPE trained on these sources, training it first if it is not cached."""
+  bpe_key = _hash({**reading, 'vocab_size': vocab_size, 'trainer': tokenizer_lib.BPE_TRAINER_VERSION})
+  bpe_path = cache_dir / 'tokenizers' / f'bpe{vocab_size}-{bpe_key[:24]}' / 'tokenizer.json'
+  if bpe_path.exists():
+    return bpe_path
+  logging.info('training a byte-level BPE with %d tokens on the corpus -> %s', vocab_size, bpe_path)
+  # The tokenization pass reports bad input (once); this pass only needs to stop on it under 'fail'.
+  quiet = sources_lib.ErrorLog(options.on_error, quiet=True)
+  texts = (piece for source in sources for document in sources_lib.read_documents(source, options, quiet)
+           for piece in split_long(document, PIECE_CHARS))
+  tokenizer_lib.train_bpe(texts, vocab_size, bpe_path, progress=progress)
+  return bpe_path
+
+
+def split_long(text: str, max_chars: int) -> Iterator[str]:
+  """Cuts `text` into pieces of about max_chars where encoding the pieces equals encoding the whole.
+
+  A cut goes just after a lone newline between two non-space characters, or (where there is none) just
+  before a lone space between two non-space characters. Byte-level (GPT-2 regex) and whitespace or
+  metaspace pre-tokenizers never join tokens across such a point. (A tokenizer whose normalizer
+  prepends a marker to the whole input, like Llama 2's, differs by one token per cut.) A piece is longer
+  than max_chars only where the text has no such point.
+  """
+  start = 0
+  while len(text) - start > max_chars:
+    cut = _last_cut(text, start + max_chars // 2, start + max_chars)
+    lo = start + max_chars
+    while cut is None and lo < len(text):  # nothing nearby: the first cut point further on
+      cut = _first_cut(text, lo, min(lo + max_chars, len(text)))
+      lo += max_chars
+    if cut is None:
+      break
+    yield text[start:cut]
+    start = cut
+  yield text[start:]
+
+
+def _is_lone(text: str, i: int) -> bool:
+  return 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()
+
+
+def _last_cut(text: str, lo: int, hi: int) -> int | None:
+  for sep in ('\n', ' '):  # prefer line ends
+    i = text.rfind(sep, lo, hi)
+    while i > lo and not _is_lone(text, i):
+      i = text.rfind(sep, lo, i)
+    if i > lo:
+      return i + 1 if sep == '\n' else i
+  return None
+
+
+def _first_cut(text: str, lo: int, hi: int) -> int | None:
+  cuts = []
+  for sep in ('\n', ' '):
+    i = text.find(sep, lo, hi)
+    while i != -1 and not _is_lone(text, i):
+      i = text.find(sep, i + 1, hi)
+    if i != -1:
+      cuts.append(i + 1 if sep == '\n' else i)
+  return min(cuts, default=None)
+
+
+def _is_val(index: int, val_fraction: float) -> bool:
+  return int((index + 1) * val_fraction) > int(index * val_fraction)
+
+
+def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, errors, tokenizer: Tokenizer,
+           data_config: ml_collections.ConfigDict, progress: bool) -> None:
+  """Tokenizes every source into a temporary directory, then renames it to `directory`."""
+  start = time.perf_counter()
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  _remove_stale_builds(directory.parent)
+  tmp = directory.parent / f'{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  val_fraction = data_config.val_fraction
+  per_source = [{'kind': s.kind, 'path': s.path, 'sha256': sha, 'documents': 0, 'tokens': 0}
+                for s, (_, _, sha) in zip(sources, reading['sources'])]
+  counts = {'train_documents': 0, 'val_documents': 0, 'train_tokens': 0, 'val_tokens': 0}
+
+  def pieces():  # (source index, is validation, last piece of its document, text)
+    index = 0
+    for k, source in enumerate(sources):
+      for document in sources_lib.read_documents(source, options, errors):
+        is_val = _is_val(index, val_fraction)
+        counts['val_documents' if is_val else 'train_documents'] += 1
+        per_source[k]['documents'] += 1
+        index += 1
+        parts = list(split_long(document, PIECE_CHARS))
+        for j, part in enumerate(parts):
+          yield k, is_val, j == len(parts) - 1, part
+
+  try:
+    tmp.mkdir()
+    shutil.copyfile(tokenizer.path, tmp / 'tokenizer.json')
+    bar = tqdm.tqdm(unit='tok', unit_scale=True, desc='tokenizing', disable=not progress)
+    with open(tmp / 'train.bin', 'wb') as train_file, open(tmp / 'val.bin', 'wb') as val_file, bar:
+      for batch in _batches(pieces(), BATCH_CHARS):
+        encoded = tokenizer.encode_batch([text for _, _, _, text in batch])
+        out = {False: [], True: []}
+        for (k, is_val, last, _), ids in zip(batch, encoded):
+          if last:
+            ids.append(tokenizer.eos_id)
+          per_source[k]['tokens'] += len(ids)
+          out[is_val].append(ids)
+        for is_val, file in ((False, train_file), (True, val_file)):
+          n = sum(map(len, out[is_val]))
+          np.fromiter(itertools.chain.from_iterable(out[is_val]), dtype=dtype, count=n).tofile(file)
+          counts['val_tokens' if is_val else 'train_tokens'] += n
+          bar.update(n)
+    if counts['train_documents'] + counts['val_documents'] == 0:
+      raise DataError(f'no documents could be read from data.sources={data_config.sources!r}'
+                      + (f' (skipped: {"; ".join(errors.skipped[:5])})' if errors.skipped else ''))
+    split = 'documents'
+    if val_fraction > 0 and counts['val_tokens'] == 0:
+      split = 'tail'  # too few documents to hold any out: hold out the last tokens instead
+      _move_tail(tmp, dtype, counts, val_fraction)
+    seconds = time.perf_counter() - start
+    tokens = counts['train_tokens'] + counts['val_tokens']
+    meta = {
+        'format_version': FORMAT_VERSION, 'key': key, 'dtype': np.dtype(dtype).name,
+        'vocab_size': tokenizer.vocab_size, 'eos_id': tokenizer.eos_id, 'bos_id': tokenizer.bos_id,
+        'pad_id': tokenizer.pad_id, 'tokenizer_sha256': tokenizer.sha256(), 'tokenizer_source': tokenizer.path,
+        **counts, 'split': split, 'val_fraction': val_fraction, 'options': reading['options'],
+        'sources': per_source, 'skipped_count': len(errors.skipped),
+        'skipped': errors.skipped[:_MAX_SKIPPED_IN_META], 'ignored': errors.ignored[:_MAX_SKIPPED_IN_META],
+        'build_seconds': seconds, 'tokens_per_second': tokens / max(seconds, 1e-9),
+        'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    }
+    # meta.json is written last, and the directory only gets its final name once everything is on disk.
+    (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    try:
+      os.rename(tmp, directory)
+    except OSError:
+      if not (directory / 'meta.json').exists():
+        raise
+      logging.info('another process built %s first; using its cache', directory)
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _batches(pieces: Iterator[tuple], max_chars: int) -> Iterator[list[tuple]]:
+  batch, chars = [], 0
+  for piece in pieces:
+    batch.append(piece)
+    chars += len(piece[-1])
+    if chars >= max_chars:
+      yield batch
+      batch, chars = [], 0
+  if batch:
+    yield batch
+
+
+def _move_tail(directory: pathlib.Path, dtype, counts: dict, val_fraction: float) -> None:
+  total = counts['train_tokens']
+  n_val = max(1, round(total * val_fraction))
+  train = np.fromfile(directory / 'train.bin', dtype=dtype, offset=(total - n_val) * np.dtype(dtype).itemsize)
+  train.tofile(directory / 'val.bin')
+  os.truncate(directory / 'train.bin', (total - n_val) * np.dtype(dtype).itemsize)
+  counts['train_tokens'], counts['val_tokens'] = total - n_val, n_val
+
+
+def _remove_stale_builds(parent: pathlib.Path) -> None:
+  """Deletes temporary build directories left by dead processes on this host."""
+  host = socket.gethostname()
+  for tmp in parent.glob(f'*.tmp-{host}-*'):
+    pid = tmp.name.rsplit('-', 2)[-2]
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      logging.info('removing an unfinished cache build left by process %s: %s', pid, tmp)
+      shutil.rmtree(tmp, ignore_errors=True)
+    except (ValueError, PermissionError):
+      pass
+
+
+def _open(directory: pathlib.Path, key: str) -> TokenCache | None:
+  """Memory-maps a complete cache, or returns None (after removing it) if it does not check out."""
+  try:
+    meta = json.loads((directory / 'meta.json').read_text())
+    dtype = np.dtype(meta['dtype'])
+    arrays = {}
+    for split in ('train', 'val'):
+      path, n = directory / f'{split}.bin', meta[f'{split}_tokens']
+      if meta['key'] != key or path.stat().st_size != n * dtype.itemsize:
+        raise ValueError(f'{path} does not match {directory / "meta.json"}')
+      arrays[split] = np.memmap(path, dtype=dtype, mode='r', shape=(n,)) if n else np.zeros(0, dtype)
+    if not (directory / 'tokenizer.json').is_file():
+      raise ValueError(f'{directory / "tokenizer.json"} is missing')
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning('token cache %s is invalid (%s); rebuilding it', directory, e)
+    shutil.rmtree(directory, ignore_errors=True)
+    return None
+  return TokenCache(directory, meta, arrays['train'], arrays['val'])
+
+
+def _check_windows(cache: TokenCache, seq_len: int, val_fraction: float) -> None:
+  for split, tokens, fix in (('training', cache.train, 'add text or lower data.seq_len'),
+                             ('validation', cache.val, 'raise data.val_fraction or lower data.seq_len')):
+    if (split == 'training' or val_fraction > 0) and len(tokens) < seq_len + 1:
+      raise DataError(f'the {split} split of {cache.directory} has {len(tokens)} tokens, fewer than one '
+                      f'window of data.seq_len + 1 = {seq_len + 1}: {fix}')
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int,
+              process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """This process's rows of the global training batch for `step`: int32 [batch_size // process_count, seq_len + 1].
+
+  A pure function of its arguments. The global batch does not depend on process_count: process p gets
+  rows [p * b, (p + 1) * b) of it, b = batch_size // process_count, and reads only those windows.
+  """
+  if batch_size % process_count:
+    raise ValueError(f'batch_size={batch_size} is not divisible by process_count={process_count}')
+  if len(tokens) < seq_len + 1:
+    raise DataError(f'{len(tokens)} tokens are fewer than one window of seq_len + 1 = {seq_len + 1}')
+  rng = np.random.default_rng([seed, step])
+  offsets = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+  per_process = batch_size // process_count
+  mine = offsets[process_index * per_process:(process_index + 1) * per_process]
+  return np.asarray(tokens[mine[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
+
+
+def num_eval_windows(tokens: np.ndarray, seq_len: int) -> int:
+  """How many distinct evaluation windows `eval_batch` steps through before it wraps around."""
+  return max(0, (len(tokens) - 1) // seq_len)
+
+
+def eval_batch(tokens: np.ndarray, *, index: int, batch_size: int, seq_len: int,
+               process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """The index-th validation batch: int32 [batch_size // process_count, seq_len + 1], deterministic.
+
+  Windows start at multiples of seq_len (each target token is scored once per pass), in order, batch
+  after batch; past the last window they wrap around to the first, so a small split still fills a batch.
+  """
+  if batch_size % process_count:
+    raise ValueError(f'batch_size={batch_size} is not divisible by process_count={process_count}')
+  windows = num_eval_windows(tokens, seq_len)
+  if windows == 0:
+    raise DataError(f'{len(tokens)} tokens are fewer than one window of seq_len + 1 = {seq_len + 1}')
+  per_process = batch_size // process_count
+  rows = index * batch_size + process_index * per_process + np.arange(per_process)
+  starts = (rows % windows) * seq_len
+  return np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
+
+
+class Prefetcher:
+  """Computes fn(start_step), fn(start_step + 1), ... on a background thread, `depth` ahead.
+
+  Iterating yields the results in order; an exception raised by fn is re-raised in the consumer.
+  `fn` may place arrays on devices (jax.device_put releases the GIL). Call close() (or use `with`).
+  """
+
+  def __init__(self, fn: Callable[[int], Any], start_step: int, depth: int = 2):
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(fn, start_step), daemon=True, name='prefetch')
+    self._thread.start()
+
+  def _run(self, fn: Callable[[int], Any], step: int) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (True, fn(step))
+      except BaseException as e:  # pylint: disable=broad-except  (handed to the consumer)
+        item = (False, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if not item[0]:
+        return
+      step += 1
+
+  def __iter__(self) -> 'Prefetcher':
+    return self
+
+  def __next__(self) -> Any:
+    while True:
+      if self._stop.is_set():
+        raise StopIteration
+      try:
+        ok, value = self._queue.get(timeout=0.1)
+      except queue.Empty:
+        continue
+      if not ok:
+        self.close()
+        raise value
+      return value
+
+  def close(self) -> None:
+    """Stops the thread (after the call of fn in flight, if any, returns)."""
+    self._stop.set()
+    self._thread.join()
+
+  def __enter__(self) -> 'Prefetcher':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,72 @@
+"""Builds the token cache: `python -m vesper_jax.prepare [--config=configs/tiny.py] [--download=NAME]`.
+
+Reads data.sources, loads data.tokenizer (or trains a byte-level BPE of model.vocab_size tokens) and
+writes the token cache that `python -m vesper_jax.train` with the same config then opens in milliseconds.
+`--download=tinyshakespeare|tinystories|piaf` fetches that dataset first (sha256-checked; mirror:
+--config.data.download_base_url=URL) and prepares it; train with --config.data.sources=download:NAME.
+"""
+
+import pathlib
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vesper_jax import data, sources
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', str(pathlib.Path(__file__).with_name('config.py')), 'Configuration file (the data section is used).')
+_DOWNLOAD = flags.DEFINE_enum(
+    'download', None, sorted(sources.DOWNLOADS),
+    'Fetch this public dataset into the cache dir and use it as data.sources.')
+
+
+def summary(cache: data.TokenCache) -> str:
+  """A human-readable account of a token cache: counts, speed, sources, tokenizer, what was skipped."""
+  meta = cache.meta  # everything from the metadata: loading a large tokenizer.json is not needed here
+  how = (f'built in {meta["build_seconds"]:.2f} s' if cache.built
+         else f'opened in {cache.open_seconds * 1e3:.0f} ms (built earlier in {meta["build_seconds"]:.2f} s)')
+  lines = [
+      f'token cache ready: {how}',
+      f'  documents   train {meta["train_documents"]:,}   validation {meta["val_documents"]:,}'
+      + ('   (too few documents: validation is the last tokens)' if meta['split'] == 'tail' else ''),
+      f'  tokens      train {meta["train_tokens"]:,}   validation {meta["val_tokens"]:,}   ({meta["dtype"]})',
+      f'  speed       {meta["tokens_per_second"]:,.0f} tokens/s over the build',
+      f'  tokenizer   {meta["tokenizer_source"]}  (vocab {meta["vocab_size"]:,}, eos {meta["eos_id"]}, '
+      f'bos {meta["bos_id"]}, pad {meta["pad_id"]})',
+      f'  cache       {cache.directory}',
+      '  sources',
+  ]
+  for s in meta['sources']:
+    lines.append(f'    {s["path"]}  [{s["kind"]}]  {s["documents"]:,} documents, {s["tokens"]:,} tokens')
+  if meta['skipped_count']:
+    lines.append(f'  skipped     {meta["skipped_count"]:,} (data.on_error=skip):')
+    lines += [f'    {reason}' for reason in meta['skipped']]
+    if meta['skipped_count'] > len(meta['skipped']):
+      lines.append(f'    ... and {meta["skipped_count"] - len(meta["skipped"]):,} more')
+  else:
+    lines.append('  skipped     nothing')
+  if meta['ignored']:
+    lines.append(f'  ignored     {len(meta["ignored"])} files:')
+    lines += [f'    {reason}' for reason in meta['ignored']]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if _DOWNLOAD.value:
+    name = _DOWNLOAD.value
+    cache_dir = sources.default_cache_dir(config.data.cache_dir)
+    path = sources.download(name, cache_dir, base_url=config.data.download_base_url)
+    checked = 'checked' if sources.DOWNLOADS[name].sha256 else 'recorded (not known in advance)'
+    print(f'{name}: {path}\n  sha256 {sources.recorded_sha256(name, cache_dir)} {checked}')
+    config.data.sources = f'{sources.DOWNLOAD_PREFIX}{name}'
+  cache = data.build_or_load_cache(config.data, config.model.vocab_size, progress=True)
+  print(summary(cache))
+  if _DOWNLOAD.value:
+    print(f'  train with  --config.data.sources={config.data.sources}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,426 @@
+"""Data sources (SPEC §6): resolving `data.sources`, reading documents from each kind of file, downloads.
+
+A source entry is a file, a glob, a directory (searched recursively), `builtin:pydoc` (the CPython
+documentation topics, so the quickstart needs no data and no network) or `download:NAME` (one of
+`DOWNLOADS`, fetched once into the cache dir and checked by sha256). Files are read by suffix, with an
+optional `.gz`:
+  .txt/.md (and any unknown suffix named explicitly): one document per file, split on data.doc_separator;
+  .jsonl: one record per line, a text field (data.text_keys) or a chat record rendered by `render_chat`;
+  .json: SQuAD format, one document per paragraph: the context, then each question with its first answer.
+Bad input is reported through `ErrorLog` under `data.on_error`: 'fail' raises `DataError` naming the
+file and line (or JSON path), 'skip' logs it, counts it and goes on.
+"""
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import pathlib
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+
+import ml_collections
+import tqdm
+from absl import logging
+
+from vesper_jax import tokenizer as tokenizer_lib
+
+TEXT_SUFFIXES = ('.txt', '.md', '.text')
+JSONL_SUFFIXES = ('.jsonl',)
+SQUAD_SUFFIXES = ('.json',)
+BUILTIN_PYDOC = 'builtin:pydoc'
+DOWNLOAD_PREFIX = 'download:'
+ON_ERROR_POLICIES = ('skip', 'fail')
+# The chat template (SPEC §10): one "Role: content" line per message. chat.py renders prompts the same way.
+CHAT_ROLE_NAMES = {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}
+_MAX_LOGGED = 20  # bad records logged one by one; the rest are only counted
+
+
+class DataError(ValueError):
+  """Bad input refused under data.on_error='fail', a failed download, or no documents at all."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+  """A public dataset that `download:NAME` / `prepare --download=NAME` fetches."""
+  url: str              # its public source
+  filename: str         # the name in the cache dir and on a mirror (data.download_base_url/filename)
+  sha256: str | None    # None: not known in advance; the hash is recorded beside the file and printed
+  description: str
+
+
+DOWNLOADS = {
+    'tinyshakespeare': Download(
+        'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
+        'tinyshakespeare.txt', '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
+        'Tiny Shakespeare, 1.1 MB of English plays (one document)'),
+    'tinystories': Download(
+        'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt',
+        'TinyStories-valid.txt', None,
+        'TinyStories validation split, ~19 MB, stories separated by <|endoftext|>'),
+    'tinystories_train': Download(
+        'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-train.txt',
+        'TinyStories-train.txt', None,
+        'TinyStories train split, ~1.9 GB, stories separated by <|endoftext|>'),
+    'piaf': Download(
+        'https://raw.githubusercontent.com/psorianom/piaf-combo-huggingface/HEAD/data/piaf-v1.1.json',
+        'piaf-v1.1.json', '7f5b670ba07fed1ae093d7ff6b3be5529dce189d65e14cf81535ebbc4fcce54c',
+        'PIAF v1.1, French question answering in SQuAD format (1,518 paragraphs)'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+  """The `data` settings that change which documents are read (all of them enter the cache key)."""
+  doc_separator: str
+  text_keys: tuple[str, ...]
+  squad_template: str
+  on_error: str
+
+  @classmethod
+  def from_config(cls, data_config: ml_collections.ConfigDict) -> 'ReadOptions':
+    if data_config.on_error not in ON_ERROR_POLICIES:
+      raise ValueError(f'data.on_error={data_config.on_error!r}: expected one of {ON_ERROR_POLICIES}')
+    text_keys = tuple(k.strip() for k in data_config.text_keys.split(',') if k.strip())
+    if not text_keys:
+      raise ValueError('data.text_keys is empty: name at least one JSONL text field, e.g. "text,content"')
+    try:
+      data_config.squad_template.format(question='q', answer='a')
+    except (KeyError, IndexError, ValueError) as e:
+      raise ValueError(f'data.squad_template={data_config.squad_template!r} must use only {{question}} '
+                       f'and {{answer}} ({e!r})') from e
+    return cls(data_config.doc_separator, text_keys, data_config.squad_template, data_config.on_error)
+
+
+class ErrorLog:
+  """Applies data.on_error to bad input and keeps what was skipped (and ignored) for the summary."""
+
+  def __init__(self, policy: str, *, quiet: bool = False):
+    self.policy = policy
+    self.quiet = quiet            # a second pass over the same sources: raise or count, don't log again
+    self.skipped: list[str] = []  # bad input, skipped under 'skip'
+    self.ignored: list[str] = []  # files in a directory that are not a readable kind (not an error)
+
+  def report(self, where: str, message: str) -> None:
+    text = f'{where}: {message}'
+    if self.policy == 'fail':
+      raise DataError(f"{text}  [data.on_error='fail'; use data.on_error=skip to skip such input]")
+    if not self.quiet and len(self.skipped) < _MAX_LOGGED:
+      logging.warning('skipped %s', text)
+    self.skipped.append(text)
+
+  def ignore(self, where: str, message: str) -> None:
+    if not self.quiet:
+      logging.info('ignored %s: %s', where, message)
+    self.ignored.append(f'{where}: {message}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One concrete input: kind is 'text', 'jsonl', 'squad', 'pydoc' or 'missing'."""
+  kind: str
+  path: str
+
+  def digest(self) -> str:
+    """sha256 of what this source reads (file bytes; the topics for pydoc); 'missing' if absent."""
+    if self.kind == 'missing':
+      return 'missing'
+    if self.kind == 'pydoc':
+      return hashlib.sha256(json.dumps(_pydoc_topics(), sort_keys=True).encode()).hexdigest()
+    return tokenizer_lib.file_sha256(self.path)
+
+
+def default_cache_dir(cache_dir: str) -> pathlib.Path:
+  """data.cache_dir, else $XDG_CACHE_HOME/vesper_jax, else ~/.cache/vesper_jax."""
+  if cache_dir:
+    return pathlib.Path(cache_dir).expanduser()
+  xdg = os.environ.get('XDG_CACHE_HOME')
+  return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / '.cache') / 'vesper_jax'
+
+
+def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, download_base_url: str,
+                    progress: bool = True) -> list[Source]:
+  """The concrete sources named by a comma-separated data.sources, in a deterministic order."""
+  entries = [e.strip() for e in spec.split(',') if e.strip()]
+  if not entries:
+    raise ValueError('data.sources is empty: name files, globs, directories, builtin:pydoc or download:NAME')
+  sources = []
+  for entry in entries:
+    if entry == BUILTIN_PYDOC:
+      sources.append(Source('pydoc', BUILTIN_PYDOC))
+    elif entry.startswith('builtin:'):
+      raise ValueError(f'data.sources: unknown built-in {entry!r} (the only one is {BUILTIN_PYDOC})')
+    elif entry.startswith(DOWNLOAD_PREFIX):
+      path = download(entry[len(DOWNLOAD_PREFIX):], cache_dir, base_url=download_base_url, progress=progress)
+      sources.append(Source(_kind(path), str(path)))
+    elif glob.has_magic(entry):
+      matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+      if not matches:
+        errors.report(entry, 'no file matches this glob')
+        sources.append(Source('missing', entry))
+      for match in matches:
+        sources.extend(_directory(match, errors) if os.path.isdir(match) else [Source(_kind(match), match)])
+    elif os.path.isdir(os.path.expanduser(entry)):
+      sources.extend(_directory(os.path.expanduser(entry), errors))
+    elif os.path.isfile(os.path.expanduser(entry)):
+      sources.append(Source(_kind(entry), os.path.expanduser(entry)))
+    else:
+      errors.report(entry, 'no such file or directory')
+      sources.append(Source('missing', entry))
+  return sources
+
+
+def _kind(path: str | os.PathLike) -> str:
+  suffix = pathlib.Path(str(path).removesuffix('.gz')).suffix.lower()
+  if suffix in JSONL_SUFFIXES:
+    return 'jsonl'
+  if suffix in SQUAD_SUFFIXES:
+    return 'squad'
+  return 'text'  # .txt/.md, and any other file named explicitly
+
+
+def _directory(root: str, errors: ErrorLog) -> list[Source]:
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      suffix = pathlib.Path(name.removesuffix('.gz')).suffix.lower()
+      if name.startswith('.'):
+        continue
+      if suffix in TEXT_SUFFIXES + JSONL_SUFFIXES + SQUAD_SUFFIXES:
+        found.append(Source(_kind(path), path))
+      else:
+        errors.ignore(path, f'unsupported file type {suffix or "(no suffix)"!r} in a source directory')
+  if not found:
+    errors.report(root, 'directory has no .txt/.md/.jsonl/.json files')
+    found.append(Source('missing', root))
+  return found
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_documents(source: Source, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+  """Yields the documents of one source (stripped, never empty); bad input goes to `errors`."""
+  if source.kind == 'missing':
+    return  # already reported when the sources were resolved
+  if source.kind == 'pydoc':
+    topics = _pydoc_topics()
+    yield from (topics[k].strip() for k in sorted(topics) if topics[k].strip())
+    return
+  raw = _read_bytes(source.path, errors)
+  if raw is None:
+    return
+  count = 0
+  reader = {'text': _text_documents, 'jsonl': _jsonl_documents, 'squad': _squad_documents}[source.kind]
+  for document in reader(source.path, raw, options, errors):
+    count += 1
+    yield document
+  if count == 0 and not raw.strip():
+    errors.report(source.path, 'empty source: the file has no text')
+  elif count == 0:
+    errors.report(source.path, 'no documents could be read from this file')
+
+
+def _pydoc_topics() -> dict[str, str]:
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  return topics.topics
+
+
+def _read_bytes(path: str, errors: ErrorLog) -> bytes | None:
+  try:
+    if path.endswith('.gz'):
+      with gzip.open(path, 'rb') as f:
+        return f.read()
+    with open(path, 'rb') as f:
+      return f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    errors.report(path, f'cannot read ({e})')
+    return None
+
+
+def _decode(raw: bytes, path: str, errors: ErrorLog, *, first_line: int = 1) -> str | None:
+  """UTF-8 text of `raw` (a leading BOM dropped), or None after reporting where it is not UTF-8."""
+  try:
+    return raw.decode('utf-8').removeprefix('\ufeff')
+  except UnicodeDecodeError as e:
+    line = first_line + raw.count(b'\n', 0, e.start)
+    errors.report(f'{path}:{line}', f'undecodable bytes (not UTF-8) {raw[e.start:e.end]!r}: {e.reason}')
+    return None
+
+
+def _text_documents(path: str, raw: bytes, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+  sep = options.doc_separator
+  try:
+    text = raw.decode('utf-8').removeprefix('\ufeff')
+    documents = text.split(sep) if sep else [text]
+  except UnicodeDecodeError:
+    # Decode document by document so that one bad byte loses one document, not the file. Splitting the
+    # bytes on the encoded separator is safe: UTF-8 never has an ASCII byte inside a multi-byte char.
+    documents, line = [], 1
+    for chunk in (raw.split(sep.encode()) if sep else [raw]):
+      text = _decode(chunk, path, errors, first_line=line)
+      line += chunk.count(b'\n')
+      if text is not None:
+        documents.append(text)
+  for document in documents:
+    document = document.strip()
+    if document:
+      yield document
+
+
+def render_chat(messages: list[dict]) -> str:
+  """The chat template: one 'Role: content' line per message (System/User/Assistant)."""
+  return '\n'.join(f'{CHAT_ROLE_NAMES[m["role"]]}: {m["content"]}' for m in messages)
+
+
+def _jsonl_documents(path: str, raw: bytes, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+  for lineno, line in enumerate(raw.split(b'\n'), 1):
+    if not line.strip():
+      continue
+    text = _decode(line, path, errors, first_line=lineno)
+    if text is None:
+      continue
+    where = f'{path}:{lineno}'
+    try:
+      record = json.loads(text)
+    except json.JSONDecodeError as e:
+      errors.report(where, f'malformed JSON ({e.msg} at column {e.colno})')
+      continue
+    document = _jsonl_record(record, options.text_keys, where, errors)
+    if document is not None and document.strip():
+      yield document.strip()
+
+
+def _jsonl_record(record, text_keys: tuple[str, ...], where: str, errors: ErrorLog) -> str | None:
+  if not isinstance(record, dict):
+    errors.report(where, f'expected a JSON object, got {type(record).__name__}')
+    return None
+  if 'messages' in record:
+    messages = record['messages']
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get('role') in CHAT_ROLE_NAMES and isinstance(m.get('content'), str)
+        for m in messages):
+      errors.report(where, f'"messages" must be a list of {{"role": one of {list(CHAT_ROLE_NAMES)}, '
+                           '"content": string}')
+      return None
+    return render_chat(messages)
+  if 'user' in record or 'assistant' in record:
+    if not (isinstance(record.get('user'), str) and isinstance(record.get('assistant'), str)):
+      errors.report(where, 'a chat record needs string "user" and "assistant" fields')
+      return None
+    messages = [{'role': 'user', 'content': record['user']}, {'role': 'assistant', 'content': record['assistant']}]
+    if isinstance(record.get('system'), str):
+      messages.insert(0, {'role': 'system', 'content': record['system']})
+    return render_chat(messages)
+  for key in text_keys:
+    if key in record:
+      if not isinstance(record[key], str):
+        errors.report(where, f'field {key!r} is {type(record[key]).__name__}, not a string')
+        return None
+      return record[key]
+  errors.report(where, f'no text field (data.text_keys={",".join(text_keys)}) and not a chat record; '
+                       f'keys: {sorted(record)[:10]}')
+  return None
+
+
+def _squad_documents(path: str, raw: bytes, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+  """One document per paragraph: context, a blank line, then one template block per answered question."""
+  text = _decode(raw, path, errors)
+  if text is None:
+    return
+  try:
+    root = json.loads(text)
+  except json.JSONDecodeError as e:
+    errors.report(f'{path}:{e.lineno}', f'malformed JSON ({e.msg} at column {e.colno})')
+    return
+  if not isinstance(root, dict) or not isinstance(root.get('data'), list):
+    errors.report(path, '$.data is missing or not a list (expected SQuAD format: '
+                        '{"data": [{"paragraphs": [{"context": ..., "qas": [...]}]}]})')
+    return
+  for i, article in enumerate(root['data']):
+    paragraphs = article.get('paragraphs') if isinstance(article, dict) else None
+    if not isinstance(paragraphs, list):
+      errors.report(path, f'$.data[{i}].paragraphs is missing or not a list')
+      continue
+    for j, paragraph in enumerate(paragraphs):
+      where = f'$.data[{i}].paragraphs[{j}]'
+      context = paragraph.get('context') if isinstance(paragraph, dict) else None
+      if not isinstance(context, str):
+        errors.report(path, f'{where}.context is missing or not a string')
+        continue
+      blocks, ok = [], True
+      for k, qa in enumerate(paragraph.get('qas', [])):
+        question = qa.get('question') if isinstance(qa, dict) else None
+        answers = qa.get('answers', []) if isinstance(qa, dict) else None
+        if not isinstance(question, str) or not isinstance(answers, list):
+          errors.report(path, f'{where}.qas[{k}] needs a string "question" and a list "answers"')
+          ok = False
+          break
+        answer = answers[0].get('text') if answers and isinstance(answers[0], dict) else None
+        if isinstance(answer, str):  # unanswerable questions (SQuAD 2) have nothing to learn from
+          blocks.append(options.squad_template.format(question=question.strip(), answer=answer.strip()))
+      if ok and context.strip():
+        yield '\n\n'.join([context.strip()] + blocks)
+
+
+# -------------------------------------------------------------------------------------------- downloads
+
+
+def download(name: str, cache_dir: pathlib.Path, *, base_url: str = '', progress: bool = True) -> pathlib.Path:
+  """Fetches DOWNLOADS[name] into <cache_dir>/downloads once, checked by sha256; returns its path.
+
+  Args:
+    name: a key of DOWNLOADS.
+    cache_dir: the vesper_jax cache directory.
+    base_url: '' for the public source, else a mirror serving `<base_url>/<filename>`.
+    progress: show a progress bar.
+  """
+  if name not in DOWNLOADS:
+    raise ValueError(f'unknown download {name!r}: expected one of {sorted(DOWNLOADS)}')
+  item = DOWNLOADS[name]
+  path = pathlib.Path(cache_dir) / 'downloads' / item.filename
+  if path.exists():  # only a file whose hash was checked (or recorded) is ever renamed into place
+    return path
+  url = f'{base_url.rstrip("/")}/{item.filename}' if base_url else item.url
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'{path.name}.part-{os.getpid()}')
+  digest = hashlib.sha256()
+  logging.info('downloading %s from %s', name, url)
+  try:
+    with urllib.request.urlopen(url, timeout=60) as response, open(tmp, 'wb') as out:
+      total = int(response.headers.get('Content-Length') or 0) or None
+      with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc=f'download {name}',
+                     disable=not progress) as bar:
+        while block := response.read(1 << 20):
+          digest.update(block)
+          out.write(block)
+          bar.update(len(block))
+    got = digest.hexdigest()
+    if item.sha256 is not None and got != item.sha256:
+      raise DataError(f'download {name} from {url}: sha256 mismatch (expected {item.sha256}, got {got}); '
+                      'the file was discarded')
+    if item.sha256 is None:
+      (path.parent / f'{item.filename}.sha256').write_text(f'{got}  {item.filename}\n')
+      logging.warning('download %s: sha256 not known in advance; recorded %s in %s.sha256',
+                      name, got, path)
+    os.replace(tmp, path)
+  except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+    raise DataError(f'download {name} from {url} failed: {e}') from e
+  finally:
+    tmp.unlink(missing_ok=True)
+  return path
+
+
+def recorded_sha256(name: str, cache_dir: pathlib.Path) -> str:
+  """The sha256 a download was checked against, or the one recorded for it when none was known."""
+  item = DOWNLOADS[name]
+  if item.sha256 is not None:
+    return item.sha256
+  return (pathlib.Path(cache_dir) / 'downloads' / f'{item.filename}.sha256').read_text().split()[0]

@@ -96,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_prompt = 'The '   # sampled from the trained model at the end ('' = no sample)
   config.train.sample_tokens = 48
   config.train.distributed = False      # call jax.distributed.initialize() (multi-host)
+  config.train.init_from = ''           # fine-tune from a training workdir or a .safetensors export ('' = scratch)
 
   # ---------------------------------------------------------------- checkpointing
   config.checkpoint = ml_collections.ConfigDict()

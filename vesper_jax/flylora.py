@@ -22,6 +22,7 @@ The forward pass sows each adapted layer's per-rank selection counts into the `l
 Shape suffixes: B batch, T tokens (any leading axes), I in features, O out features, R rank.
 """
 
+import pathlib
 import zlib
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,6 +30,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -224,6 +226,70 @@ def graft_base(params: PyTree, base: PyTree) -> PyTree:
   if missing:
     raise ValueError(f'graft_base: the base lacks {"/".join(missing[0])} (and {len(missing) - 1} more)')
   return _unflat({k: flat_base.get(k, v) for k, v in flat.items()})
+
+
+def stop_frozen_gradients(params: PyTree, trainable: PyTree) -> PyTree:
+  """params with `stop_gradient` on the frozen leaves: their gradients are zeros, never computed."""
+  return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
+# ---------------------------------------------------------------------------------------------- init_from
+
+# Fields that change the meaning of the weights: a base must match the fine-tuned model on each of them.
+# (max_seq_len, dtype, remat, attention_impl and decode do not: RoPE has no learned positions.)
+_ARCHITECTURE = ('vocab_size', 'num_layers', 'num_heads', 'num_kv_heads', 'd_model', 'd_ff', 'norm',
+                 'norm_eps', 'activation', 'era_temperature', 'era_entropy_weight', 'era_detach_entropy',
+                 'use_bias', 'tie_embeddings', 'rope_theta')
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """Refuses a `train.init_from` that does not exist or would pair the base with another tokenizer."""
+  init_from = config.train.init_from
+  if not init_from:
+    return
+  path = pathlib.Path(init_from)
+  if path.is_dir():
+    from vesper_jax import checkpoint  # deferred: checkpoint imports model, which imports this module
+    base_tokenizer = path / checkpoint.TOKENIZER_FILE
+    if not base_tokenizer.is_file():
+      raise FileNotFoundError(f'train.init_from={init_from}: no {checkpoint.TOKENIZER_FILE} there '
+                              '(not a vesper_jax training workdir?)')
+    if not config.data.tokenizer or (
+        pathlib.Path(config.data.tokenizer).read_bytes() != base_tokenizer.read_bytes()):
+      raise ValueError(f'train.init_from={init_from}: the base model was trained with {base_tokenizer}; '
+                       f'set data.tokenizer={base_tokenizer} (data.tokenizer={config.data.tokenizer!r} '
+                       'would give the same ids other meanings)')
+  elif path.is_file() and path.suffix == '.safetensors':
+    if not config.data.tokenizer:
+      raise ValueError(f'train.init_from={init_from}: a safetensors file carries no tokenizer; set '
+                       "data.tokenizer to the base model's tokenizer.json")
+  else:
+    raise FileNotFoundError(f'train.init_from={init_from}: expected a training workdir or a '
+                            '.safetensors export')
+
+
+def load_base(init_from: str, config: 'ModelConfig') -> PyTree:
+  """The base model's parameters for fine-tuning `config`, from a workdir or a safetensors export.
+
+  A base that carries mergeable adapters is merged first. Raises ValueError naming the model field on
+  which the base and `config` disagree.
+  """
+  path = pathlib.Path(init_from)
+  if path.is_dir():
+    from vesper_jax import checkpoint  # deferred: see check_init_from
+    base_config, params, _ = checkpoint.load_for_inference(path)
+  else:
+    from vesper_jax import export  # deferred: export is only needed for this
+    base_config = config.replace(lora_targets='')
+    params = export.load_safetensors(str(path), base_config)
+  if targets(base_config):
+    params, base_config = merge(params, base_config)
+  for field in _ARCHITECTURE:
+    if getattr(base_config, field) != getattr(config, field):
+      raise ValueError(f'train.init_from={init_from}: the base has model.{field}='
+                       f'{getattr(base_config, field)!r}, this config {getattr(config, field)!r}')
+  logging.info('Base weights from %s', init_from)
+  return params
 
 
 # ---------------------------------------------------------------------------------------------- expert biases

@@ -28,6 +28,7 @@ from absl import logging
 from vesper_jax import checkpoint as ckpt_lib
 from vesper_jax import config as base_config
 from vesper_jax import data as data_lib
+from vesper_jax import flylora
 from vesper_jax import losses
 from vesper_jax import metrics_writer
 from vesper_jax import optim
@@ -56,18 +57,27 @@ class TrainState:
 # ----------------------------------------------------------------------------------------- the step
 
 def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: VesperLM):
-  """Mean next-token cross-entropy (and predictive entropy, as aux) of one batch of windows."""
-  logits_BTV = model.apply({'params': params, **model_state}, tokens_BT1[:, :-1])
+  """Mean next-token cross-entropy; aux: the predictive entropy and FlyLoRA's rank counts ({} if none)."""
+  # FlyLoRA layers sow how often each rank was selected, for the expert-bias rule (flylora.py).
+  logits_BTV, sown = model.apply({'params': params, **model_state}, tokens_BT1[:, :-1],
+                                 mutable=[flylora.COUNTS])
   loss, entropy = losses.cross_entropy_and_entropy(logits_BTV, tokens_BT1[:, 1:])
-  return loss, entropy
+  return loss, (entropy, sown.get(flylora.COUNTS, {}))
 
 
-def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps):
-  """Loss, entropy and gradients, accumulated over micro-batches with a scan (one compiled body)."""
-  grad_fn = jax.value_and_grad(_loss, has_aux=True)
+def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps, trainable=None):
+  """Loss, entropy, gradients and FlyLoRA rank counts, summed over micro-batches with a scan.
+
+  `trainable` (fine-tuning): frozen leaves sit behind stop_gradient, so their gradients (zeros) cost
+  no backward matmuls.
+  """
+  def loss_fn(p, *args):
+    return _loss(p if trainable is None else flylora.stop_frozen_gradients(p, trainable), *args)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
-    (loss, entropy), grads = grad_fn(params, model_state, tokens_BT1, model)
-    return loss, entropy, grads
+    (loss, (entropy, counts)), grads = grad_fn(params, model_state, tokens_BT1, model)
+    return loss, entropy, grads, counts
   B = tokens_BT1.shape[0]
   # Row i of micro-batch a is row i·A + a: each device keeps its own rows, so splitting the batch into
   # micro-batches moves no data between devices.
@@ -75,29 +85,34 @@ def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps):
 
   def body(carry, micro_BT1):
     loss_sum, entropy_sum, grad_sum = carry
-    (loss, entropy), grads = grad_fn(params, model_state, micro_BT1, model)
-    return (loss_sum + loss, entropy_sum + entropy, jax.tree.map(jnp.add, grad_sum, grads)), None
+    (loss, (entropy, counts)), grads = grad_fn(params, model_state, micro_BT1, model)
+    return (loss_sum + loss, entropy_sum + entropy, jax.tree.map(jnp.add, grad_sum, grads)), counts
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (loss, entropy, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro_ABT1)
+  (loss, entropy, grads), counts_A = jax.lax.scan(body, (0.0, 0.0, zeros), micro_ABT1)
   scale = 1.0 / grad_accum_steps
-  return loss * scale, entropy * scale, jax.tree.map(lambda g: g * scale, grads)
+  counts = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts_A)  # rank counts over the whole step
+  return loss * scale, entropy * scale, jax.tree.map(lambda g: g * scale, grads), counts
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperLM,
                tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule,
-               grad_accum_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int, trainable: PyTree | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Pure: jitted once with explicit shardings and the state donated.
 
   A step whose loss or gradient norm is not finite changes nothing but the skip counters.
+  `trainable` (a tree of bools, fine-tuning with adapters) marks what the optimizer may change.
   """
-  loss, entropy, grads = _loss_and_grads(state.params, state.model_state, batch['tokens'], model,
-                                         grad_accum_steps)
-  grad_norm = optax.global_norm(grads)
+  loss, entropy, grads, counts = _loss_and_grads(state.params, state.model_state, batch['tokens'],
+                                                 model, grad_accum_steps, trainable)
+  grad_norm = optax.tree.norm(grads)
   # Velvet reads the loss and the entropy normalised to [0, 1] by ln V; AdamW ignores both.
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params, loss=loss,
                                      entropy=entropy / math.log(model.config.vocab_size))
   new_params = optax.apply_updates(state.params, updates)
+  # FlyLoRA load balancing: the expert biases move by their rule, once per step (no-op without FlyLoRA).
+  new_params = flylora.update_expert_biases(new_params, counts, model.config.lora_bias_rate)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
@@ -123,6 +138,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Refuses, before any data work or compilation, a config the run cannot use; names the key."""
   _check_known_keys(config, base_config.get_config(), prefix='')
   model_cfg = ModelConfig(**config.model)  # its __post_init__ checks the model section
+  flylora.check_init_from(config)
   t, d = config.train, config.data
   if d.seq_len > model_cfg.max_seq_len:
     raise ValueError(f'data.seq_len={d.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}')
@@ -255,17 +271,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   model = VesperLM(model_cfg)
   seq_len = config.data.seq_len
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-  tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'])
+  # With adapters the base is frozen: the optimizer keeps no state for it and never updates it.
+  trainable = (flylora.trainable_mask(params_shape['params'], model_cfg) if flylora.targets(model_cfg)
+               else None)
+  tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'], trainable)
   init_fn, abstract_state, state_shardings = _init_state(config, model, tx, mesh, seq_len)
   counts = param_counts(abstract_state.params)
   logging.info('Model: %s parameters (%s non-embedding) on mesh %s over %d devices (%s)',
                f"{counts['total']:,}", f"{counts['non_embedding']:,}", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind)
+  if trainable is not None:
+    flylora.param_report(abstract_state.params, model_cfg, trainable)
+    logging.info('Optimizer state: %s elements', f'{optim.count_state(abstract_state.opt_state):,}')
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   start = checkpointer.latest_step()
   if start is None:
     state, start = init_fn(jax.random.key(t.seed)), 0
+    if t.init_from:  # fine-tuning: the base's weights replace the random ones (adapters stay as built)
+      params = flylora.graft_base(state.params, flylora.load_base(t.init_from, model_cfg))
+      state = state.replace(params=jax.device_put(params, state_shardings.params))
   else:
     state = checkpointer.restore(start, jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_shardings))
@@ -275,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx,
                         schedule=optim.learning_rate_schedule(config.opt, t.num_steps),
-                        grad_accum_steps=t.grad_accum_steps),
+                        grad_accum_steps=t.grad_accum_steps, trainable=trainable),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
@@ -310,6 +335,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   summary: dict[str, Any] = {'stopped_by_signal': False}
   last_eval: dict[str, float] = {}
   try:
+    if start == 0:  # the starting point of the validation curve
+      last_eval = evaluate(state)
+      writer.write(0, last_eval)
+      progress.note(f"step 0: eval loss {last_eval['eval_loss']:.4f}")
     with _StopFlag() as stop:
       pending = None  # the previous step's metrics, read while the current step runs
       window_start, window_steps = time.perf_counter(), 0

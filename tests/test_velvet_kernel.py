@@ -1,0 +1,127 @@
+"""The fused Velvet kernel (kernels/velvet_pallas.py) in Pallas interpret mode against the XLA path, on a
+whole model's tree with odd sizes, on block tails, with a sparse mask; and its GPU lowering."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vesper_jax import losses
+from vesper_jax import model as M
+from vesper_jax import optim
+from vesper_jax import velvet as V
+from vesper_jax.kernels import velvet_pallas as VP
+
+
+def _max_rel(a_tree, b_tree) -> float:
+  """Largest per-leaf max|a − b| / max|b|."""
+  errs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)),
+                      a_tree, b_tree)
+  return max(jax.tree.leaves(errs))
+
+
+def _odd_model():
+  """A VesperLM whose every leaf length is off the 1024-element block (36, 100, 1296, 3600, 13824, ...)."""
+  cfg = M.ModelConfig(vocab_size=300, num_layers=2, num_heads=2, d_model=36, d_ff=100, use_bias=True)
+  return cfg, M.init_params(cfg, jax.random.key(0))
+
+
+def test_pallas_equals_xla_on_a_whole_model_tree_with_odd_sizes():
+  cfg, params = _odd_model()
+  sizes = {x.size for x in jax.tree.leaves(params)}
+  assert all(s % VP.BLOCK_SIZE for s in sizes) and max(sizes) > 4 * VP.BLOCK_SIZE
+  model = M.VesperLM(cfg)
+  mask = optim.decay_mask(params, decay_embeddings=False)
+  hp = dict(b1=0.9, b2=0.95, weight_decay=0.1, mask=mask, vocab_size=cfg.vocab_size)
+  tx_xla, tx_pallas = V.velvet(3e-3, kernel='xla', **hp), V.velvet(3e-3, kernel='pallas', **hp)
+
+  @jax.jit
+  def grads_at(p, tokens_BT1):
+    def loss_fn(p):
+      logits = model.apply({'params': p}, tokens_BT1[:, :-1])
+      return losses.cross_entropy_and_entropy(logits, tokens_BT1[:, 1:])
+    return jax.value_and_grad(loss_fn, has_aux=True)(p)
+
+  update_xla, update_pallas = jax.jit(tx_xla.update), jax.jit(tx_pallas.update)
+  p, s_x, s_k = params, tx_xla.init(params), tx_pallas.init(params)
+  for t in range(3):
+    tokens = jax.random.randint(jax.random.key(t), (2, 17), 0, cfg.vocab_size)
+    (loss, entropy), g = grads_at(p, tokens)
+    # Both paths get the same gradients, so the comparison sees the kernel alone (no chaotic drift).
+    u_x, s_x = update_xla(g, s_x, p, loss=loss, entropy=entropy / math.log(cfg.vocab_size))
+    u_k, s_k = update_pallas(g, s_k, p, loss=loss, entropy=entropy / math.log(cfg.vocab_size))
+    assert _max_rel(u_k, u_x) <= 1e-6
+    p = optax.apply_updates(p, u_x)
+  assert _max_rel(s_k.mu, s_x.mu) <= 1e-6 and _max_rel(s_k.nu, s_x.nu) <= 1e-6
+  assert float(s_k.beta1) == float(s_x.beta1) and float(s_k.s_entropy) == float(s_x.s_entropy)
+
+
+@pytest.mark.parametrize('n,block_size', [(1, 1024), (1023, 1024), (1025, 1024), (3 * 1024 + 5, 1024),
+                                          (1000, 128)])
+def test_in_place_kernel_on_block_tails(n, block_size):
+  rng = np.random.default_rng(n)
+  p, g, m = (jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(3))
+  v = jnp.asarray(rng.random(n), jnp.float32)
+  scal = dict(step=jnp.float32(-1e-2), beta1=jnp.float32(0.8), one_minus_beta1=jnp.float32(1 - 0.8),
+              c1=jnp.float32(0.36), c2=jnp.float32(0.0975))
+  scalars = VP.pack_scalars(*scal.values())
+  u, m_x, v_x = V._leaf_update(p, g, m, v, None, b2=0.95, eps=1e-8, weight_decay=0.1, **scal)
+  step = jax.jit(lambda *a: VP.velvet_update(*a, b2=0.95, eps=1e-8, weight_decay=0.1, write_params=True,
+                                             block_size=block_size), donate_argnums=(1, 3, 4))
+  p_k, m_k, v_k = step(scalars, jnp.array(p), g, jnp.array(m), jnp.array(v))
+  assert p_k.shape == (n,)
+  np.testing.assert_allclose(p_k, p + u, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(p))))
+  np.testing.assert_allclose(m_k, m_x, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(m_x))))
+  np.testing.assert_allclose(v_k, v_x, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(v_x))))
+
+
+def test_kernel_sparse_mask_freezes_elements_bitwise():
+  rng = np.random.default_rng(3)
+  params = {'w': jnp.asarray(rng.normal(size=(33, 70)), jnp.float32)}  # 2310: a partial third block
+  keep = {'w': jnp.asarray(rng.random((33, 70)) < 0.5)}
+  tx = V.velvet(1e-2, sparse_aware=keep, kernel='pallas')
+  update = jax.jit(tx.update)
+  state, p = tx.init(params), params
+  for t in range(20):
+    g = {'w': jnp.asarray(rng.normal(size=(33, 70)), jnp.float32)}
+    u, state = update(g, state, p, loss=2.0 + t / 10, entropy=0.4)
+    p = optax.apply_updates(p, u)
+  frozen = ~np.asarray(keep['w'])
+  np.testing.assert_array_equal(np.asarray(p['w'])[frozen], np.asarray(params['w'])[frozen])
+  assert not np.asarray(state.mu['w'])[frozen].any() and not np.asarray(state.nu['w'])[frozen].any()
+  assert np.all(np.asarray(p['w'])[~frozen] != np.asarray(params['w'])[~frozen])
+
+
+def test_auto_is_xla_on_cpu_and_pallas_is_one_call_per_buffer():
+  flat = {'a': jnp.ones((5000,)), 'b': jnp.ones((37,))}
+  def jaxpr_text(kernel):
+    tx = V.velvet(1e-3, kernel=kernel)
+    return str(jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p, loss=3.0, entropy=0.5))(
+        flat, tx.init(flat), flat))
+  assert 'pallas_call' not in jaxpr_text('auto')
+  assert jaxpr_text('pallas').count('pallas_call[') == 2
+
+
+@pytest.mark.parametrize('write_params', [True, False])
+def test_kernel_lowers_for_gpu_through_triton_with_all_buffers_aliased(write_params):
+  """Lowers (does not run) the kernel for CUDA: the Triton IR is built here, so unsupported ops or block
+  shapes would fail now rather than on the first GPU run."""
+  n = 3 * 1024 + 5
+  args = [jax.ShapeDtypeStruct((VP.NUM_SCALARS,), jnp.float32)]
+  args += [jax.ShapeDtypeStruct((n,), jnp.float32)] * 4 + [jax.ShapeDtypeStruct((n,), jnp.int8)]
+  fn = jax.jit(lambda *a: VP.velvet_update(*a, b2=0.95, eps=1e-8, weight_decay=0.1,
+                                           write_params=write_params, interpret=False))
+  try:
+    text = fn.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+  except Exception as e:  # pylint: disable=broad-except
+    if 'triton' in str(e).lower() and 'not' in str(e).lower():
+      pytest.skip(f'this jaxlib cannot lower Pallas-Triton for CUDA: {e}')
+    raise
+  assert text.count('__gpu$xla.gpu.triton') == 1
+  aliases = re.findall(r'output_tuple_indices = \[(\d)\], operand_index = (\d)', text)
+  # operands: 0 scalars, 1 p, 2 g, 3 m, 4 v, 5 keep → outputs 0 (p or u), 1 m, 2 v
+  assert sorted(aliases) == [('0', '1' if write_params else '2'), ('1', '3'), ('2', '4')]

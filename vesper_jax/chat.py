@@ -28,22 +28,11 @@ from vesper_jax import checkpoint, sampling
 from vesper_jax.model import ModelConfig
 
 PyTree = Any
+FLAGS = flags.FLAGS
 
 USER_PREFIX = 'User: '
 ASSISTANT_PREFIX = 'Assistant:'
 STOP_STRINGS = ('\nUser:', '\nAssistant:')
-
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
-                               'checkpoints/).', required=True)
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'Longest reply, in tokens (at most half '
-                                       'the context window).')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 50, '0 = off.')
-_TOP_P = flags.DEFINE_float('top_p', 0.9, '1.0 = off.')
-_REPETITION_PENALTY = flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the first reply (the n-th reply uses seed + n).')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
-                           'inference; default: the trained compute dtype with float32 weights.')
 
 
 def format_prompt(history: list[tuple[str, str]], message: str) -> str:
@@ -139,18 +128,35 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, params, tokenizer = checkpoint.load_for_inference(_WORKDIR.value)
-  if _DTYPE.value:
-    config, params = sampling.cast_for_inference(config, params, _DTYPE.value)
-  settings = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                     top_p=_TOP_P.value, repetition_penalty=_REPETITION_PENALTY.value)
-  session = ChatSession(params, config, tokenizer, max_new_tokens=_MAX_NEW_TOKENS.value,
-                        settings=settings, seed=_SEED.value)
+  config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
+  if FLAGS.dtype:
+    config, params = sampling.cast_for_inference(config, params, FLAGS.dtype)
+  settings = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                     top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty)
+  session = ChatSession(params, config, tokenizer, max_new_tokens=FLAGS.max_new_tokens,
+                        settings=settings, seed=FLAGS.seed)
   if sys.stdin.isatty():
-    print(f'Chatting with {_WORKDIR.value} ({config.max_seq_len}-token context). /reset clears the '
+    print(f'Chatting with {FLAGS.workdir} ({config.max_seq_len}-token context). /reset clears the '
           'conversation, /exit or Ctrl-D quits.', file=sys.stderr)
   run_repl(session, sys.stdin, sys.stdout)
 
 
+def _define_flags():
+  # Library INFO logs (orbax's restore, compilation) would interleave with the text in a terminal.
+  FLAGS.set_default('verbosity', -1)  # absl's WARNING; --verbosity=0 brings INFO back
+  flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
+                      'checkpoints/).', required=True)
+  flags.DEFINE_integer('max_new_tokens', 128, 'Longest reply, in tokens (at most half '
+                       'the context window).')
+  flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
+  flags.DEFINE_integer('top_k', 50, '0 = off.')
+  flags.DEFINE_float('top_p', 0.9, '1.0 = off.')
+  flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the first reply (the n-th reply uses seed + n).')
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
+                    'inference; default: the trained compute dtype with float32 weights.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -13,42 +13,27 @@ from absl import app, flags, logging
 
 from vesper_jax import checkpoint, sampling
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
-                               'checkpoints/).', required=True)
-_PROMPT = flags.DEFINE_multi_string('prompt', [''], 'Prompt text; repeat the flag for a batch of prompts. '
-                                    'An empty prompt starts a new document.')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to sample at most, per prompt '
-                                       '(capped to what fits the context window).')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 50, '0 = off.')
-_TOP_P = flags.DEFINE_float('top_p', 0.9, '1.0 = off.')
-_REPETITION_PENALTY = flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
-_SEED = flags.DEFINE_integer('seed', 0, 'The same seed and settings give the same text.')
-_STOP = flags.DEFINE_multi_string('stop', [], 'Stop strings (repeatable); the text ends before the first.')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
-                           'inference; default: the trained compute dtype with float32 weights.')
-_CHUNK_SIZE = flags.DEFINE_integer('chunk_size', 1, 'Tokens per device call: 1 = a jitted step per token; '
-                                   'more = a while_loop per chunk (fewer host round trips).')
+FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.info('devices: %s', jax.devices())
-  config, params, tokenizer = checkpoint.load_for_inference(_WORKDIR.value)
-  if _DTYPE.value:
-    config, params = sampling.cast_for_inference(config, params, _DTYPE.value)
-  prompts = _PROMPT.value
+  config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
+  if FLAGS.dtype:
+    config, params = sampling.cast_for_inference(config, params, FLAGS.dtype)
+  prompts = FLAGS.prompt
   longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
-  max_new_tokens = min(_MAX_NEW_TOKENS.value, config.max_seq_len - longest)
+  max_new_tokens = min(FLAGS.max_new_tokens, config.max_seq_len - longest)
   if max_new_tokens < 1:
     raise app.UsageError(f'the prompt ({longest} tokens) fills the context window '
                          f'(model.max_seq_len={config.max_seq_len})')
-  if max_new_tokens < _MAX_NEW_TOKENS.value:
+  if max_new_tokens < FLAGS.max_new_tokens:
     logging.warning('max_new_tokens capped to %d: the prompt is %d tokens of a %d-token context window',
                     max_new_tokens, longest, config.max_seq_len)
-  settings = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                     top_p=_TOP_P.value, repetition_penalty=_REPETITION_PENALTY.value)
+  settings = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                     top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty)
   streaming = len(prompts) == 1
 
   def on_text(row: int, piece: str) -> None:
@@ -60,8 +45,8 @@ def main(argv):
     sys.stdout.flush()
   stats = sampling.GenerationStats()
   texts = sampling.generate_text(params, config, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 sampling=settings, seed=_SEED.value, stop_strings=_STOP.value,
-                                 chunk_size=_CHUNK_SIZE.value, on_text=on_text if streaming else None,
+                                 sampling=settings, seed=FLAGS.seed, stop_strings=FLAGS.stop,
+                                 chunk_size=FLAGS.chunk_size, on_text=on_text if streaming else None,
                                  stats=stats)
   if streaming:
     sys.stdout.write('\n')
@@ -74,5 +59,27 @@ def main(argv):
         file=sys.stderr)
 
 
+def _define_flags():
+  # Library INFO logs (orbax's restore, compilation) would interleave with the text in a terminal.
+  FLAGS.set_default('verbosity', -1)  # absl's WARNING; --verbosity=0 brings INFO back
+  flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
+                      'checkpoints/).', required=True)
+  flags.DEFINE_multi_string('prompt', [''], 'Prompt text; repeat the flag for a batch of prompts. '
+                            'An empty prompt starts a new document.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to sample at most, per prompt '
+                       '(capped to what fits the context window).')
+  flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
+  flags.DEFINE_integer('top_k', 50, '0 = off.')
+  flags.DEFINE_float('top_p', 0.9, '1.0 = off.')
+  flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
+  flags.DEFINE_integer('seed', 0, 'The same seed and settings give the same text.')
+  flags.DEFINE_multi_string('stop', [], 'Stop strings (repeatable); the text ends before the first.')
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
+                    'inference; default: the trained compute dtype with float32 weights.')
+  flags.DEFINE_integer('chunk_size', 1, 'Tokens per device call: 1 = a jitted step per token; '
+                       'more = a while_loop per chunk (fewer host round trips).')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

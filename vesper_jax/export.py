@@ -1,0 +1,258 @@
+"""Export to safetensors, and load back with every tensor checked (SPEC §11).
+
+  python -m vesper_jax.export --workdir=runs/medium --out=export/medium --format=vesper|hf
+
+`--format=vesper` writes `<out>/model.safetensors` in the original's naming, weights `[out, in]` (the
+PyTorch orientation: flax kernels are `[in, out]`, so 2-D tensors are transposed, embeddings excepted):
+
+  embeddings.weight                         [V_pad, D]  (vocabulary padded to a multiple of 128)
+  layers.{i}.attention.{q,k,v,o}_proj.weight, layers.{i}.attention_norm.weight,
+  layers.{i}.ffn.{gate,up,down}_proj.weight,  layers.{i}.ffn_norm.weight,
+  final_norm.weight, lm_head.weight         [V_pad, D]  (absent with tied embeddings)
+  + `.bias` where biases are on; FlyLoRA: `{proj}.lora_a` [r, in], `.lora_b` [out, r], `.expert_bias` [r]
+
+and the ModelConfig as JSON in the file's metadata. `load_safetensors` rebuilds the parameter tree and
+refuses, naming the tensor, anything missing, unexpected, or of the wrong shape or dtype.
+
+`--format=hf` writes a Hugging Face Llama directory (`config.json`, `model.safetensors`, and
+`tokenizer.json` when the workdir has one) for models Llama can express: RMSNorm, SiLU (ERA with λ = 0
+and T = 1 is exactly SiLU), no biases, no unmerged adapters; anything else is refused, naming the option.
+The vocabulary is cut to `vocab_size` there, so `transformers` never samples a padding class. The query
+and key weights need no permutation: Llama's `rotate_half` RoPE pairs dimension j with j + H/2 of each
+head, with frequencies θ^(-2j/H), exactly as `model.apply_rope` does, and both split q/k heads as
+contiguous H-sized blocks of the projection's output (`view(B, T, N, H)` there, `reshape` here). The
+permutation in Meta's conversion script undoes the interleaved-pair RoPE of Meta's own checkpoints.
+
+Loading never runs code from a file: safetensors holds raw tensors, the metadata is parsed as JSON.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sys
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from vesper_jax.model import ModelConfig, init_params
+
+PyTree = Any
+FLAGS = flags.FLAGS
+
+FORMAT = 'vesper_jax'
+WEIGHTS_FILE = 'model.safetensors'
+_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}
+
+
+def _export_name(path: tuple[str, ...]) -> str:
+  # ('layers_3', 'attention', 'q_proj', 'kernel') -> 'layers.3.attention.q_proj.weight'
+  head, *rest = path
+  if head.startswith('layers_'):
+    head = 'layers.' + head[len('layers_'):]
+  return '.'.join([head, *rest[:-1], _LEAF_NAMES.get(rest[-1], rest[-1])])
+
+
+def _transposed(path: tuple[str, ...], ndim: int) -> bool:
+  # Flax kernels (and FlyLoRA's A, B) are [in, out]; PyTorch's are [out, in]. Embeddings are [V, D] in both.
+  return ndim == 2 and path[-1] != 'embedding'
+
+
+def _flat(params: PyTree) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+
+
+def to_tensors(params: PyTree) -> dict[str, np.ndarray]:
+  """The parameter tree as {export name: [out, in] numpy array}."""
+  tensors = {}
+  for path, value in _flat(params).items():
+    value = np.asarray(value)
+    tensors[_export_name(path)] = np.ascontiguousarray(value.T if _transposed(path, value.ndim) else value)
+  return tensors
+
+
+def save_safetensors(params: PyTree, config: ModelConfig, path: str | os.PathLike) -> dict[str, tuple]:
+  """Writes the vesper-format file; returns {name: shape}."""
+  tensors = to_tensors(params)
+  config_json = json.dumps(dataclasses.asdict(config.replace(decode=False)), sort_keys=True)
+  save_file(tensors, str(path), metadata={'format': FORMAT, 'model_config': config_json})
+  logging.info('wrote %d tensors to %s', len(tensors), path)
+  return {k: v.shape for k, v in tensors.items()}
+
+
+def config_from_safetensors(path: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig stored in a vesper-format file's metadata."""
+  with safe_open(str(path), framework='numpy') as f:
+    metadata = f.metadata() or {}
+  if metadata.get('format') != FORMAT or 'model_config' not in metadata:
+    raise ValueError(f'{path}: not a vesper_jax export (metadata format={metadata.get("format")!r}); '
+                     'pass the ModelConfig explicitly')
+  return ModelConfig(**json.loads(metadata['model_config']))
+
+
+def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None) -> PyTree:
+  """Reads a vesper-format file into the parameter tree of `config` (default: the file's own config).
+
+  Every tensor the model needs must be present with the exact shape and dtype, and nothing else:
+  otherwise ValueError lists each offending tensor by name.
+  """
+  config = config_from_safetensors(path) if config is None else config
+  expected = _flat(jax.eval_shape(lambda: init_params(config.replace(decode=False), jax.random.key(0))))
+  with safe_open(str(path), framework='numpy') as f:
+    tensors = {name: f.get_tensor(name) for name in f.keys()}
+  problems, flat = [], {}
+  for key, spec in sorted(expected.items()):
+    name = _export_name(key)
+    shape = tuple(reversed(spec.shape)) if _transposed(key, len(spec.shape)) else tuple(spec.shape)
+    want = f'{np.dtype(spec.dtype).name}{list(shape)}'
+    if name not in tensors:
+      problems.append(f'missing tensor {name} (expected {want})')
+      continue
+    value = tensors.pop(name)
+    if value.shape != shape or value.dtype != spec.dtype:
+      problems.append(f'tensor {name} is {value.dtype.name}{list(value.shape)}, expected {want}')
+      continue
+    flat[key] = jnp.asarray(value.T if _transposed(key, value.ndim) else value)
+  problems += [f'unexpected tensor {name} {tensors[name].dtype.name}{list(tensors[name].shape)}'
+               for name in sorted(tensors)]
+  if problems:
+    raise ValueError(f'{path} does not match the model ({len(problems)} problem(s)):\n  ' +
+                     '\n  '.join(problems[:20]))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face
+
+def check_llama_compatible(config: ModelConfig) -> None:
+  """Raises ValueError naming the first option that a Hugging Face LlamaForCausalLM cannot express."""
+  if config.norm != 'rmsnorm':
+    raise ValueError(f'cannot export to --format=hf: model.norm={config.norm!r}, Llama uses RMSNorm '
+                     "(train with model.norm='rmsnorm'), or use --format=vesper")
+  is_silu = config.activation == 'silu' or (
+      config.activation == 'era' and config.era_entropy_weight == 0.0 and config.era_temperature == 1.0)
+  if not is_silu:
+    detail = (f' with era_entropy_weight={config.era_entropy_weight}, era_temperature='
+              f'{config.era_temperature} (only λ=0, T=1 is SiLU)' if config.activation == 'era' else '')
+    raise ValueError(f'cannot export to --format=hf: model.activation={config.activation!r}{detail}; '
+                     "Llama's MLP uses SiLU (train with model.activation='silu'), or use --format=vesper")
+  if config.use_bias:
+    raise ValueError('cannot export to --format=hf: model.use_bias=True; Llama has no norm or output-head '
+                     'biases, or use --format=vesper')
+  if config.lora_targets:
+    raise ValueError(f'cannot export to --format=hf: model.lora_targets={config.lora_targets!r}; merge the '
+                     'adapters into the base weights first (flylora.merge), or use --format=vesper')
+
+
+def hf_config(config: ModelConfig, eos_id: int | None = None, bos_id: int | None = None) -> dict:
+  """The `config.json` of the equivalent LlamaForCausalLM."""
+  return {
+      'architectures': ['LlamaForCausalLM'],
+      'model_type': 'llama',
+      'vocab_size': config.vocab_size,
+      'hidden_size': config.d_model,
+      'intermediate_size': config.d_ff,
+      'num_hidden_layers': config.num_layers,
+      'num_attention_heads': config.num_heads,
+      'num_key_value_heads': config.kv_heads,
+      'head_dim': config.head_dim,
+      'hidden_act': 'silu',
+      'max_position_embeddings': config.max_seq_len,
+      'rms_norm_eps': config.norm_eps,
+      'rope_theta': config.rope_theta,
+      'rope_scaling': None,
+      'attention_bias': False,
+      'attention_dropout': 0.0,
+      'mlp_bias': False,
+      'tie_word_embeddings': config.tie_embeddings,
+      'initializer_range': 0.02,
+      'pretraining_tp': 1,
+      'use_cache': True,
+      'torch_dtype': 'float32',
+      'bos_token_id': bos_id,
+      'eos_token_id': eos_id,
+  }
+
+
+def to_hf_tensors(params: PyTree, config: ModelConfig) -> dict[str, np.ndarray]:
+  """The parameter tree under Llama's names, `[out, in]`, the vocabulary cut to `vocab_size`."""
+  check_llama_compatible(config)
+  tensors = to_tensors(params)
+  V = config.vocab_size
+  hf = {'model.embed_tokens.weight': tensors.pop('embeddings.weight')[:V],
+        'model.norm.weight': tensors.pop('final_norm.weight')}
+  if not config.tie_embeddings:
+    hf['lm_head.weight'] = tensors.pop('lm_head.weight')[:V]
+  renames = {'attention.q_proj': 'self_attn.q_proj', 'attention.k_proj': 'self_attn.k_proj',
+             'attention.v_proj': 'self_attn.v_proj', 'attention.o_proj': 'self_attn.o_proj',
+             'ffn.gate_proj': 'mlp.gate_proj', 'ffn.up_proj': 'mlp.up_proj', 'ffn.down_proj': 'mlp.down_proj',
+             'attention_norm': 'input_layernorm', 'ffn_norm': 'post_attention_layernorm'}
+  for i in range(config.num_layers):
+    for ours, theirs in renames.items():
+      hf[f'model.layers.{i}.{theirs}.weight'] = tensors.pop(f'layers.{i}.{ours}.weight')
+  if tensors:  # every tensor must have found its Llama name
+    raise ValueError(f'cannot export to --format=hf: no Llama name for {sorted(tensors)}')
+  return {k: np.ascontiguousarray(v) for k, v in hf.items()}
+
+
+def export_hf(params: PyTree, config: ModelConfig, out_dir: str | os.PathLike,
+              tokenizer_file: str | os.PathLike | None = None, eos_id: int | None = None,
+              bos_id: int | None = None) -> list[pathlib.Path]:
+  """Writes a Hugging Face Llama directory; returns the files written."""
+  tensors = to_hf_tensors(params, config)  # refuses before anything is written
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / 'config.json').write_text(json.dumps(hf_config(config, eos_id, bos_id), indent=2) + '\n')
+  save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={'format': 'pt'})
+  written = [out_dir / 'config.json', out_dir / WEIGHTS_FILE]
+  if tokenizer_file is not None:
+    shutil.copyfile(tokenizer_file, out_dir / 'tokenizer.json')
+    written.append(out_dir / 'tokenizer.json')
+  return written
+
+
+def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str) -> list[pathlib.Path]:
+  """Exports the latest checkpoint of a training workdir in `fmt` ('vesper' or 'hf')."""
+  from vesper_jax import checkpoint  # deferred: export's library part needs no orbax
+  config, params, tokenizer = checkpoint.load_for_inference(workdir)
+  if fmt == 'hf':
+    return export_hf(params, config, out_dir, tokenizer.path, tokenizer.eos_id, tokenizer.bos_id)
+  if fmt != 'vesper':
+    raise ValueError(f"unknown export format {fmt!r}: expected 'vesper' or 'hf'")
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  save_safetensors(params, config, out_dir / WEIGHTS_FILE)
+  shutil.copyfile(tokenizer.path, out_dir / 'tokenizer.json')
+  return [out_dir / WEIGHTS_FILE, out_dir / 'tokenizer.json']
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.workdir or not FLAGS.out:
+    raise app.UsageError('--workdir and --out are required')
+  try:
+    written = export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.format)
+  except ValueError as e:  # a refusal (incompatible model) is a message for a person, not a traceback
+    print(f'export: {e}', file=sys.stderr)
+    sys.exit(1)
+  for path in written:
+    print(path)
+
+
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'A training workdir to export (its latest checkpoint).')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_enum('format', 'vesper', ['vesper', 'hf'], 'vesper: the original naming; '
+                    'hf: a Hugging Face Llama directory (Llama-compatible models only).')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

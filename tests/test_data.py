@@ -93,6 +93,22 @@ def test_tinystories_splits_into_2316_stories(shared_data):
   assert not any('<|endoftext|>' in d or d != d.strip() for d in documents)
 
 
+def test_text_is_streamed_with_separators_across_blocks(shared_data, monkeypatch):
+  whole, _ = read_all(shared_data / 'tinystories_2MB.txt')
+  monkeypatch.setattr(sources, '_BLOCK', 997)  # thousands of blocks: many separators straddle two
+  streamed, _ = read_all(shared_data / 'tinystories_2MB.txt')
+  assert streamed == whole
+
+
+def test_corrupt_gzip_is_reported(tmp_path):
+  path = tmp_path / 'broken.txt.gz'
+  path.write_bytes(b'this is not gzip data')
+  documents, errors = read_all(path)
+  assert documents == [] and errors.skipped[0].startswith(f'{path}: cannot read')
+  with pytest.raises(DataError, match=f'{path}: cannot read'):
+    read_all(path, policy='fail')
+
+
 def test_builtin_pydoc_is_one_document_per_topic():
   from pydoc_data import topics
   documents, _ = read_all('builtin:pydoc', kind='pydoc')
@@ -650,3 +666,13 @@ def test_prepare_cli_downloads_builds_and_summarizes(shared_data, tmp_path, serv
   assert '--config.data.sources=download:piaf' in out
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert again.returncode == 0 and 'token cache ready: opened in' in again.stdout
+
+
+def test_prepare_cli_reports_bad_input_without_a_traceback(tmp_path):
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"text": "fine"}\n{oops\n')
+  command = [sys.executable, '-m', 'vesper_jax.prepare', f'--config.data.sources={bad}',
+             '--config.data.on_error=fail', f'--config.data.cache_dir={tmp_path}']
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert f'prepare: {bad}:2: malformed JSON' in result.stderr and 'Traceback' not in result.stderr

@@ -7,6 +7,7 @@ writes the token cache that `python -m vesper_jax.train` with the same config th
 """
 
 import pathlib
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -54,18 +55,25 @@ def summary(cache: data.TokenCache) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  if _DOWNLOAD.value:
-    name = _DOWNLOAD.value
+  try:
+    prepare(_CONFIG.value, _DOWNLOAD.value)
+  except (ValueError, FileNotFoundError) as e:  # bad input or settings (DataError is a ValueError)
+    sys.exit(f'prepare: {e}')
+
+
+def prepare(config, download: str | None) -> data.TokenCache:
+  """Fetches `download` if given (and makes it the source), builds the cache and prints its summary."""
+  if download:
     cache_dir = sources.default_cache_dir(config.data.cache_dir)
-    path = sources.download(name, cache_dir, base_url=config.data.download_base_url)
-    checked = 'checked' if sources.DOWNLOADS[name].sha256 else 'recorded (not known in advance)'
-    print(f'{name}: {path}\n  sha256 {sources.recorded_sha256(name, cache_dir)} {checked}')
-    config.data.sources = f'{sources.DOWNLOAD_PREFIX}{name}'
+    path = sources.download(download, cache_dir, base_url=config.data.download_base_url)
+    checked = 'checked' if sources.DOWNLOADS[download].sha256 else 'recorded (not known in advance)'
+    print(f'{download}: {path}\n  sha256 {sources.recorded_sha256(download, cache_dir)} {checked}')
+    config.data.sources = f'{sources.DOWNLOAD_PREFIX}{download}'
   cache = data.build_or_load_cache(config.data, config.model.vocab_size, progress=True)
   print(summary(cache))
-  if _DOWNLOAD.value:
+  if download:
     print(f'  train with  --config.data.sources={config.data.sources}')
+  return cache
 
 
 if __name__ == '__main__':

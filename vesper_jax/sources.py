@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import ml_collections
 import tqdm
@@ -207,42 +208,44 @@ def _directory(root: str, errors: ErrorLog) -> list[Source]:
 
 
 def read_documents(source: Source, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
-  """Yields the documents of one source (stripped, never empty); bad input goes to `errors`."""
+  """Yields the documents of one source (stripped, never empty); bad input goes to `errors`.
+
+  Text and JSONL files are streamed (a multi-GB corpus is never held in memory whole); a SQuAD JSON
+  file is parsed whole.
+  """
   if source.kind == 'missing':
     return  # already reported when the sources were resolved
   if source.kind == 'pydoc':
     topics = _pydoc_topics()
     yield from (topics[k].strip() for k in sorted(topics) if topics[k].strip())
     return
-  raw = _read_bytes(source.path, errors)
-  if raw is None:
-    return
-  count = 0
   reader = {'text': _text_documents, 'jsonl': _jsonl_documents, 'squad': _squad_documents}[source.kind]
-  for document in reader(source.path, raw, options, errors):
-    count += 1
-    yield document
-  if count == 0 and not raw.strip():
-    errors.report(source.path, 'empty source: the file has no text')
-  elif count == 0:
-    errors.report(source.path, 'no documents could be read from this file')
+  count = 0
+  try:
+    with _open(source.path) as f:
+      for document in reader(source.path, f, options, errors):
+        count += 1
+        yield document
+  except (OSError, EOFError, zlib.error) as e:
+    errors.report(source.path, f'cannot read ({e})')
+    return
+  if count == 0:
+    with _open(source.path) as f:
+      blank = all(not block.strip() for block in iter(lambda: f.read(_BLOCK), b''))
+    errors.report(source.path, 'empty source: the file has no text' if blank
+                  else 'no documents could be read from this file')
+
+
+_BLOCK = 1 << 24  # bytes read at a time from text files
+
+
+def _open(path: str) -> BinaryIO:
+  return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
 
 
 def _pydoc_topics() -> dict[str, str]:
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
   return topics.topics
-
-
-def _read_bytes(path: str, errors: ErrorLog) -> bytes | None:
-  try:
-    if path.endswith('.gz'):
-      with gzip.open(path, 'rb') as f:
-        return f.read()
-    with open(path, 'rb') as f:
-      return f.read()
-  except (OSError, EOFError, zlib.error) as e:
-    errors.report(path, f'cannot read ({e})')
-    return None
 
 
 def _decode(raw: bytes, path: str, errors: ErrorLog, *, first_line: int = 1) -> str | None:
@@ -255,24 +258,35 @@ def _decode(raw: bytes, path: str, errors: ErrorLog, *, first_line: int = 1) -> 
     return None
 
 
-def _text_documents(path: str, raw: bytes, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
-  sep = options.doc_separator
-  try:
-    text = raw.decode('utf-8').removeprefix('\ufeff')
-    documents = text.split(sep) if sep else [text]
-  except UnicodeDecodeError:
-    # Decode document by document so that one bad byte loses one document, not the file. Splitting the
-    # bytes on the encoded separator is safe: UTF-8 never has an ASCII byte inside a multi-byte char.
-    documents, line = [], 1
-    for chunk in (raw.split(sep.encode()) if sep else [raw]):
-      text = _decode(chunk, path, errors, first_line=line)
-      line += chunk.count(b'\n')
-      if text is not None:
-        documents.append(text)
-  for document in documents:
-    document = document.strip()
-    if document:
-      yield document
+def _text_documents(path: str, f: BinaryIO, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+  # Documents are split as bytes and decoded one by one, so one bad byte loses one document, not the
+  # file. Splitting UTF-8 on an encoded separator is safe: no multi-byte character contains an ASCII byte.
+  sep = options.doc_separator.encode()
+  line = 1
+  for chunk in _split_stream(f, sep):
+    text = _decode(chunk, path, errors, first_line=line)
+    line += chunk.count(b'\n') + sep.count(b'\n')
+    if text is not None and text.strip():
+      yield text.strip()
+
+
+def _split_stream(f: BinaryIO, sep: bytes) -> Iterator[bytes]:
+  """The bytes of a stream between occurrences of `sep` (all of it when sep is empty), read in blocks."""
+  if not sep:
+    yield f.read()
+    return
+  buffer, start = bytearray(), 0
+  while True:
+    block = f.read(_BLOCK)
+    buffer += block
+    while (i := buffer.find(sep, start)) != -1:
+      yield bytes(buffer[:i])
+      del buffer[:i + len(sep)]  # cheap: CPython drops a bytearray's head without moving the rest
+      start = 0
+    if not block:
+      yield bytes(buffer)
+      return
+    start = max(0, len(buffer) - len(sep) + 1)  # a separator may straddle the next block
 
 
 def render_chat(messages: list[dict]) -> str:
@@ -280,8 +294,8 @@ def render_chat(messages: list[dict]) -> str:
   return '\n'.join(f'{CHAT_ROLE_NAMES[m["role"]]}: {m["content"]}' for m in messages)
 
 
-def _jsonl_documents(path: str, raw: bytes, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
-  for lineno, line in enumerate(raw.split(b'\n'), 1):
+def _jsonl_documents(path: str, f: BinaryIO, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+  for lineno, line in enumerate(f, 1):
     if not line.strip():
       continue
     text = _decode(line, path, errors, first_line=lineno)
@@ -330,9 +344,9 @@ def _jsonl_record(record, text_keys: tuple[str, ...], where: str, errors: ErrorL
   return None
 
 
-def _squad_documents(path: str, raw: bytes, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+def _squad_documents(path: str, f: BinaryIO, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
   """One document per paragraph: context, a blank line, then one template block per answered question."""
-  text = _decode(raw, path, errors)
+  text = _decode(f.read(), path, errors)
   if text is None:
     return
   try:

@@ -71,11 +71,15 @@ def _kept(logits) -> np.ndarray:
   return np.isfinite(np.asarray(logits))
 
 
+METHODS = ['sort', 'search']
+
+
+@pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('ties', [False, True])
 @pytest.mark.parametrize('k', [1, 5, 50, 299, 300, 0])
-def test_top_k_matches_numpy(k, ties):
+def test_top_k_matches_numpy(k, ties, method):
   logits = _random_logits(k, ties=ties)
-  got = sampling.top_k_filter(jnp.asarray(logits), k)
+  got = sampling.top_k_filter(jnp.asarray(logits), k, method)
   want = logits if k == 0 else _np_top_k(logits, k)
   np.testing.assert_array_equal(_kept(got), _kept(want))
   np.testing.assert_array_equal(np.asarray(got)[_kept(got)], logits[_kept(want)])
@@ -83,11 +87,12 @@ def test_top_k_matches_numpy(k, ties):
     assert (_kept(got).sum(axis=1) >= k).all()  # ties with the k-th are kept: at least k survive
 
 
+@pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('ties', [False, True])
 @pytest.mark.parametrize('p', [0.05, 0.5, 0.9, 0.999, 1.0])
-def test_top_p_matches_numpy(p, ties):
+def test_top_p_matches_numpy(p, ties, method):
   logits = _random_logits(int(p * 1000), ties=ties)
-  got = sampling.top_p_filter(jnp.asarray(logits), p)
+  got = sampling.top_p_filter(jnp.asarray(logits), p, method)
   want = _np_top_p(logits, p)
   np.testing.assert_array_equal(_kept(got), _kept(want))
   np.testing.assert_array_equal(np.asarray(got)[_kept(got)], logits[_kept(want)])
@@ -95,14 +100,30 @@ def test_top_p_matches_numpy(p, ties):
     assert _kept(got).all()
 
 
-def test_top_p_keeps_tied_tokens_together():
+@pytest.mark.parametrize('method', METHODS)
+def test_top_p_keeps_tied_tokens_together(method):
   # Four tokens of 0.2 each and two of 0.1: p = 0.3 is reached inside the tie, so all four stay.
   logits = np.log(np.array([[0.2, 0.1, 0.2, 0.2, 0.1, 0.2]], np.float32))
-  np.testing.assert_array_equal(_kept(sampling.top_p_filter(jnp.asarray(logits), 0.3)),
+  np.testing.assert_array_equal(_kept(sampling.top_p_filter(jnp.asarray(logits), 0.3, method)),
                                 [[True, False, True, True, False, True]])
   # The top token alone suffices when it holds p.
-  np.testing.assert_array_equal(_kept(sampling.top_p_filter(jnp.asarray(logits[:, [0, 1]] * 3), 0.1)),
-                                [[True, False]])
+  np.testing.assert_array_equal(
+      _kept(sampling.top_p_filter(jnp.asarray(logits[:, [0, 1]] * 3), 0.1, method)), [[True, False]])
+
+
+@pytest.mark.parametrize('ties', [False, True])
+@pytest.mark.parametrize('k, p', [(5, 0.5), (50, 0.9), (50, 0.99), (3, 0.9999)])
+def test_fused_top_k_top_p_matches_numpy(k, p, ties):
+  logits = _random_logits(k, ties=ties)
+  got = sampling._top_k_top_p_sorted(jnp.asarray(logits), k, p)
+  want = _np_top_p(_np_top_k(logits, k), p)
+  np.testing.assert_array_equal(_kept(got), _kept(want))
+
+
+def test_ordered_bits_preserve_float_order():
+  x = np.array([[-np.inf, -3e38, -2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 2.0, 3e38, np.inf]], np.float32)
+  keys = np.asarray(sampling._ordered_bits(jnp.asarray(x)))[0].astype(np.int64)
+  assert (np.diff(keys) > 0).all()
 
 
 @pytest.mark.parametrize('penalty', [1.0, 1.3, 0.7])
@@ -115,7 +136,8 @@ def test_repetition_penalty_matches_numpy(penalty):
     assert (np.asarray(got) <= logits + 1e-7).all()  # a penalty never makes a seen token more likely
 
 
-def test_sample_logits_draws_from_the_filtered_distribution():
+@pytest.mark.parametrize('method', METHODS)
+def test_sample_logits_draws_from_the_filtered_distribution(method):
   """The filters compose in order (penalty, temperature, top-k, top-p): empirical frequencies match."""
   logits = np.array([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, 1.9]], np.float32)
   seen = np.array([[False, False, False, False, False, False, True]])
@@ -126,7 +148,7 @@ def test_sample_logits_draws_from_the_filtered_distribution():
   want /= want.sum()
   n = 20000
   draw = jax.jit(jax.vmap(lambda key: sampling.sample_logits(key, jnp.asarray(logits), jnp.asarray(seen),
-                                                             cfg)[0]))
+                                                             cfg, method)[0]))
   tokens = np.asarray(draw(jax.random.split(jax.random.key(0), n)))
   freq = np.bincount(tokens, minlength=logits.shape[1]) / n
   np.testing.assert_allclose(freq, want, atol=0.015)

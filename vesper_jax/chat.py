@@ -128,6 +128,8 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # library INFO logs would interleave with the text in a terminal
+    logging.set_verbosity(logging.WARNING)
   config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
   if FLAGS.dtype:
     config, params = sampling.cast_for_inference(config, params, FLAGS.dtype)
@@ -142,8 +144,6 @@ def main(argv):
 
 
 def _define_flags():
-  # Library INFO logs (orbax's restore, compilation) would interleave with the text in a terminal.
-  FLAGS.set_default('verbosity', -1)  # absl's WARNING; --verbosity=0 brings INFO back
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
                       'checkpoints/).', required=True)
   flags.DEFINE_integer('max_new_tokens', 128, 'Longest reply, in tokens (at most half '

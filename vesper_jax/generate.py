@@ -19,6 +19,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # library INFO logs would interleave with the text in a terminal
+    logging.set_verbosity(logging.WARNING)
   logging.info('devices: %s', jax.devices())
   config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
   if FLAGS.dtype:
@@ -60,8 +62,6 @@ def main(argv):
 
 
 def _define_flags():
-  # Library INFO logs (orbax's restore, compilation) would interleave with the text in a terminal.
-  FLAGS.set_default('verbosity', -1)  # absl's WARNING; --verbosity=0 brings INFO back
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
                       'checkpoints/).', required=True)
   flags.DEFINE_multi_string('prompt', [''], 'Prompt text; repeat the flag for a batch of prompts. '

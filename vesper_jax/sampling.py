@@ -57,35 +57,90 @@ GREEDY = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=
 
 # ------------------------------------------------------------------------------------------ filters
 # Each takes and returns float32 logits_BV; a removed token gets -inf (probability exactly 0).
+#
+# top-k and top-p need a threshold: the k-th largest logit, or the probability of the last token of the
+# nucleus. Two exact ways to find it, chosen by backend (`method=None`) or by the caller:
+#   'sort':   lax.top_k / a sort over V — fast on accelerators;
+#   'search': 32 passes of compare-and-count over V that build the threshold bit by bit (floats ordered
+#             through their bit patterns) — on a CPU, XLA's top_k and sort over 32k entries cost 5-10 ms
+#             per row, the search well under one.
+# Both keep every token tied with the threshold, so they give the same set.
+
+def _method(method: str | None) -> str:
+  if method is None:
+    return 'search' if jax.default_backend() == 'cpu' else 'sort'
+  if method not in ('sort', 'search'):
+    raise ValueError(f"method={method!r}: expected 'sort', 'search' or None")
+  return method
+
+
+def _ordered_bits(x_BV: jax.Array) -> jax.Array:
+  """uint32 keys with the order of the float32 values (a < b iff key(a) < key(b); -0 sorts below +0)."""
+  i = jax.lax.bitcast_convert_type(x_BV.astype(jnp.float32), jnp.uint32)
+  negative = (i >> 31) == 1
+  return jnp.where(negative, ~i, i | jnp.uint32(1 << 31))
+
+
+def _largest_key(keys_BV: jax.Array, enough: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """The largest t with enough(keys_BV >= t) true, per row: uint32[B, 1]. `enough` must be monotone
+  (true at t = 0, and once false for some t, false for every larger t)."""
+  def body(i, t_B1):
+    candidate_B1 = t_B1 | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    return jnp.where(enough(keys_BV >= candidate_B1), candidate_B1, t_B1)
+  return jax.lax.fori_loop(0, 32, body, jnp.zeros((keys_BV.shape[0], 1), jnp.uint32))
+
 
 def apply_temperature(logits_BV: jax.Array, temperature: float) -> jax.Array:
   """Divides by the temperature (> 0; temperature 0 is handled as argmax by `sample_logits`)."""
   return logits_BV / temperature
 
 
-def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
+def top_k_filter(logits_BV: jax.Array, k: int, method: str | None = None) -> jax.Array:
   """Keeps the tokens whose logit is at least the k-th largest (so ties with the k-th are all kept)."""
   if k <= 0 or k >= logits_BV.shape[-1]:
     return logits_BV
-  kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
-  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if _method(method) == 'sort':
+    keep_BV = logits_BV >= jax.lax.top_k(logits_BV, k)[0][:, -1:]
+  else:
+    keys_BV = _ordered_bits(logits_BV)
+    keep_BV = keys_BV >= _largest_key(keys_BV, lambda m: jnp.sum(m, -1, keepdims=True) >= k)
+  return jnp.where(keep_BV, logits_BV, -jnp.inf)
 
 
-def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
+def top_p_filter(logits_BV: jax.Array, p: float, method: str | None = None) -> jax.Array:
   """Nucleus: keeps the most likely tokens up to and including the one that brings the mass to >= p.
 
   Every token as likely as the least likely member is kept too, so tied tokens are all in or all out
-  whatever order the sort put them in. p = 1 keeps everything (without trusting a float32 cumsum to reach 1).
+  whatever order a sort put them in. p = 1 keeps everything (without trusting a float32 sum to reach 1).
   """
   if p >= 1.0:
     return logits_BV
   probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-  sorted_BV = -jnp.sort(-probs_BV, axis=-1)  # descending
-  mass_before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
-  # A token is in the nucleus if the mass strictly before it is < p; the top token always is.
-  in_nucleus_BV = mass_before_BV < p
-  threshold_B1 = jnp.min(jnp.where(in_nucleus_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(probs_BV < threshold_B1, -jnp.inf, logits_BV)
+  if _method(method) == 'sort':
+    sorted_BV = -jnp.sort(-probs_BV, axis=-1)  # descending
+    mass_before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
+    # A token is in the nucleus if the mass strictly before it is < p; the top token always is.
+    threshold_B1 = jnp.min(jnp.where(mass_before_BV < p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    keep_BV = probs_BV >= threshold_B1
+  else:
+    # The threshold is the largest probability t such that the tokens at least t likely hold >= p.
+    keys_BV = _ordered_bits(probs_BV)
+    mass_reaches_p = lambda m: jnp.sum(jnp.where(m, probs_BV, 0.0), -1, keepdims=True) >= p
+    keep_BV = keys_BV >= _largest_key(keys_BV, mass_reaches_p)
+  return jnp.where(keep_BV, logits_BV, -jnp.inf)
+
+
+def _top_k_top_p_sorted(logits_BV: jax.Array, k: int, p: float) -> jax.Array:
+  """top_p_filter(top_k_filter(x, k), p) from the k values lax.top_k returns sorted: no sort over V."""
+  top_Bk = jax.lax.top_k(logits_BV, k)[0]
+  logits_BV = jnp.where(logits_BV >= top_Bk[:, -1:], logits_BV, -jnp.inf)
+  lse_B1 = jax.nn.logsumexp(logits_BV, axis=-1, keepdims=True)
+  probs_Bk = jnp.exp(top_Bk - lse_B1)
+  mass_before_Bk = jnp.cumsum(probs_Bk, axis=-1) - probs_Bk
+  # Tokens tied with the k-th beyond the k returned share its probability: if the nucleus is not complete
+  # within the k, the threshold is the k-th's probability and every tied token stays, as in top_k_filter.
+  threshold_B1 = jnp.min(jnp.where(mass_before_Bk < p, probs_Bk, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(jnp.exp(logits_BV - lse_B1) >= threshold_B1, logits_BV, -jnp.inf)
 
 
 def repetition_penalty_filter(logits_BV: jax.Array, seen_BV: jax.Array, penalty: float) -> jax.Array:
@@ -96,15 +151,18 @@ def repetition_penalty_filter(logits_BV: jax.Array, seen_BV: jax.Array, penalty:
   return jnp.where(seen_BV, penalized_BV, logits_BV)
 
 
-def sample_logits(rng: jax.Array, logits_BV: jax.Array, seen_BV: jax.Array,
-                  sampling: SamplingConfig) -> jax.Array:
+def sample_logits(rng: jax.Array, logits_BV: jax.Array, seen_BV: jax.Array, sampling: SamplingConfig,
+                  method: str | None = None) -> jax.Array:
   """Applies the filters in order and draws one token per row (argmax at temperature 0): int32[B]."""
   logits_BV = repetition_penalty_filter(logits_BV, seen_BV, sampling.repetition_penalty)
   if sampling.temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = apply_temperature(logits_BV, sampling.temperature)
-  logits_BV = top_k_filter(logits_BV, sampling.top_k)
-  logits_BV = top_p_filter(logits_BV, sampling.top_p)
+  k, p = sampling.top_k, sampling.top_p
+  if _method(method) == 'sort' and 0 < k < logits_BV.shape[-1] and p < 1.0:
+    logits_BV = _top_k_top_p_sorted(logits_BV, k, p)
+  else:
+    logits_BV = top_p_filter(top_k_filter(logits_BV, k, method), p, method)
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 

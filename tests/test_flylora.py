@@ -213,8 +213,8 @@ def test_model_sows_counts_for_every_adapted_layer_and_sums_micro_batches():
     assert int(c.sum()) == 4 * 8 * cfg.lora_k
   halves = F.sum_counts(apply(params, tokens[:2]), apply(params, tokens[2:]))
   jax.tree.map(np.testing.assert_array_equal, halves, whole)
-  # Without a mutable collection nothing is sown (inference).
-  assert jax.tree.leaves(M.VesperLM(cfg).apply({'params': params}, tokens)) is not None
+  # init sows nothing (its dummy input's counts would otherwise join the first step's).
+  assert set(M.VesperLM(cfg).init(jax.random.key(0), tokens)) == {'params'}
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -359,3 +359,120 @@ def test_config_errors_name_the_key():
     _tiny(lora_targets='q', lora_rank=8, lora_k=9)
   with pytest.raises(ValueError, match='model.lora_mode'):
     _tiny(lora_mode='dora')
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+def _train_config(root, **overrides):
+  """A seconds-long tiny run (the same shape as tests/test_train.py's)."""
+  config = load_config('tiny')
+  config.model.vocab_size = 512
+  config.data.seq_len = 32
+  config.data.cache_dir = str(root / 'cache')
+  config.train.batch_size = 8
+  config.train.num_steps = 5
+  config.train.eval_every = 1000
+  config.train.eval_batches = 1
+  config.train.sample_prompt = ''
+  config.train.mesh_data, config.train.mesh_fsdp = 2, 2  # the partitioned optimizer state, sharded
+  config.opt.warmup_steps = 2
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.async_save = False
+  config.logging.every_steps = 5
+  config.logging.progress_bar = False
+  config.logging.tensorboard = False
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def base_workdir(tmp_path_factory):
+  """A briefly pretrained tiny base model (its workdir), shared by the fine-tuning tests."""
+  from vesper_jax import train
+  root = tmp_path_factory.mktemp('flylora')
+  train.train_and_evaluate(_train_config(root), root / 'base')
+  return root
+
+
+def _finetune_config(root, **overrides):
+  return _train_config(root, **{'model.lora_targets': 'gate,up', 'model.lora_rank': 16,
+                                'model.lora_k': 4, 'train.init_from': str(root / 'base'),
+                                'data.tokenizer': str(root / 'base' / 'tokenizer.json'),
+                                'train.grad_accum_steps': 2, 'opt.learning_rate': 1e-2, **overrides})
+
+
+def test_finetuning_trains_only_the_adapters_and_moves_d_by_the_rule(base_workdir):
+  import orbax.checkpoint as ocp
+  from vesper_jax import checkpoint, data, train
+  root, u = base_workdir, 1e-3
+  workdir = root / 'flylora'
+  _, base = checkpoint.load_params(root / 'base')
+
+  # Step 1 alone, checked against a hand computation of the rule on the step's batch.
+  config = _finetune_config(root, **{'train.num_steps': 1})
+  cfg = M.ModelConfig(**config.model)
+  train.train_and_evaluate(config, workdir)
+  _, after1 = checkpoint.load_params(workdir)
+  cache = data.build_or_load_cache(config.data, cfg.vocab_size, progress=False)
+  batch = data.get_batch(cache.train, seed=config.train.seed, step=0, batch_size=8, seq_len=32,
+                         process_index=0, process_count=1)
+  start = F.graft_base(M.init_params(cfg, jax.random.key(0)), base)  # B = 0, d = 0, the seed's A
+  _, sown = M.VesperLM(cfg).apply({'params': start}, batch[:, :-1], mutable=[F.COUNTS])
+  for path, c in F._flat(sown[F.COUNTS]).items():
+    c = np.asarray(c, np.float64)
+    assert c.sum() == 8 * 32 * 4  # every token of the step (both micro-batches) picks k = 4 ranks
+    d = np.asarray(F._flat(after1)[path[:-1] + ('expert_bias',)])
+    np.testing.assert_array_equal(d, (u * np.sign(c.mean() - c)).astype(np.float32))
+
+  # Resume to step 20 (restores the partitioned optimizer state).
+  train.train_and_evaluate(_finetune_config(root, **{'train.num_steps': 20}), workdir)
+  _, after20 = checkpoint.load_params(workdir)
+  flat, flat_start, flat_base = F._flat(after20), F._flat(start), F._flat(base)
+  for key, value in flat_base.items():  # every base parameter, bit for bit
+    np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(value), err_msg='/'.join(key))
+  n_modules = 0
+  for key, value in flat.items():
+    if key[-1] == 'lora_a':
+      np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_start[key]))
+    elif key[-1] == 'lora_b':
+      n_modules += 1
+      assert np.abs(np.asarray(value)).max() > 1e-4, '/'.join(key)
+    elif key[-1] == 'expert_bias':
+      # Twenty ±u / 0 moves: an integer multiple of u, at most 20, and d has moved since step 1.
+      steps = np.asarray(value, np.float64) / u
+      np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+      assert np.abs(steps).max() <= 20 + 1e-3 and np.abs(steps).max() >= 2
+      assert not np.array_equal(np.asarray(value), np.asarray(F._flat(after1)[key]))
+  assert n_modules == 4
+
+  # The saved optimizer state: Adam's two moments for B and a few counters, nothing for the base.
+  manager = ocp.CheckpointManager((workdir / checkpoint.CHECKPOINT_DIR).absolute())
+  saved = manager.restore(20, args=ocp.args.StandardRestore())
+  manager.close()
+  n_b = 4 * 16 * cfg.d_ff
+  assert 2 * n_b <= optim.count_state(saved['opt_state']) <= 2 * n_b + 8
+
+
+def test_full_finetuning_and_safetensors_bases(base_workdir, tmp_path):
+  from vesper_jax import checkpoint, export
+  root = base_workdir
+  base_cfg, base, _ = checkpoint.load_for_inference(root / 'base')
+  path = tmp_path / 'base.safetensors'
+  export.save_safetensors(base, base_cfg, path)
+  cfg = base_cfg.replace(lora_targets='q,o', lora_rank=8, lora_k=2)
+  jax.tree.map(np.testing.assert_array_equal, F.load_base(str(path), cfg), base)
+  jax.tree.map(np.testing.assert_array_equal, F.load_base(str(root / 'base'), cfg), base)
+  with pytest.raises(ValueError, match='model.d_ff=384, this config 512'):
+    F.load_base(str(root / 'base'), cfg.replace(d_ff=512))
+
+
+def test_init_from_refuses_another_tokenizer(base_workdir, tmp_path):
+  root = base_workdir
+  config = _finetune_config(root, **{'data.tokenizer': ''})
+  with pytest.raises(ValueError, match='set data.tokenizer=.*base/tokenizer.json'):
+    F.check_init_from(config)
+  config = _finetune_config(root, **{'train.init_from': str(tmp_path / 'nowhere')})
+  with pytest.raises(FileNotFoundError, match='train.init_from=.*nowhere'):
+    F.check_init_from(config)

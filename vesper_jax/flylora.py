@@ -160,10 +160,13 @@ class LoRADense(nn.Module):
     if c.lora_mode == 'flylora':
       mask_BTR = route(z_BTR, expert_bias_R, c.lora_k)
       # Per-rank counts over every token of the batch, for the expert-bias rule (a no-op unless the
-      # caller makes `lora_counts` mutable, so inference is unaffected).
-      counts_R = jnp.sum(mask_BTR.reshape(-1, R), axis=0).astype(jnp.int32)
-      self.sow(COUNTS, 'rank_counts', counts_R, init_fn=lambda: jnp.zeros((R,), jnp.int32),
-               reduce_fn=lambda a, b: a + b)
+      # caller makes `lora_counts` mutable, so inference is unaffected). Not at init: `init` makes every
+      # collection mutable, and counts of its dummy input kept in the variables would be added to the
+      # first real step's.
+      if not self.is_initializing():
+        counts_R = jnp.sum(mask_BTR.reshape(-1, R), axis=0).astype(jnp.int32)
+        self.sow(COUNTS, 'rank_counts', counts_R, init_fn=lambda: jnp.zeros((R,), jnp.int32),
+                 reduce_fn=lambda a, b: a + b)
       z_BTR = z_BTR * mask_BTR.astype(z_BTR.dtype)
     delta_BTO = jax.lax.dot_general(z_BTR, b_RO, contract)
     return y_BTO + jnp.asarray(scale(c), dtype) * delta_BTO
@@ -280,7 +283,10 @@ def load_base(init_from: str, config: 'ModelConfig') -> PyTree:
     base_config, params, _ = checkpoint.load_for_inference(path)
   else:
     from vesper_jax import export  # deferred: export is only needed for this
-    base_config = config.replace(lora_targets='')
+    try:
+      base_config = export.config_from_safetensors(path)
+    except ValueError:  # a file without vesper_jax metadata: it must fit this architecture
+      base_config = config.replace(lora_targets='')
     params = export.load_safetensors(str(path), base_config)
   if targets(base_config):
     params, base_config = merge(params, base_config)

@@ -196,7 +196,7 @@ def _init_state(config, model: VesperLM, tx, mesh, seq_len: int):
   return jax.jit(init, out_shardings=shardings), abstract, shardings
 
 
-def _flops_per_token(model_cfg: ModelConfig, counts: dict[str, int], seq_len: int) -> float:
+def flops_per_token(model_cfg: ModelConfig, counts: dict[str, int], seq_len: int) -> float:
   """Training FLOPs per token: 6·(matmul params) + attention scores/values (PaLM appendix B)."""
   matmul_params = counts['non_embedding'] + model_cfg.padded_vocab_size * model_cfg.d_model
   return 6.0 * matmul_params + 12.0 * model_cfg.num_layers * model_cfg.d_model * seq_len
@@ -207,7 +207,7 @@ _PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'TP
                'TPU v4': 275e12}
 
 
-def _peak_flops(device) -> float | None:
+def peak_flops(device) -> float | None:
   for kind, flops in _PEAK_FLOPS.items():
     if kind in device.device_kind:
       return flops
@@ -233,6 +233,45 @@ class _StopFlag:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """The compiled pieces of a run, shared by `train_and_evaluate` and the benchmarks."""
+  model: VesperLM
+  tx: optax.GradientTransformationExtraArgs
+  trainable: PyTree | None        # tree of bools when adapters freeze the base, else None
+  init_fn: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  step_fn: Callable               # (state, batch) -> (state, metrics); jitted, state donated
+  eval_fn: Callable               # (params, model_state, batch) -> loss; jitted
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
+  """Model, optimizer, sharded init and the jitted steps for `config` on `mesh` (nothing runs yet)."""
+  t = config.train
+  model_cfg = ModelConfig(**config.model)
+  model = VesperLM(model_cfg)
+  seq_len = config.data.seq_len
+  params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
+  # With adapters the base is frozen: the optimizer keeps no state for it and never updates it.
+  trainable = (flylora.trainable_mask(params_shape['params'], model_cfg) if flylora.targets(model_cfg)
+               else None)
+  tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'], trainable)
+  init_fn, abstract_state, state_shardings = _init_state(config, model, tx, mesh, seq_len)
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx,
+                        schedule=optim.learning_rate_schedule(config.opt, t.num_steps),
+                        grad_accum_steps=t.grad_accum_steps, trainable=trainable),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                    in_shardings=(state_shardings.params, state_shardings.model_state, batch_sharding))
+  return Parts(model, tx, trainable, init_fn, abstract_state, state_shardings, batch_sharding, step_fn,
+               eval_fn)
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -267,15 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
   _check_batch_layout(config, mesh)
-  model_cfg = ModelConfig(**config.model)
-  model = VesperLM(model_cfg)
-  seq_len = config.data.seq_len
-  params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-  # With adapters the base is frozen: the optimizer keeps no state for it and never updates it.
-  trainable = (flylora.trainable_mask(params_shape['params'], model_cfg) if flylora.targets(model_cfg)
-               else None)
-  tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'], trainable)
-  init_fn, abstract_state, state_shardings = _init_state(config, model, tx, mesh, seq_len)
+  parts = build(config, mesh)
+  model_cfg, trainable, seq_len = parts.model.config, parts.trainable, config.data.seq_len
+  init_fn, abstract_state, state_shardings = parts.init_fn, parts.abstract_state, parts.state_shardings
   counts = param_counts(abstract_state.params)
   logging.info('Model: %s parameters (%s non-embedding) on mesh %s over %d devices (%s)',
                f"{counts['total']:,}", f"{counts['non_embedding']:,}", dict(mesh.shape), mesh.size,
@@ -296,15 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_shardings))
     logging.info('Resumed from the checkpoint of step %d in %s', start, workdir)
 
-  batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx,
-                        schedule=optim.learning_rate_schedule(config.opt, t.num_steps),
-                        grad_accum_steps=t.grad_accum_steps, trainable=trainable),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(state_shardings.params, state_shardings.model_state, batch_sharding))
+  batch_sharding, step_fn, eval_fn = parts.batch_sharding, parts.step_fn, parts.eval_fn
 
   def place(local: np.ndarray) -> dict[str, jax.Array]:
     return sharding.global_batch({'tokens': local}, batch_sharding)
@@ -328,8 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, enabled=lead)
   tokens_per_step = t.batch_size * seq_len
-  flops = _flops_per_token(model_cfg, counts, seq_len) * tokens_per_step
-  peak = _peak_flops(jax.devices()[0])
+  flops = flops_per_token(model_cfg, counts, seq_len) * tokens_per_step
+  peak = peak_flops(jax.devices()[0])
   progress = metrics_writer.Progress(t.num_steps, start, enabled=lead and config.logging.progress_bar)
   prefetch = data_lib.Prefetcher(batch_for, start_step=start)
   summary: dict[str, Any] = {'stopped_by_signal': False}

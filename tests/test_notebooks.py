@@ -1,0 +1,23 @@
+"""Every notebook under notebooks/ runs top to bottom without an error."""
+
+import os
+import pathlib
+
+import pytest
+
+from conftest import REPO
+
+NOTEBOOKS = sorted((REPO / 'notebooks').glob('*.ipynb'))
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path: pathlib.Path, tmp_path, monkeypatch):
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  # One simulated device and a private cache keep the kernel quick and the user's cache untouched.
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  notebook = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                                   resources={'metadata': {'path': str(REPO)}})
+  client.execute()

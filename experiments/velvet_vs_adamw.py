@@ -1,0 +1,261 @@
+"""Velvet vs AdamW: same model, data and step budget; a learning-rate sweep per optimizer; several seeds.
+
+    python experiments/velvet_vs_adamw.py --quick                      # this CPU, a few minutes
+    python experiments/velvet_vs_adamw.py                              # GPU: configs/small.py, 2000 steps
+    python experiments/velvet_vs_adamw.py --protocol=original [--quick]
+
+`--protocol=sweep` (default): for each optimizer and each learning rate in its sweep, one run per seed
+(the seed sets both the initialisation and the batch order). The learning rate with the lowest mean final
+validation loss is each optimizer's best; the two bests are compared as mean ± std over seeds.
+
+`--protocol=original`: the original project's benchmark, kept for the record. Its "Velvet" was AdamW with
+the learning rate ×1.5 and β1 = 0.95, so this runs AdamW(lr) against AdamW(1.5·lr, β1 = 0.95); real
+Velvet does not appear in it.
+
+Each run is `vesper_jax.train.train_and_evaluate(config, workdir)`, reading its per-step losses back from
+`<workdir>/metrics.jsonl`. Writes results.json, results.md (the tables) and PNG curves to --out.
+"""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+_PROTOCOL = flags.DEFINE_enum('protocol', 'sweep', ['sweep', 'original'], 'Which comparison to run.')
+_QUICK = flags.DEFINE_bool('quick', False, 'The tiny model, short runs, small batches: minutes on a CPU.')
+_CONFIG = flags.DEFINE_string('config', None, 'configs/<name>.py (default: tiny with --quick, else small).')
+_DATA = flags.DEFINE_string('data', str(REPO.parent / 'shared' / 'data' / 'tinystories_2MB.txt'),
+                            'Training text (data.sources).')
+_STEPS = flags.DEFINE_integer('num_steps', None, 'Steps per run (default: 60 with --quick, else 2000).')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per (optimizer, learning rate): 0 .. seeds-1.')
+_LRS_ADAMW = flags.DEFINE_list('lrs_adamw', None, 'AdamW sweep (default: 1e-3,3e-3,1e-2 with --quick; '
+                                '3e-4,1e-3,3e-3 full).')
+_LRS_VELVET = flags.DEFINE_list('lrs_velvet', None, 'Velvet sweep (default: same as AdamW).')
+_LR_ORIGINAL = flags.DEFINE_float('lr_original', None, 'AdamW lr of --protocol=original (default: the '
+                                  "config's opt.learning_rate).")
+_OUT = flags.DEFINE_string('out', None, 'Output directory (default: experiments/results/velvet_vs_adamw'
+                           '[_original][_quick]).')
+
+
+def _load_config(name: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = REPO / 'configs' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _run_config(base_name: str, quick: bool, steps: int, cache_dir: pathlib.Path, *, name: str, lr: float,
+                seed: int, b1: float | None = None):
+  """The config of one run: the base config with the data, the budget and this run's optimizer."""
+  config = _load_config(base_name)
+  config.data.sources = _DATA.value
+  config.data.cache_dir = str(cache_dir)  # one token cache (and compilation cache) for every run
+  config.train.num_steps = steps
+  config.train.seed = seed
+  config.train.sample_prompt = ''
+  config.opt.name = name
+  config.opt.learning_rate = lr
+  if b1 is not None:
+    config.opt.b1 = b1
+  config.opt.warmup_steps = max(1, min(config.opt.warmup_steps, steps // 10))
+  config.train.eval_every = max(1, steps // 6)
+  config.logging.every_steps = max(1, steps // 30)
+  config.logging.tensorboard = False
+  config.logging.progress_bar = False
+  config.checkpoint.every_steps = steps  # the end only: these runs are never resumed
+  config.checkpoint.async_save = False
+  if quick:
+    config.data.seq_len = 64
+    config.train.batch_size = 8
+    config.train.eval_batches = 4
+  return config
+
+
+def _read_metrics(workdir: pathlib.Path) -> dict[str, list]:
+  """Train-loss and eval-loss curves (and Velvet's scalings when the train loop logged them)."""
+  curves: dict[str, list] = {'train': [], 'eval': [], 'scalings': []}
+  with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
+    for line in f:
+      row = json.loads(line)
+      if 'eval_loss' in row:
+        curves['eval'].append((row['step'], row['eval_loss']))
+      if 'loss' in row:
+        curves['train'].append((row['step'], row['loss']))
+      scal = {k: v for k, v in row.items() if k.split('/')[-1] in ('s_entropy', 's_perplexity', 'beta1')}
+      if scal:
+        curves['scalings'].append({'step': row['step'], **scal})
+  return curves
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+  return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _arms(protocol: str, quick: bool, config_lr: float) -> list[dict]:
+  """The (label, optimizer, lr, b1) arms of the protocol."""
+  if protocol == 'original':
+    lr = _LR_ORIGINAL.value or config_lr
+    return [{'arm': 'adamw', 'name': 'adamw', 'lr': lr, 'b1': None},
+            {'arm': 'original-velvet (adamw, lr×1.5, β1 0.95)', 'name': 'adamw', 'lr': 1.5 * lr, 'b1': 0.95}]
+  default = ['1e-3', '3e-3', '1e-2'] if quick else ['3e-4', '1e-3', '3e-3']
+  lrs_adamw = [float(x) for x in (_LRS_ADAMW.value or default)]
+  lrs_velvet = [float(x) for x in (_LRS_VELVET.value or _LRS_ADAMW.value or default)]
+  return ([{'arm': 'adamw', 'name': 'adamw', 'lr': lr, 'b1': None} for lr in lrs_adamw] +
+          [{'arm': 'velvet', 'name': 'velvet', 'lr': lr, 'b1': None} for lr in lrs_velvet])
+
+
+def _plot(results: list[dict], best: dict[str, dict], out: pathlib.Path) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  written = []
+  for kind, title in (('eval', 'validation loss'), ('train', 'training loss')):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, cell in best.items():
+      runs = [r for r in results if r['arm'] == cell['arm'] and r['lr'] == cell['lr']]
+      steps = [s for s, _ in runs[0]['curves'][kind]]
+      ys = np.array([[y for _, y in r['curves'][kind]] for r in runs])
+      mean, std = ys.mean(0), ys.std(0)
+      ax.plot(steps, mean, label=f"{label} (lr {cell['lr']:g}, {len(runs)} seeds)")
+      ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+    ax.set_xlabel('step')
+    ax.set_ylabel(f'{title} (nats)')
+    ax.set_title(f'{title}: best learning rate per optimizer, mean ± std over seeds')
+    ax.legend()
+    fig.tight_layout()
+    path = out / f'{kind}_loss.png'
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path.name)
+  # The sweep itself: final validation loss against the learning rate, per optimizer.
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for arm in dict.fromkeys(r['arm'] for r in results):
+    lrs = sorted({r['lr'] for r in results if r['arm'] == arm})
+    stats = [_mean_std([r['final_eval_loss'] for r in results if r['arm'] == arm and r['lr'] == lr])
+             for lr in lrs]
+    ax.errorbar(lrs, [m for m, _ in stats], yerr=[s for _, s in stats], marker='o', capsize=3, label=arm)
+  ax.set_xscale('log')
+  ax.set_xlabel('peak learning rate')
+  ax.set_ylabel('final validation loss (nats)')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / 'lr_sweep.png', dpi=120)
+  plt.close(fig)
+  written.append('lr_sweep.png')
+  scal_runs = [r for r in results if r['curves']['scalings']]
+  if scal_runs:
+    r = scal_runs[0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in r['curves']['scalings'][0]:
+      if key != 'step':
+        ax.plot([s['step'] for s in r['curves']['scalings']], [s[key] for s in r['curves']['scalings']],
+                label=key)
+    ax.set_xlabel('step')
+    ax.set_title(f"Velvet's scalings (lr {r['lr']:g}, seed {r['seed']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / 'velvet_scalings.png', dpi=120)
+    plt.close(fig)
+    written.append('velvet_scalings.png')
+  return written
+
+
+def main(argv):
+  del argv
+  from vesper_jax import train  # pylint: disable=g-import-not-at-top  (after absl parsed the flags)
+
+  quick, protocol = _QUICK.value, _PROTOCOL.value
+  base_name = _CONFIG.value or ('tiny' if quick else 'small')
+  steps = _STEPS.value or (60 if quick else 2000)
+  suffix = ('_original' if protocol == 'original' else '') + ('_quick' if quick else '')
+  out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' / f'velvet_vs_adamw{suffix}')
+  out.mkdir(parents=True, exist_ok=True)
+  cache_dir = out / 'cache'
+  if not pathlib.Path(_DATA.value).exists():
+    raise FileNotFoundError(f'--data={_DATA.value} does not exist (the real corpora live in ../shared/data)')
+  arms = _arms(protocol, quick, _load_config(base_name).opt.learning_rate)
+
+  results = []
+  started = time.perf_counter()
+  for arm in arms:
+    for seed in range(_SEEDS.value):
+      config = _run_config(base_name, quick, steps, cache_dir, name=arm['name'], lr=arm['lr'], seed=seed,
+                           b1=arm['b1'])
+      workdir = out / 'runs' / f"{arm['arm'].split(' ')[0]}_lr{arm['lr']:g}_seed{seed}"
+      shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an older one
+      t0 = time.perf_counter()
+      summary = train.train_and_evaluate(config, workdir)
+      seconds = time.perf_counter() - t0
+      curves = _read_metrics(workdir)
+      results.append({**arm, 'seed': seed, 'final_eval_loss': summary['eval_loss'],
+                      'final_train_loss': summary['loss'], 'skipped_updates': summary['skipped_updates'],
+                      'seconds': seconds, 'curves': curves})
+      logging.info('%s lr=%g seed=%d: eval loss %.4f (%.0f s)', arm['arm'], arm['lr'], seed,
+                   summary['eval_loss'], seconds)
+      print(f"{arm['arm']:45s} lr={arm['lr']:<8g} seed={seed}  eval loss {summary['eval_loss']:.4f}  "
+            f'({seconds:.0f} s)', flush=True)
+
+  # Per (arm, lr): mean ± std of the final validation loss over seeds; each arm's best lr.
+  cells = []
+  for arm in arms:
+    losses = [r['final_eval_loss'] for r in results if r['arm'] == arm['arm'] and r['lr'] == arm['lr']]
+    mean, std = _mean_std(losses)
+    cells.append({'arm': arm['arm'], 'lr': arm['lr'], 'b1': arm['b1'], 'mean': mean, 'std': std,
+                  'n': len(losses)})
+  best = {}
+  for cell in cells:
+    if cell['arm'] not in best or cell['mean'] < best[cell['arm']]['mean']:
+      best[cell['arm']] = cell
+  base, other = list(best.values())[0], list(best.values())[-1]
+  diff = other['mean'] - base['mean']
+  # Welch's t on the two best cells: how many standard errors apart the means are.
+  se = math.sqrt(base['std']**2 / base['n'] + other['std']**2 / other['n'])
+  t_stat = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
+
+  config0 = _run_config(base_name, quick, steps, cache_dir, name='adamw', lr=1.0, seed=0)
+  setup = (f"config `{base_name}`{' (--quick: seq_len 64, batch 8)' if quick else ''}, data "
+           f'`{pathlib.Path(_DATA.value).name}`, {steps} steps of {config0.train.batch_size}×'
+           f'{config0.data.seq_len} tokens, warmup {config0.opt.warmup_steps} then cosine, clip '
+           f'{config0.opt.grad_clip_norm}, weight decay {config0.opt.weight_decay}, b1 {config0.opt.b1}, '
+           f'b2 {config0.opt.b2}; {_SEEDS.value} seeds (init and batch order); final validation loss over '
+           f'{config0.train.eval_batches} batches')
+  lines = [f'# Velvet vs AdamW — protocol `{protocol}`', '', setup, '',
+           '| optimizer | peak lr | final val loss (mean ± std) | seeds |', '|---|---:|---:|---:|']
+  for c in cells:
+    mark = ' **(best)**' if best[c['arm']] is c else ''
+    lines.append(f"| {c['arm']} | {c['lr']:g}{mark} | {c['mean']:.4f} ± {c['std']:.4f} | {c['n']} |")
+  for arm, cell in best.items():
+    lrs = sorted(c['lr'] for c in cells if c['arm'] == arm)
+    if len(lrs) > 1 and cell['lr'] in (lrs[0], lrs[-1]):
+      lines.append(f"\n{arm}: the best learning rate is at the edge of its sweep; widen the sweep before "
+                   'reading the comparison.')
+  lines += ['', f"Best {other['arm']} − best {base['arm']}: {diff:+.4f} nats "
+            f"({100 * diff / base['mean']:+.2f}%), Welch t = {t_stat:.2f} over {base['n']}+{other['n']} seeds "
+            f"({'within noise' if abs(t_stat) < 2 else 'beyond 2 standard errors'}).",
+            f'Total wall time {time.perf_counter() - started:.0f} s.']
+  table = '\n'.join(lines)
+  (out / 'results.md').write_text(table + '\n')
+  pngs = _plot(results, best, out)
+  (out / 'results.json').write_text(json.dumps(
+      {'protocol': protocol, 'quick': quick, 'config': base_name, 'data': _DATA.value, 'num_steps': steps,
+       'seeds': _SEEDS.value, 'cells': cells, 'best': best, 'difference': diff, 'welch_t': t_stat,
+       'runs': results, 'plots': pngs}, indent=1))
+  print(f'\nwrote {out}/results.json, results.md, {", ".join(pngs)}\n')
+  print(table)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -676,3 +676,14 @@ def test_prepare_cli_reports_bad_input_without_a_traceback(tmp_path):
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
   assert f'prepare: {bad}:2: malformed JSON' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_relative_and_absolute_paths_share_a_cache(tmp_path, monkeypatch):
+  (tmp_path / 'corpus.txt').write_text('The same words, read from two spellings of one path. ' * 20)
+  monkeypatch.chdir(tmp_path)
+  first = data.build_or_load_cache(data_config(tmp_path, sources='corpus.txt', seq_len=8, val_fraction=0.0),
+                                   512, progress=False)
+  assert first.meta['sources'][0]['path'] == str(tmp_path / 'corpus.txt')
+  again = data.build_or_load_cache(data_config(tmp_path, sources=str(tmp_path / 'corpus.txt'), seq_len=8,
+                                               val_fraction=0.0), 512, progress=False)
+  assert not again.built and again.directory == first.directory

@@ -133,7 +133,10 @@ class Source:
       return 'missing'
     if self.kind == 'pydoc':
       return hashlib.sha256(json.dumps(_pydoc_topics(), sort_keys=True).encode()).hexdigest()
-    return tokenizer_lib.file_sha256(self.path)
+    try:
+      return tokenizer_lib.file_sha256(self.path)
+    except OSError as e:  # reading it will report the problem under data.on_error
+      return f'unreadable: {e}'
 
 
 def default_cache_dir(cache_dir: str) -> pathlib.Path:
@@ -146,7 +149,7 @@ def default_cache_dir(cache_dir: str) -> pathlib.Path:
 
 def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, download_base_url: str,
                     progress: bool = True) -> list[Source]:
-  """The concrete sources named by a comma-separated data.sources, in a deterministic order."""
+  """The concrete sources (absolute paths) named by a comma-separated data.sources, in a fixed order."""
   entries = [e.strip() for e in spec.split(',') if e.strip()]
   if not entries:
     raise ValueError('data.sources is empty: name files, globs, directories, builtin:pydoc or download:NAME')
@@ -164,12 +167,12 @@ def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, dow
       if not matches:
         errors.report(entry, 'no file matches this glob')
         sources.append(Source('missing', entry))
-      for match in matches:
+      for match in map(os.path.abspath, matches):
         sources.extend(_directory(match, errors) if os.path.isdir(match) else [Source(_kind(match), match)])
-    elif os.path.isdir(os.path.expanduser(entry)):
-      sources.extend(_directory(os.path.expanduser(entry), errors))
-    elif os.path.isfile(os.path.expanduser(entry)):
-      sources.append(Source(_kind(entry), os.path.expanduser(entry)))
+    elif os.path.isdir(path := os.path.abspath(os.path.expanduser(entry))):
+      sources.extend(_directory(path, errors))
+    elif os.path.isfile(path):
+      sources.append(Source(_kind(path), path))
     else:
       errors.report(entry, 'no such file or directory')
       sources.append(Source('missing', entry))

@@ -39,7 +39,8 @@ _STEPS = flags.DEFINE_integer('num_steps', None, 'Steps per run (default: 60 wit
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per (optimizer, learning rate): 0 .. seeds-1.')
 _LRS_ADAMW = flags.DEFINE_list('lrs_adamw', None, 'AdamW sweep (default: 1e-3,3e-3,1e-2 with --quick; '
                                 '3e-4,1e-3,3e-3 full).')
-_LRS_VELVET = flags.DEFINE_list('lrs_velvet', None, 'Velvet sweep (default: same as AdamW).')
+_LRS_VELVET = flags.DEFINE_list('lrs_velvet', None, 'Velvet sweep (default: 3e-4,1e-3,3e-3 with --quick, '
+                                 'else as AdamW). Lower than AdamW\'s: s_E reaches 2 while the entropy is high.')
 _LR_ORIGINAL = flags.DEFINE_float('lr_original', None, 'AdamW lr of --protocol=original (default: the '
                                   "config's opt.learning_rate).")
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: experiments/results/velvet_vs_adamw'
@@ -110,7 +111,8 @@ def _arms(protocol: str, quick: bool, config_lr: float) -> list[dict]:
             {'arm': 'original-velvet (adamw, lr×1.5, β1 0.95)', 'name': 'adamw', 'lr': 1.5 * lr, 'b1': 0.95}]
   default = ['1e-3', '3e-3', '1e-2'] if quick else ['3e-4', '1e-3', '3e-3']
   lrs_adamw = [float(x) for x in (_LRS_ADAMW.value or default)]
-  lrs_velvet = [float(x) for x in (_LRS_VELVET.value or _LRS_ADAMW.value or default)]
+  default_velvet = ['3e-4', '1e-3', '3e-3'] if quick else default
+  lrs_velvet = [float(x) for x in (_LRS_VELVET.value or _LRS_ADAMW.value or default_velvet)]
   return ([{'arm': 'adamw', 'name': 'adamw', 'lr': lr, 'b1': None} for lr in lrs_adamw] +
           [{'arm': 'velvet', 'name': 'velvet', 'lr': lr, 'b1': None} for lr in lrs_velvet])
 

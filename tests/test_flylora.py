@@ -59,6 +59,9 @@ def test_sparse_a_has_exactly_p_nonzeros_per_column_and_follows_the_seed():
     assert not np.array_equal(A, np.asarray(c[key]))
     # Values N(0, 1/r²): the sample std of the non-zeros is near 1/r.
     assert abs(A[A != 0].std() * 16 - 1.0) < 0.15
+  # Remat (a lifted transform) does not change the layer's path, so not its A either.
+  remat = F._flat(M.init_params(cfg.replace(remat=True), jax.random.key(0)))
+  np.testing.assert_array_equal(np.asarray(remat[gate]), np.asarray(a[gate]))
   # Every layer gets its own A.
   assert not np.array_equal(np.asarray(a[gate]), np.asarray(a[('layers_0', 'ffn', 'gate_proj', 'lora_a')]))
 
@@ -87,6 +90,16 @@ def test_adapted_logits_equal_base_logits_exactly_at_init(overrides):
   # ... and the adapter is live: a non-zero B changes them.
   moved = M.VesperLM(cfg).apply({'params': _randomize_adapters(params)}, tokens)
   assert not np.allclose(np.asarray(moved), np.asarray(plain), atol=1e-4)
+
+
+def test_kv_cache_decoding_with_adapters_equals_full_forward():
+  from test_model import _decode_stepwise
+  cfg = _tiny(lora_targets=ALL, lora_rank=8, lora_k=3)
+  params = _randomize_adapters(_adapted(cfg)[1])
+  tokens = _tokens(cfg, (2, 12))
+  full = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens))
+  stepwise = np.asarray(_decode_stepwise(cfg, params, tokens, prompt_len=5))
+  np.testing.assert_allclose(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
 def test_graft_base_names_the_offending_tensor():

@@ -258,3 +258,16 @@ def test_two_processes_match_one(cache_dir, tmp_path):
   train.train_and_evaluate(_config(cache_dir, **{'train.num_steps': 3, 'train.mesh_data': 1}), single)
   expected = _losses(single)
   np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_velvet_run_logs_its_scalings(cache_dir, tmp_path):
+  config = _config(cache_dir, **{'opt.name': 'velvet', 'train.num_steps': 3, 'train.mesh_data': 1})
+  train.train_and_evaluate(config, tmp_path)
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines() if '"loss"' in l]
+  assert len(rows) == 3
+  for row in rows:
+    # s_E = clip(Ĥ / 0.5) with Ĥ the logged entropy / ln V; the perplexity (~V) is far above the
+    # pivot of 40, so s_P sits at its floor and β1 = clip(0.9 · 0.5) = 0.5.
+    expected = min(max(row['entropy'] / np.log(512) / 0.5, 0.5), 2.0)
+    assert row['s_entropy'] == pytest.approx(expected, rel=1e-5)
+    assert row['s_perplexity'] == pytest.approx(0.5) and row['beta1'] == pytest.approx(0.5)

@@ -35,6 +35,7 @@ from vesper_jax import optim
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import sources as sources_lib
+from vesper_jax import velvet
 from vesper_jax.model import ModelConfig, VesperLM, abstract_param_counts, param_counts
 
 PyTree = Any
@@ -123,6 +124,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperL
   metrics = {'loss': loss, 'entropy': entropy, 'grad_norm': grad_norm,
              'learning_rate': schedule(state.step), 'skipped': (~ok).astype(jnp.int32),
              'nonfinite_streak': streak}
+  # Velvet's current s_E, s_P and β1 (empty for AdamW), so runs can be read against them.
+  metrics.update(velvet.velvet_scalings(new_state.opt_state))
   return new_state, metrics
 
 
@@ -259,7 +262,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
   # With adapters the base is frozen: the optimizer keeps no state for it and never updates it.
   trainable = (flylora.trainable_mask(params_shape['params'], model_cfg) if flylora.targets(model_cfg)
                else None)
-  tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'], trainable)
+  tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'], trainable,
+                            vocab_size=model_cfg.vocab_size)
   init_fn, abstract_state, state_shardings = _init_state(config, model, tx, mesh, seq_len)
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(

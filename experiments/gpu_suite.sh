@@ -20,8 +20,8 @@ step() {  # step NAME SECONDS CMD...: runs with a time limit, logs, never stops 
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v '^I[0-9]' | tail -25
 }
 
-step kernel_tests 90 python3 -m pytest -q -x tests/test_velvet_kernel.py -m gpu -p no:cacheprovider
-step model_tests 90 python3 -m pytest -q -x tests/test_model.py -k "kv_cache or causal" -p no:cacheprovider
+step kernel_tests 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -x tests/test_velvet_kernel.py -m gpu -p no:cacheprovider
+step model_tests 90 env JAX_PLATFORMS=cuda python3 -m pytest -q -x tests/test_model.py -k "kv_cache or causal" -p no:cacheprovider
 step bench_velvet 180 python3 kernels/bench_velvet.py --e2e --json "$OUT/bench_velvet.json"
 step bench_train 120 python3 experiments/bench_train.py --configs=medium --optimizers=adamw,velvet \
   --batch_size=32 --steps=10 --out "$OUT/bench_train.json"

@@ -31,6 +31,7 @@ from vesper_jax.tokenizer import Tokenizer  # noqa: E402
 
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Cold builds per case (median reported).')
 _DATA = flags.DEFINE_string('data_dir', str(REPO.parent / 'shared' / 'data'), 'The real corpora.')
+_ONLY = flags.DEFINE_string('only', '', 'Run only the cases whose name contains this text.')
 _OUT = flags.DEFINE_string('out', str(REPO / 'experiments' / 'results' / 'bench_data.json'), 'Results JSON.')
 
 BARTHEZ = 'tokenizers/barthez_fr/tokenizer.json'
@@ -92,7 +93,7 @@ def run_case(name: str, source: str, tokenizer: str, vocab_size: int) -> dict:
 def main(argv):
   del argv
   load_before = os.getloadavg()
-  results = [run_case(*case) for case in CASES]
+  results = [run_case(*case) for case in CASES if _ONLY.value in case[0]]
   header = ('| case | MB | documents | tokens | tokenize tok/s (best) | end-to-end tok/s (best) '
             '| raw encode tok/s | end-to-end tok per CPU-s | reopen ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|')
   rows = [f'| {r["case"]} | {r["source_mb"]:.1f} | {r["documents"]:,} | {r["tokens"]:,} | '

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import os
 import pathlib
+import sys
 from collections.abc import Iterable, Sequence
 
 import tokenizers
@@ -119,7 +120,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike, *,
     vocab_size: the target vocabulary, special token and the 256 byte symbols included.
     path: where to write `tokenizer.json` (a temporary name is renamed onto it when complete).
     length: the number of texts, for the progress bar.
-    progress: show the `tokenizers` progress bar.
+    progress: show the `tokenizers` progress bar (on a terminal only: elsewhere it prints blank lines).
   """
   alphabet = pre_tokenizers.ByteLevel.alphabet()
   if vocab_size < len(alphabet) + 1:
@@ -130,7 +131,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike, *,
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS], initial_alphabet=alphabet,
-                                show_progress=progress)
+                                show_progress=progress and sys.stdout.isatty())
   tokenizer.train_from_iterator(texts, trainer, length=length)
   got = tokenizer.get_vocab_size(with_added_tokens=True)
   if got < vocab_size:

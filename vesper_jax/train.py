@@ -306,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  t.num_steps, f'{tokens:,.0f}', f'{scaling.optimal_tokens(n_params):,.0f}',
                  f'{n_params:,}', f'{len(cache.train):,}')
   _refuse_changed_model(workdir, config)
-  ckpt_lib.write_workdir_metadata(workdir, config, cache.tokenizer.path)
+  ckpt_lib.write_workdir_metadata(workdir, config, cache.directory / 'tokenizer.json')
 
   mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
   _check_batch_layout(config, mesh)

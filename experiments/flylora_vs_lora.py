@@ -1,0 +1,286 @@
+"""FlyLoRA vs LoRA vs full fine-tuning: adapt a TinyStories model to French PIAF (SPEC §5, §13).
+
+    python experiments/flylora_vs_lora.py --quick        # tiny model, this CPU, a few minutes
+    python experiments/flylora_vs_lora.py                # small model, longer runs (a GPU)
+
+1. Pretrain the model on TinyStories (`--pretrain_data`), training its byte-level BPE there.
+2. From that workdir (`train.init_from`), fine-tune on PIAF (`--finetune_data`, SQuAD-format French QA)
+   with the base's tokenizer, three ways, each over a small learning-rate sweep:
+     flylora — frozen base, sparse routed adapters (rank r, top-k k) on `--targets`, only B trains;
+     lora    — frozen base, plain LoRA of the same rank on the same targets (A and B train);
+     full    — every parameter trains.
+3. Evaluate the base and every fine-tuned model on both validation splits (up to `--eval_windows`
+   windows each): the PIAF loss is what was learned, the TinyStories loss after − before is what was
+   forgotten. Each arm is reported at its best learning rate (lowest PIAF validation loss).
+
+Writes results.json, results.md (the tables) and PNGs (PIAF validation curves of each arm's best run;
+learned vs forgotten for every run) to --out.
+"""
+
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / 'shared' / 'data'
+
+_QUICK = flags.DEFINE_bool('quick', False, 'The tiny model and short runs: minutes on a CPU.')
+_CONFIG = flags.DEFINE_string('config', None, 'configs/<name>.py (default: tiny with --quick, else small).')
+_PRETRAIN_DATA = flags.DEFINE_string('pretrain_data', str(DATA / 'tinystories_2MB.txt'), 'Pretraining text.')
+_FINETUNE_DATA = flags.DEFINE_string('finetune_data', str(DATA / 'piaf-v1.1.json'), 'Fine-tuning data.')
+_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', None, 'Default: 400 with --quick, else 4000.')
+_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', None, 'Default: 150 with --quick, else 1000.')
+_TARGETS = flags.DEFINE_string('targets', 'gate,up', 'Adapted projections (model.lora_targets).')
+_RANK = flags.DEFINE_integer('rank', 32, 'Adapter rank r (both FlyLoRA and LoRA).')
+_K = flags.DEFINE_integer('k', 8, "FlyLoRA's top-k.")
+_LRS_ADAPTERS = flags.DEFINE_list('lrs_adapters', ['3e-3', '1e-2', '3e-2'], 'Sweep for flylora and lora.')
+_LRS_FULL = flags.DEFINE_list('lrs_full', ['3e-4', '1e-3', '3e-3'], 'Sweep for full fine-tuning.')
+_EVAL_WINDOWS = flags.DEFINE_integer('eval_windows', 512, 'Validation windows per split (at most).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run (init, batch order, A).')
+_REUSE = flags.DEFINE_bool('reuse_pretrain', True, 'Reuse a finished pretraining run found in --out.')
+_OUT = flags.DEFINE_string('out', None, 'Output directory (default: '
+                           'experiments/results/flylora_vs_lora[_quick]).')
+
+ARMS = ('flylora', 'lora', 'full')
+
+
+def _load_config(name: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _config(base_name: str, quick: bool, out: pathlib.Path, steps: int, sources: str):
+  """The shared run settings: one cache dir, end-only checkpoints, quiet logging."""
+  config = _load_config(base_name)
+  config.data.sources = sources
+  config.data.cache_dir = str(out / 'cache')
+  config.train.num_steps = steps
+  config.train.seed = _SEED.value
+  config.train.sample_prompt = ''
+  config.train.eval_every = max(1, steps // 8)
+  config.opt.warmup_steps = max(1, min(config.opt.warmup_steps, steps // 10))
+  config.logging.every_steps = max(1, steps // 40)
+  config.logging.tensorboard = False
+  config.logging.progress_bar = False
+  config.checkpoint.every_steps = steps
+  config.checkpoint.async_save = False
+  if quick:
+    config.data.seq_len = 64
+    config.train.batch_size = 16
+    config.train.eval_batches = 4
+  return config
+
+
+def _finetune_config(base_name, quick, out, pretrain_dir: pathlib.Path, arm: str, lr: float):
+  config = _config(base_name, quick, out, _FINETUNE_STEPS.value or (150 if quick else 1000),
+                   _FINETUNE_DATA.value)
+  config.train.init_from = str(pretrain_dir)
+  config.data.tokenizer = str(pretrain_dir / 'tokenizer.json')  # the base's ids keep their meaning
+  config.opt.learning_rate = lr
+  config.opt.weight_decay = 0.0  # the same for every arm: no pull toward zero (or away from the base)
+  if arm != 'full':
+    config.model.lora_targets = _TARGETS.value
+    config.model.lora_mode = arm
+    config.model.lora_rank = _RANK.value
+    config.model.lora_k = _K.value
+    config.model.lora_seed = _SEED.value
+  return config
+
+
+def _eval_loss(model_cfg, params, tokens, seq_len: int, max_windows: int, batch_size: int = 32) -> float:
+  """Mean next-token loss over the first `max_windows` non-overlapping windows of a split."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vesper_jax import data as data_lib, losses  # pylint: disable=g-import-not-at-top
+  from vesper_jax.model import VesperLM  # pylint: disable=g-import-not-at-top
+
+  model = VesperLM(model_cfg)
+
+  @jax.jit
+  def batch_loss(params, batch_BT1):
+    loss, _ = losses.cross_entropy_and_entropy(model.apply({'params': params}, batch_BT1[:, :-1]),
+                                               batch_BT1[:, 1:])
+    return loss
+
+  windows = min(data_lib.num_eval_windows(tokens, seq_len), max_windows)
+  total, done = 0.0, 0
+  for index in range(-(-windows // batch_size)):
+    n = min(batch_size, windows - done)  # the last batch holds only the windows that are left
+    batch = data_lib.eval_batch(tokens, index=index, batch_size=batch_size, seq_len=seq_len)[:n]
+    total += float(batch_loss(params, batch)) * n
+    done += n
+  return total / done
+
+
+def _curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
+
+
+def _plot(best: dict[str, dict], runs: list[dict], base: dict, out: pathlib.Path) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for arm, r in best.items():
+    steps, ys = zip(*r['curve'])
+    ax.plot(steps, ys, marker='.', label=f"{arm} (lr {r['lr']:g}, {r['trainable']:,} trainable)")
+  ax.set_xlabel('fine-tuning step')
+  ax.set_ylabel('PIAF validation loss (nats)')
+  ax.set_title('Adapting a TinyStories model to French PIAF')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / 'piaf_val_loss.png', dpi=120)
+  plt.close(fig)
+
+  # Learned vs forgotten, every run of the sweeps: the trade-off each method offers.
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, arm in enumerate(dict.fromkeys(r['arm'] for r in runs)):
+    mine = sorted((r for r in runs if r['arm'] == arm), key=lambda r: r['lr'])
+    ax.plot([r['piaf_loss'] for r in mine], [r['tinystories_loss'] - base['tinystories_loss'] for r in mine],
+            marker='o', color=f'C{i}', label=f"{arm} ({mine[0]['trainable']:,} trainable)")
+    for r in mine:
+      ax.annotate(f"{r['lr']:g}", (r['piaf_loss'], r['tinystories_loss'] - base['tinystories_loss']),
+                  textcoords='offset points', xytext=(4, 4), fontsize=8)
+  ax.axhline(0.0, color='grey', ls='--')
+  ax.axvline(base['piaf_loss'], color='grey', ls=':', label='base PIAF loss')
+  ax.set_xlabel('PIAF validation loss after fine-tuning (nats; lower = learned more)')
+  ax.set_ylabel('TinyStories loss increase (nats; forgetting)')
+  ax.set_title('Learning vs forgetting (labels: peak learning rate)')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / 'tradeoff.png', dpi=120)
+  plt.close(fig)
+  return ['piaf_val_loss.png', 'tradeoff.png']
+
+
+def main(argv):
+  del argv
+  from vesper_jax import checkpoint, data as data_lib, flylora, train  # pylint: disable=g-import-not-at-top
+  from vesper_jax.model import ModelConfig, param_counts  # pylint: disable=g-import-not-at-top
+
+  quick = _QUICK.value
+  base_name = _CONFIG.value or ('tiny' if quick else 'small')
+  out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' /
+                     f"flylora_vs_lora{'_quick' if quick else ''}")
+  out.mkdir(parents=True, exist_ok=True)
+  for path in (_PRETRAIN_DATA.value, _FINETUNE_DATA.value):
+    if not pathlib.Path(path).exists():
+      raise FileNotFoundError(f'{path} does not exist (the real corpora live in ../shared/data)')
+  started = time.perf_counter()
+
+  # 1. Pretraining (its BPE is trained on TinyStories and shared by every later run).
+  pretrain_steps = _PRETRAIN_STEPS.value or (400 if quick else 4000)
+  pretrain = _config(base_name, quick, out, pretrain_steps, _PRETRAIN_DATA.value)
+  pretrain_dir = out / 'runs' / 'pretrain'
+  ckpt = checkpoint.Checkpointer(pretrain_dir, 1, False) if pretrain_dir.exists() else None
+  done = ckpt.latest_step() if ckpt else None
+  if ckpt:
+    ckpt.close()
+  if _REUSE.value and done == pretrain_steps:
+    print(f'reusing the pretrained model in {pretrain_dir}', flush=True)
+  else:
+    shutil.rmtree(pretrain_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = train.train_and_evaluate(pretrain, pretrain_dir)
+    print(f"pretrained {pretrain_steps} steps on {pathlib.Path(_PRETRAIN_DATA.value).name}: eval loss "
+          f"{summary['eval_loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+  # The two validation splits, tokenized with the base's tokenizer.
+  seq_len = pretrain.data.seq_len
+  splits = {}
+  for name, sources in (('tinystories', _PRETRAIN_DATA.value), ('piaf', _FINETUNE_DATA.value)):
+    data_config = pretrain.data.copy_and_resolve_references()
+    data_config.sources = sources
+    data_config.tokenizer = str(pretrain_dir / 'tokenizer.json')
+    splits[name] = data_lib.build_or_load_cache(data_config, pretrain.model.vocab_size, progress=False).val
+
+  def evaluate(model_cfg, params) -> dict[str, float]:
+    return {f'{name}_loss': _eval_loss(model_cfg, params, tokens, seq_len, _EVAL_WINDOWS.value)
+            for name, tokens in splits.items()}
+
+  base_cfg, base_params, _ = checkpoint.load_for_inference(pretrain_dir)
+  base = evaluate(base_cfg, base_params)
+  print(f"base: PIAF {base['piaf_loss']:.4f}, TinyStories {base['tinystories_loss']:.4f}", flush=True)
+
+  # 2. Fine-tuning, three ways, each over its learning-rate sweep.
+  runs = []
+  for arm in ARMS:
+    for lr in [float(x) for x in (_LRS_FULL.value if arm == 'full' else _LRS_ADAPTERS.value)]:
+      config = _finetune_config(base_name, quick, out, pretrain_dir, arm, lr)
+      workdir = out / 'runs' / f'{arm}_lr{lr:g}'
+      shutil.rmtree(workdir, ignore_errors=True)
+      t0 = time.perf_counter()
+      summary = train.train_and_evaluate(config, workdir)
+      seconds = time.perf_counter() - t0
+      model_cfg, params, _ = checkpoint.load_for_inference(workdir)
+      trainable = flylora.trainable_mask(params, model_cfg)
+      counts = param_counts(params, trainable)
+      report = flylora.param_report(params, model_cfg, trainable) if arm != 'full' else {}
+      run = {'arm': arm, 'lr': lr, 'trainable': counts['trainable'], 'total': counts['total'],
+             'lora_same_rank': report.get('lora_same_rank'), 'tokens_per_s': summary['tokens_per_s'],
+             'seconds': seconds, 'curve': _curve(workdir), **evaluate(model_cfg, params)}
+      runs.append(run)
+      print(f"{arm:8s} lr={lr:<7g} trainable {run['trainable']:>9,}  PIAF {run['piaf_loss']:.4f}  "
+            f"TinyStories {run['tinystories_loss']:.4f}  ({seconds:.0f} s)", flush=True)
+
+  best = {}
+  for run in runs:
+    if run['arm'] not in best or run['piaf_loss'] < best[run['arm']]['piaf_loss']:
+      best[run['arm']] = run
+
+  # 3. The table.
+  full_n = best['full']['trainable']
+  lora_n = best['lora']['trainable']
+  ft = _finetune_config(base_name, quick, out, pretrain_dir, 'flylora', 0.0)
+  model_desc = ModelConfig(**ft.model)
+  lines = [
+      '# FlyLoRA vs LoRA vs full fine-tuning: TinyStories → PIAF (French)', '',
+      f"Base: `{base_name}` ({model_desc.num_layers} layers, d_model {model_desc.d_model}, d_ff "
+      f'{model_desc.d_ff}) pretrained {pretrain_steps} steps on `{pathlib.Path(_PRETRAIN_DATA.value).name}`; '
+      f'fine-tuned {ft.train.num_steps} steps of {ft.train.batch_size}×{seq_len} tokens on '
+      f'`{pathlib.Path(_FINETUNE_DATA.value).name}` (AdamW, warmup {ft.opt.warmup_steps} then cosine, no '
+      f'weight decay, clip {ft.opt.grad_clip_norm}). Adapters on `{_TARGETS.value}`, rank {_RANK.value} '
+      f'(FlyLoRA: top-{_K.value}, ρ = {flylora.density(model_desc):g}, α = 2r). Losses in nats over up to '
+      f'{_EVAL_WINDOWS.value} validation windows per split; each arm at its best learning rate (lowest '
+      f'PIAF loss) from its sweep. Seed {_SEED.value}.', '',
+      f"Base before fine-tuning: PIAF {base['piaf_loss']:.4f}, TinyStories {base['tinystories_loss']:.4f}.",
+      '',
+      f'| method | lr | trainable params | vs full FT | vs LoRA r={_RANK.value} | PIAF val loss | '
+      'TinyStories loss (Δ forgetting) | tokens/s |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|']
+  for arm in ARMS:
+    r = best[arm]
+    lines.append(
+        f"| {arm} | {r['lr']:g} | {r['trainable']:,} | {100 * r['trainable'] / full_n:.2f}% | "
+        f"{100 * r['trainable'] / lora_n:.1f}% | {r['piaf_loss']:.4f} | {r['tinystories_loss']:.4f} "
+        f"({r['tinystories_loss'] - base['tinystories_loss']:+.4f}) | {r['tokens_per_s']:,.0f} |")
+  lines += ['', 'tokens/s: training throughput of the last logging window, on whatever machine ran this '
+            '(indicative only on a shared CPU). "vs LoRA": trainable parameters relative to plain LoRA of '
+            'the same rank on the same targets.']
+  lines += ['', 'Every run of the sweeps:', '', '| method | lr | PIAF val loss | TinyStories loss |',
+            '|---|---:|---:|---:|']
+  lines += [f"| {r['arm']} | {r['lr']:g} | {r['piaf_loss']:.4f} | {r['tinystories_loss']:.4f} |" for r in runs]
+  lines += ['', f'Total wall time {time.perf_counter() - started:.0f} s.']
+  table = '\n'.join(lines)
+  (out / 'results.md').write_text(table + '\n')
+  pngs = _plot(best, runs, base, out)
+  (out / 'results.json').write_text(json.dumps(
+      {'quick': quick, 'config': base_name, 'pretrain_data': _PRETRAIN_DATA.value,
+       'finetune_data': _FINETUNE_DATA.value, 'pretrain_steps': pretrain_steps,
+       'finetune_steps': ft.train.num_steps, 'targets': _TARGETS.value, 'rank': _RANK.value, 'k': _K.value,
+       'seed': _SEED.value, 'base': base, 'runs': runs, 'best': best, 'plots': pngs}, indent=1))
+  print('\n' + table + f'\n\nwrote {out}/results.json, results.md, {", ".join(pngs)}\n', flush=True)
+  logging.info('done')
+
+
+if __name__ == '__main__':
+  app.run(main)

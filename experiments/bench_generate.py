@@ -16,7 +16,6 @@ The device (and its kind) is recorded with the numbers; on a shared CPU other pr
 (the load average is recorded too).
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,6 +30,7 @@ from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from vesper_jax import config as base_config  # noqa: E402
 
 from vesper_jax import sampling  # noqa: E402
 from vesper_jax.model import ModelConfig, init_params, param_counts  # noqa: E402
@@ -49,14 +49,6 @@ _OUT = flags.DEFINE_string('out', str(REPO / 'experiments' / 'results' / 'bench_
 SETTINGS = sampling.SamplingConfig()  # the defaults: temperature 0.8, top-k 50, top-p 0.9
 
 
-def _load_config(name: str):
-  """configs/<name>.py's get_config(), loaded by path as the train entry point does."""
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _median_s(fn, repeats: int) -> float:
   times = []
   for _ in range(repeats):
@@ -67,7 +59,7 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def bench(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-  config = ModelConfig(**_load_config(name).model)
+  config = ModelConfig(**base_config.load_config_file(name).model)
   params = init_params(config, jax.random.key(0))
   counts = param_counts(params)
   config, params = sampling.cast_for_inference(config, params, _DTYPE.value)

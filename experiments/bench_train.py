@@ -7,7 +7,6 @@ Times `train.build(...)`'s jitted step on random tokens (data loading is not the
 measured), after a compile-and-warmup step; prints a table and writes JSON.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vesper_jax import config as base_config
 from vesper_jax import sharding
 from vesper_jax import train
 from vesper_jax.model import abstract_param_counts, ModelConfig
@@ -35,15 +35,8 @@ _DTYPE = flags.DEFINE_string('dtype', '', 'Override model.dtype (e.g. float32 on
 _OUT = flags.DEFINE_string('out', '', 'JSON path (default: $OUT/bench_train.json or experiments/results/).')
 
 
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def bench(name: str, optimizer: str) -> dict:
-  config = _load(name)
+  config = base_config.load_config_file(name)
   config.opt.name = optimizer
   if _BATCH.value:
     config.train.batch_size = _BATCH.value

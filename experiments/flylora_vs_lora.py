@@ -27,6 +27,7 @@ from absl import app, flags, logging
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from vesper_jax import config as base_config  # noqa: E402
 DATA = REPO.parent / 'shared' / 'data'
 
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model and short runs: minutes on a CPU.')
@@ -49,17 +50,9 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory (default: '
 ARMS = ('flylora', 'lora', 'full')
 
 
-def _load_config(name: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _config(base_name: str, quick: bool, out: pathlib.Path, steps: int, sources: str):
   """The shared run settings: one cache dir, end-only checkpoints, quiet logging."""
-  config = _load_config(base_name)
+  config = base_config.load_config_file(base_name)
   config.data.sources = sources
   config.data.cache_dir = str(out / 'cache')
   config.train.num_steps = steps

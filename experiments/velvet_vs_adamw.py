@@ -29,6 +29,7 @@ from absl import app, flags, logging
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from vesper_jax import config as base_config  # noqa: E402
 
 _PROTOCOL = flags.DEFINE_enum('protocol', 'sweep', ['sweep', 'original'], 'Which comparison to run.')
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model, short runs, small batches: minutes on a CPU.')
@@ -47,19 +48,10 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory (default: experiments/
                            '[_original][_quick]).')
 
 
-def _load_config(name: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = REPO / 'configs' / f'{name}.py'
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _run_config(base_name: str, quick: bool, steps: int, cache_dir: pathlib.Path, *, name: str, lr: float,
                 seed: int, b1: float | None = None):
   """The config of one run: the base config with the data, the budget and this run's optimizer."""
-  config = _load_config(base_name)
+  config = base_config.load_config_file(base_name)
   config.data.sources = _DATA.value
   config.data.cache_dir = str(cache_dir)  # one token cache (and compilation cache) for every run
   config.train.num_steps = steps
@@ -188,7 +180,7 @@ def main(argv):
   cache_dir = out / 'cache'
   if not pathlib.Path(_DATA.value).exists():
     raise FileNotFoundError(f'--data={_DATA.value} does not exist (the real corpora live in ../shared/data)')
-  arms = _arms(protocol, quick, _load_config(base_name).opt.learning_rate)
+  arms = _arms(protocol, quick, base_config.load_config_file(base_name).opt.learning_rate)
 
   results = []
   started = time.perf_counter()

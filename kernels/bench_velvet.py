@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from vesper_jax import config as base_config  # noqa: E402
 from vesper_jax import losses, optim  # noqa: E402
 from vesper_jax import model as model_lib  # noqa: E402
 from vesper_jax import velvet  # noqa: E402
@@ -61,19 +62,9 @@ BYTES_PER_PARAM = 28
 _HP = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
 
 
-def _load_config(name: str):
-  path = REPO / 'configs' / f'{name}.py'
-  if not path.exists():
-    raise FileNotFoundError(f'bench_velvet: no config {path} (run from a checkout of the repository)')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _model_config(name: str) -> model_lib.ModelConfig:
   fields = model_lib.ModelConfig.__dataclass_fields__
-  return model_lib.ModelConfig(**{k: v for k, v in _load_config(name).model.items() if k in fields})
+  return model_lib.ModelConfig(**{k: v for k, v in base_config.load_config_file(name).model.items() if k in fields})
 
 
 def _random_tree(shapes, seed: int, scale: float):
@@ -245,7 +236,7 @@ def main(argv):
   for name in sizes:
     rows += bench_tree(name, _model_config(name), iters, repeats, block_sizes)
     if _E2E.value:
-      cfg = _load_config(name)
+      cfg = base_config.load_config_file(name)
       seq_len = 64 if quick else cfg.data.seq_len
       e2e += bench_e2e(name, _model_config(name), 2 if quick else _E2E_BATCH.value, seq_len, iters, repeats)
   out = _JSON.value or (str(pathlib.Path(os.environ['OUT']) / 'bench_velvet.json') if os.environ.get('OUT')

@@ -23,8 +23,5 @@ def shared_data() -> pathlib.Path:
 
 def load_config(name: str):
   """configs/<name>.py's get_config(), loaded by path as the train entry point does."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from vesper_jax import config as base_config
+  return base_config.load_config_file(REPO / 'configs' / f'{name}.py')

@@ -5,8 +5,27 @@ the code (no `.get(key, default)` anywhere): override on the command line with `
 Size variants (configs/tiny.py ... large.py) call this and override the `model` section and the budget.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 from ml_collections import config_dict
+
+# configs/ beside the package in a source checkout (configs are files the user edits, not package data).
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+
+
+def load_config_file(name_or_path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """get_config() of a config file, given its path or a name under configs/ ('tiny', 'medium', ...)."""
+  path = pathlib.Path(name_or_path)
+  if path.suffix != '.py':
+    path = CONFIGS_DIR / f'{name_or_path}.py'
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: config file not found')
+  spec = importlib.util.spec_from_file_location(f'vesper_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:

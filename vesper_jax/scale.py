@@ -5,12 +5,12 @@ VesperLM config in configs/ (by total parameters at --vocab_size), the steps tha
 --batch_size × --seq_len, and Chinchilla's predicted loss (their data and tokenizer: indicative only).
 """
 
-import importlib.util
 import pathlib
 
 from absl import app
 from absl import flags
 
+from vesper_jax import config as base_config
 from vesper_jax import scaling
 
 _TOKENS = flags.DEFINE_float('tokens', None, 'Training tokens available (D).')
@@ -18,7 +18,7 @@ _FLOPS = flags.DEFINE_float('flops', None, 'Training compute budget in FLOPs (C)
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Sequences per optimizer step, for the step count.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'Tokens per sequence, for the step count.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 32000, 'Vocabulary used to size the configs.')
-_CONFIGS = flags.DEFINE_string('configs_dir', str(pathlib.Path(__file__).resolve().parent.parent / 'configs'),
+_CONFIGS = flags.DEFINE_string('configs_dir', str(base_config.CONFIGS_DIR),
                                'Directory of the size configs (tiny/small/medium/large).')
 
 SIZES = ('tiny', 'small', 'medium', 'large')
@@ -29,13 +29,7 @@ def config_sizes(configs_dir: str, vocab_size: int) -> dict[str, int]:
   from vesper_jax.model import ModelConfig, abstract_param_counts  # deferred: jax only when needed
   sizes = {}
   for name in SIZES:
-    path = pathlib.Path(configs_dir) / f'{name}.py'
-    if not path.is_file():
-      raise FileNotFoundError(f'{path}: size config not found (set --configs_dir)')
-    spec = importlib.util.spec_from_file_location(f'vesper_config_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = base_config.load_config_file(pathlib.Path(configs_dir) / f'{name}.py')
     config.model.vocab_size = vocab_size
     sizes[name] = abstract_param_counts(ModelConfig(**config.model))['total']
   return sizes

@@ -271,3 +271,24 @@ def test_velvet_run_logs_its_scalings(cache_dir, tmp_path):
     expected = min(max(row['entropy'] / np.log(512) / 0.5, 0.5), 2.0)
     assert row['s_entropy'] == pytest.approx(expected, rel=1e-5)
     assert row['s_perplexity'] == pytest.approx(0.5) and row['beta1'] == pytest.approx(0.5)
+
+
+def test_auto_scale_picks_chinchilla_steps_capped_by_the_cache(cache_dir):
+  config = _config(cache_dir)  # tiny at vocab 512: 20·N tokens is far more than a small cache holds
+  n = train.abstract_param_counts(ModelConfig(**config.model))['total']
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  assert train.auto_scale_steps(config, cached_tokens=10 ** 12) == -(-20 * n // tokens_per_step)
+  assert train.auto_scale_steps(config, cached_tokens=100_000) == -(-100_000 // tokens_per_step)
+
+
+def test_cli_names_an_unknown_override_and_a_bad_source(tmp_path):
+  args, env = _cli(tmp_path, tmp_path / 'cache', '--config.train.bogus_key=1')
+  out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "unknown config key 'bogus_key' in --config.train.bogus_key=1" in out.stderr
+  assert 'Traceback' not in out.stderr
+  args, env = _cli(tmp_path, tmp_path / 'cache', '--config.data.sources=/nonexistent/corpus.txt')
+  out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert 'vesper_jax.train: error:' in out.stderr and '/nonexistent/corpus.txt' in out.stderr
+  assert not (tmp_path / 'checkpoints').exists()

@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -296,15 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                        progress=lead and config.logging.progress_bar)
   if t.auto_scale:
     config = config.copy_and_resolve_references()
-    n_params = abstract_param_counts(ModelConfig(**config.model))['total']
-    # Chinchilla-optimal tokens for this model (D = 20 N), capped at one pass over the cached corpus.
-    tokens = min(scaling.optimal_tokens(n_params), len(cache.train))
     with config.unlocked():
-      config.train.num_steps = scaling.steps_for_tokens(tokens, t.batch_size, config.data.seq_len)
+      config.train.num_steps = auto_scale_steps(config, len(cache.train))
     t = config.train
-    logging.info('train.auto_scale: %d steps = %s tokens (optimal %s for %s parameters; %s cached)',
-                 t.num_steps, f'{tokens:,.0f}', f'{scaling.optimal_tokens(n_params):,.0f}',
-                 f'{n_params:,}', f'{len(cache.train):,}')
   _refuse_changed_model(workdir, config)
   ckpt_lib.write_workdir_metadata(workdir, config, cache.directory / 'tokenizer.json')
 
@@ -412,6 +407,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   return summary
 
 
+def auto_scale_steps(config: ml_collections.ConfigDict, cached_tokens: int) -> int:
+  """train.auto_scale: steps for Chinchilla's D = 20·N tokens, capped at one pass over the cache."""
+  n_params = abstract_param_counts(ModelConfig(**config.model))['total']
+  tokens = min(scaling.optimal_tokens(n_params), cached_tokens)
+  steps = scaling.steps_for_tokens(tokens, config.train.batch_size, config.data.seq_len)
+  logging.info('train.auto_scale: %d steps = %s tokens (optimal %s for %s parameters; %s cached)',
+               steps, f'{tokens:,.0f}', f'{scaling.optimal_tokens(n_params):,.0f}', f'{n_params:,}',
+               f'{cached_tokens:,}')
+  return steps
+
+
 def _check_nonfinite(metrics: dict[str, jax.Array], limit: int) -> None:
   streak = int(metrics['nonfinite_streak'])
   if streak:
@@ -476,7 +482,12 @@ def main(argv):
   if jax.process_index() == 0:
     print(f'vesper_jax.train: {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), '
           f'workdir {workdir}', flush=True)
-  summary = train_and_evaluate(config, workdir)
+  try:
+    summary = train_and_evaluate(config, workdir)
+  except (ValueError, FileNotFoundError) as e:  # bad config or data: say which, without a traceback
+    if logging.get_verbosity() >= logging.DEBUG:  # --verbosity=1 shows where it came from
+      raise
+    sys.exit(f'vesper_jax.train: error: {e}')
   if jax.process_index() == 0:
     if 'sample' in summary:
       print(f"\n--- sample ---\n{summary.pop('sample')}\n--------------", flush=True)
@@ -494,7 +505,19 @@ def _define_flags():
   flags.mark_flags_as_required(['config'])
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with an unknown `--config.a.b` override reported by name instead of a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    missing = str(e).strip('"\'')
+    culprits = [a for a in argv if a.startswith('--config.') and f'.{missing}' in a.split('=')[0]]
+    sys.exit(f"vesper_jax.train: error: unknown config key {missing!r} in {' '.join(culprits) or argv}"
+             ' (see vesper_jax/config.py for the keys)')
+
+
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

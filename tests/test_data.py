@@ -192,11 +192,12 @@ def test_squad_structure_errors_name_the_json_path(tmp_path):
   path.write_text(json.dumps({'data': [
       {'title': 'no paragraphs'},
       {'paragraphs': [{'context': 'kept', 'qas': [{'question': 'Q?', 'answers': [{'text': 'A'}]}]},
-                      {'qas': []}]}]}))
+                      {'qas': []}, {'context': 'qas is null', 'qas': None}]}]}))
   documents, errors = read_all(path)
   assert documents == ['kept\n\nQuestion: Q?\nAnswer: A']
   assert errors.skipped == [f'{path}: $.data[0].paragraphs is missing or not a list',
-                            f'{path}: $.data[1].paragraphs[1].context is missing or not a string']
+                            f'{path}: $.data[1].paragraphs[1].context is missing or not a string',
+                            f'{path}: $.data[1].paragraphs[2].qas is not a list']
   with pytest.raises(DataError, match=r'\$\.data\[0\]\.paragraphs is missing'):
     read_all(path, policy='fail')
   path.write_text(json.dumps({'version': '1.1'}))

@@ -372,8 +372,12 @@ def _squad_documents(path: str, f: BinaryIO, options: ReadOptions, errors: Error
       if not isinstance(context, str):
         errors.report(path, f'{where}.context is missing or not a string')
         continue
+      qas = paragraph.get('qas', [])  # a paragraph without questions is still a document
+      if not isinstance(qas, list):
+        errors.report(path, f'{where}.qas is not a list')
+        continue
       blocks, ok = [], True
-      for k, qa in enumerate(paragraph.get('qas', [])):
+      for k, qa in enumerate(qas):
         question = qa.get('question') if isinstance(qa, dict) else None
         answers = qa.get('answers', []) if isinstance(qa, dict) else None
         if not isinstance(question, str) or not isinstance(answers, list):

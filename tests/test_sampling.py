@@ -253,6 +253,12 @@ def test_context_window_is_enforced():
     sampling.generate(params, config, [[]], max_new_tokens=4)
 
 
+def test_chunk_size_must_be_positive():
+  config, params = _model()
+  with pytest.raises(ValueError, match='chunk_size=0 must be >= 1'):
+    sampling.generate(params, config, [[1, 2]], max_new_tokens=4, chunk_size=0)
+
+
 # ------------------------------------------------------------------------------ text
 
 @pytest.fixture(scope='module')

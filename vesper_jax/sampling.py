@@ -330,6 +330,8 @@ def generate(params: PyTree, config: ModelConfig, prompts: Sequence[Sequence[int
   """
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
+  if chunk_size < 1:  # 0 would never advance `remaining` below: the loop would not end
+    raise ValueError(f'chunk_size={chunk_size} must be >= 1')
   longest = max(len(p) for p in prompts) if prompts else 0
   if longest + max_new_tokens > config.max_seq_len:
     raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context '

@@ -126,6 +126,17 @@ def test_load_refuses_a_file_for_another_config(tmp_path):
     export.load_safetensors(tmp_path / 'm.safetensors', _tiny(d_ff=256))
 
 
+def test_config_from_a_file_with_an_unknown_field_names_the_file(tmp_path):
+  path = tmp_path / 'm.safetensors'
+  export.save_safetensors(_params(_tiny()), _tiny(), path)
+  with safe_open(str(path), framework='numpy') as f:
+    metadata = f.metadata()
+  metadata['model_config'] = json.dumps({**json.loads(metadata['model_config']), 'qk_norm': True})
+  save_file(load_file(path), str(path), metadata=metadata)  # as a newer version might write it
+  with pytest.raises(ValueError, match=f"{path}: the model_config .*qk_norm"):
+    export.load_safetensors(path)
+
+
 # ------------------------------------------------------------------------------ Hugging Face Llama
 
 def _llama_forward(tensors: dict, hf: dict, tokens: np.ndarray) -> np.ndarray:

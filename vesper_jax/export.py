@@ -94,7 +94,11 @@ def config_from_safetensors(path: str | os.PathLike) -> ModelConfig:
   if metadata.get('format') != FORMAT or 'model_config' not in metadata:
     raise ValueError(f'{path}: not a vesper_jax export (metadata format={metadata.get("format")!r}); '
                      'pass the ModelConfig explicitly')
-  return ModelConfig(**json.loads(metadata['model_config']))
+  try:
+    return ModelConfig(**json.loads(metadata['model_config']))
+  except (TypeError, ValueError) as e:  # a field this version lacks, a bad value, broken JSON
+    raise ValueError(f'{path}: the model_config in its metadata is not a valid ModelConfig ({e}); '
+                     'pass the ModelConfig explicitly') from e
 
 
 def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None) -> PyTree:

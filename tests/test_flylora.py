@@ -224,7 +224,7 @@ def test_model_sows_counts_for_every_adapted_layer_and_sums_micro_batches():
   assert paths == {f'layers_{i}/{m}' for i in range(2) for m in ('attention/q_proj', 'ffn/up_proj')}
   for c in jax.tree.leaves(whole):
     assert int(c.sum()) == 4 * 8 * cfg.lora_k
-  halves = F.sum_counts(apply(params, tokens[:2]), apply(params, tokens[2:]))
+  halves = jax.tree.map(jnp.add, apply(params, tokens[:2]), apply(params, tokens[2:]))
   jax.tree.map(np.testing.assert_array_equal, halves, whole)
   # init sows nothing (its dummy input's counts would otherwise join the first step's).
   assert set(M.VesperLM(cfg).init(jax.random.key(0), tokens)) == {'params'}

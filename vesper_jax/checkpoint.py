@@ -79,10 +79,6 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig(**config.model)
-
-
 def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, PyTree]:
   """The parameter tree of the latest (or given) checkpoint in `workdir`, as host-local arrays."""
   directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
@@ -102,4 +98,4 @@ def load_for_inference(workdir: str | os.PathLike):
   config = read_config(workdir)
   _, params = load_params(workdir)
   tokenizer = Tokenizer.load(pathlib.Path(workdir) / TOKENIZER_FILE)
-  return model_config_from(config), params, tokenizer
+  return ModelConfig(**config.model), params, tokenizer

@@ -300,11 +300,6 @@ def load_base(init_from: str, config: 'ModelConfig') -> PyTree:
 
 # ---------------------------------------------------------------------------------------------- expert biases
 
-def sum_counts(a: PyTree, b: PyTree) -> PyTree:
-  """Adds two `lora_counts` trees (micro-batches of one step)."""
-  return jax.tree.map(jnp.add, a, b)
-
-
 def update_expert_biases(params: PyTree, counts: PyTree, rate: float) -> PyTree:
   """The load-balancing rule, once per optimizer step: d_i += rate·sign(mean(c) − c_i).
 

@@ -267,7 +267,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> PyTree:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
 
 
-_EMBEDDING_NAMES = ('embeddings', 'lm_head')
+EMBEDDING_NAMES = ('embeddings', 'lm_head')  # top-level names of the embedding matrices
 
 
 def abstract_param_counts(config: ModelConfig) -> dict[str, int]:
@@ -285,7 +285,7 @@ def param_counts(params: PyTree, trainable: PyTree | None = None) -> dict[str, i
   """
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   total = sum(int(v.size) for v in flat.values())
-  embedding = sum(int(v.size) for k, v in flat.items() if k[0] in _EMBEDDING_NAMES)
+  embedding = sum(int(v.size) for k, v in flat.items() if k[0] in EMBEDDING_NAMES)
   if trainable is None:
     n_trainable = total
   else:

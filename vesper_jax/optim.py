@@ -8,12 +8,10 @@ import ml_collections
 import optax
 
 from vesper_jax import velvet
+from vesper_jax.model import EMBEDDING_NAMES
 
 PyTree = Any
 
-# Top-level parameter names that hold embedding matrices: excluded from weight decay unless
-# `opt.decay_embeddings` (decaying rarely-seen token rows toward zero hurts more than it regularises).
-_EMBEDDING_NAMES = ('embeddings', 'lm_head')
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -27,8 +25,10 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict, num_steps: int
 
 def decay_mask(params: PyTree, decay_embeddings: bool) -> PyTree:
   """True where weight decay applies: matrices only (never norms or biases), embeddings optional."""
+  # Embeddings are excluded unless `opt.decay_embeddings`: decaying rarely-seen token rows toward zero
+  # hurts more than it regularises.
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  mask = {k: v.ndim >= 2 and (decay_embeddings or k[0] not in _EMBEDDING_NAMES) for k, v in flat.items()}
+  mask = {k: v.ndim >= 2 and (decay_embeddings or k[0] not in EMBEDDING_NAMES) for k, v in flat.items()}
   return flax.traverse_util.unflatten_dict(mask)
 
 

@@ -24,21 +24,23 @@ from typing import Any, TextIO
 
 from absl import app, flags, logging
 
-from vesper_jax import checkpoint, sampling
+from vesper_jax import generate, sampling, sources
 from vesper_jax.model import ModelConfig
 
 PyTree = Any
 FLAGS = flags.FLAGS
 
-USER_PREFIX = 'User: '
-ASSISTANT_PREFIX = 'Assistant:'
-STOP_STRINGS = ('\nUser:', '\nAssistant:')
+# The template chat records are trained on (sources.render_chat), so prompts read like the training data.
+USER_PREFIX = f"{sources.CHAT_ROLE_NAMES['user']}: "
+ASSISTANT_PREFIX = f"{sources.CHAT_ROLE_NAMES['assistant']}:"
+STOP_STRINGS = (f'\n{USER_PREFIX.rstrip()}', f'\n{ASSISTANT_PREFIX}')
 
 
 def format_prompt(history: list[tuple[str, str]], message: str) -> str:
-  """The template's text for the given past turns and a new message."""
-  turns = ''.join(f'{USER_PREFIX}{user}\n{ASSISTANT_PREFIX} {reply}\n' for user, reply in history)
-  return f'{turns}{USER_PREFIX}{message}\n{ASSISTANT_PREFIX}'
+  """The template's text for the given past turns and a new message, ending in 'Assistant:'."""
+  messages = [{'role': role, 'content': text} for user, reply in history
+              for role, text in (('user', user), ('assistant', reply))]
+  return f"{sources.render_chat(messages + [{'role': 'user', 'content': message}])}\n{ASSISTANT_PREFIX}"
 
 
 class ChatSession:
@@ -128,13 +130,7 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:  # library INFO logs would interleave with the text in a terminal
-    logging.set_verbosity(logging.WARNING)
-  config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
-  if FLAGS.dtype:
-    config, params = sampling.cast_for_inference(config, params, FLAGS.dtype)
-  settings = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                     top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty)
+  config, params, tokenizer, settings = generate.load_from_flags()
   session = ChatSession(params, config, tokenizer, max_new_tokens=FLAGS.max_new_tokens,
                         settings=settings, seed=FLAGS.seed)
   if sys.stdin.isatty():
@@ -144,17 +140,10 @@ def main(argv):
 
 
 def _define_flags():
-  flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
-                      'checkpoints/).', required=True)
+  generate.define_common_flags()
   flags.DEFINE_integer('max_new_tokens', 128, 'Longest reply, in tokens (at most half '
                        'the context window).')
-  flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
-  flags.DEFINE_integer('top_k', 50, '0 = off.')
-  flags.DEFINE_float('top_p', 0.9, '1.0 = off.')
-  flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
   flags.DEFINE_integer('seed', 0, 'Seed of the first reply (the n-th reply uses seed + n).')
-  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
-                    'inference; default: the trained compute dtype with float32 weights.')
 
 
 if __name__ == '__main__':

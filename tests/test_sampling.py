@@ -303,6 +303,25 @@ def test_text_stream_holds_back_a_possible_stop_string():
   assert stream.finish() == '' and not stream.stopped
 
 
+def test_text_stream_keeps_the_space_after_the_prompt_with_a_metaspace_decoder(tmp_path):
+  # SentencePiece-style decoders (BARThez, Llama) drop the leading '▁' space of a sequence: decoded on
+  # its own, a continuation would lose the space between the prompt and itself ('Il étaitun petit').
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers
+  from vesper_jax.tokenizer import Tokenizer
+  vocab = {'<unk>': 0, '</s>': 1, '▁Il': 2, '▁était': 3, '▁un': 4, '▁petit': 5, '▁garçon': 6}
+  raw = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+  raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+  raw.save(str(tmp_path / 'tokenizer.json'))
+  tok = Tokenizer.load(tmp_path / 'tokenizer.json')
+  prompt, new = [2, 3], [4, 5, 6]
+  assert tok.decode(new) == 'un petit garçon'  # what decoding the continuation alone gives
+  stream = sampling.TextStream(tok, context=prompt)
+  pieces = [stream.push([i]) for i in new] + [stream.finish()]
+  assert tok.decode(prompt) + ''.join(pieces) == tok.decode(prompt + new) == 'Il était un petit garçon'
+  assert stream.text == ' un petit garçon'
+
+
 def test_generate_text_stops_at_a_stop_string(bpe):
   config, params = _model(vocab_size=bpe.vocab_size)
   free = sampling.generate_text(params, config, bpe, ['The quick'], max_new_tokens=40,

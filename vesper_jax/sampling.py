@@ -31,6 +31,7 @@ from vesper_jax.model import ModelConfig, VesperLM, init_cache
 PyTree = Any
 
 _PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so a new length rarely recompiles
+_STREAM_CONTEXT = 4  # prompt ids a TextStream decodes along with the first new ones (see TextStream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,14 +407,18 @@ class TextStream:
   and emits only the new text past the previous window's, holding it back while it ends in U+FFFD.
   With stop strings, text that could be the start of one is held back too, and the text ends just
   before the first stop string.
+
+  `context` (the prompt's ids) is decoded along with the first new ids but never emitted: decoders that
+  drop the leading space of a sequence (Metaspace: BARThez, Llama) would otherwise drop the space
+  between the prompt and its continuation.
   """
 
-  def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()):
+  def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), context: Sequence[int] = ()):
     self._tokenizer = tokenizer
     self._stops = tuple(s for s in stop_strings if s)
-    self._ids: list[int] = []
+    self._ids: list[int] = [int(i) for i in context[-_STREAM_CONTEXT:]]
     self._prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already in self._text
-    self._read_offset = 0
+    self._read_offset = len(self._ids)  # (or, at first, to the context's text, which is not emitted)
     self._text = ''          # stable decoded text (whole characters)
     self._emitted = 0        # characters of self._text handed out
     self.stopped = False     # a stop string was found
@@ -484,7 +489,7 @@ def generate_text(params: PyTree, config: ModelConfig, tokenizer: Tokenizer,
   document separator in training). Returns the continuation of each prompt.
   """
   ids = [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eos_id] for p in prompts]
-  streams = [TextStream(tokenizer, stop_strings) for _ in prompts]
+  streams = [TextStream(tokenizer, stop_strings, context=row) for row in ids]
 
   def on_tokens(new: list[list[int]]) -> bool:
     for b, (stream, row) in enumerate(zip(streams, new)):

@@ -1,5 +1,6 @@
 """Training: sharding equivalence, exact resume, accumulation, non-finite handling, config errors."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -50,6 +51,12 @@ def _config(cache_dir, **overrides):
   return config
 
 
+def _loss_steps(workdir) -> list[int]:
+  """Every step with a training-loss line in metrics.jsonl, repeats included (a resumed run's redone steps)."""
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  return [row['step'] for row in rows if 'loss' in row]
+
+
 def _losses(workdir) -> dict[int, float]:
   """step → training loss from metrics.jsonl (the last line wins where a resumed run repeats a step)."""
   out = {}
@@ -91,6 +98,24 @@ def test_parameters_are_really_sharded(cache_dir):
   assert norm.sharding.is_fully_replicated
 
 
+def test_warmup_cosine_schedule_end_points(cache_dir):
+  opt = _config(cache_dir).opt
+  opt.learning_rate, opt.warmup_steps, opt.min_lr_ratio = 1e-3, 10, 0.1
+  schedule = optim.learning_rate_schedule(opt, 100)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 55, 100)],
+                             [0.0, 5e-4, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4], rtol=1e-5)
+
+
+def test_mesh_shape_fills_and_refuses_by_key():
+  assert sharding.mesh_shape(-1, 4, 8) == (2, 4) and sharding.mesh_shape(2, -1, 8) == (2, 4)
+  with pytest.raises(ValueError, match='train.mesh_fsdp=3 does not divide'):
+    sharding.mesh_shape(-1, 3, 8)
+  with pytest.raises(ValueError, match='train.mesh_data=0'):
+    sharding.mesh_shape(0, -1, 8)
+  with pytest.raises(ValueError, match='needs 16 devices'):
+    sharding.mesh_shape(4, 4, 8)
+
+
 def _tiny_state(config, batch_size):
   model = VesperLM(ModelConfig(**config.model))
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -126,6 +151,10 @@ def test_nonfinite_update_is_skipped_and_counted(cache_dir):
   for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
                   jax.tree.leaves((poisoned.params, poisoned.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing moved
+  # The learning rate logged is the one the optimizer applies: its count did not advance on the skip.
+  _, metrics = jax.jit(functools.partial(step, grad_accum_steps=1))(new, batch)
+  schedule = optim.learning_rate_schedule(config.opt, 10)
+  assert float(schedule(1)) > 0 and float(metrics['learning_rate']) == float(schedule(0))
   good, metrics = jax.jit(functools.partial(step, grad_accum_steps=1))(state, batch)
   assert int(metrics['skipped']) == 0 and int(good.nonfinite_streak) == 0
 
@@ -152,6 +181,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(cache_dir, tmp_path, monkeypat
     ({'train.bogus_key': 1}, "unknown config key 'train.bogus_key'"),
     ({'data.seq_len': 1024}, 'data.seq_len=1024 exceeds model.max_seq_len=256'),
     ({'data.sources': '/nonexistent/corpus.txt'}, '/nonexistent/corpus.txt'),
+    ({'train.grad_accum_steps': 0}, 'train.grad_accum_steps=0 must be at least 1'),
 ])
 def test_bad_config_fails_before_compiling(cache_dir, tmp_path, override, match, monkeypatch):
   compiled = []
@@ -212,9 +242,11 @@ def test_resume_after_sigterm_is_exact(cache_dir, tmp_path, uninterrupted):
   assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
   stopped_at = max(_losses(tmp_path))
   assert stopped_at < 20, 'the run should have stopped early'
+  assert (tmp_path / 'checkpoints' / str(stopped_at)).is_dir(), 'the signal saved the step it stopped at'
   subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
   resumed = _losses(tmp_path)
-  assert sorted(resumed) == list(range(1, 21))
+  # Each step ran once: the second run continued from the signal's checkpoint, not from scratch.
+  assert _loss_steps(tmp_path) == list(range(1, 21))
   for s in range(stopped_at + 1, 21):
     assert resumed[s] == uninterrupted[s], f'step {s}: {resumed[s]!r} != {uninterrupted[s]!r}'
 
@@ -231,8 +263,33 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path, uninterrupted):
   assert (tmp_path / 'checkpoints' / '10').is_dir()
   subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
   resumed = _losses(tmp_path)
+  # Steps 1-10 ran once (the second run restored step 10); only steps after it may repeat.
+  assert [s for s in _loss_steps(tmp_path) if s <= 10] == list(range(1, 11))
   for s in range(11, 21):
     assert resumed[s] == uninterrupted[s], f'step {s}: {resumed[s]!r} != {uninterrupted[s]!r}'
+
+
+def test_signal_on_a_checkpoint_step_saves_it_once_and_stops(cache_dir, tmp_path, monkeypatch):
+  """SIGTERM arriving on a step that is also a checkpoint step: one save, a clean stop (no orbax
+  'step already exists' error)."""
+  real_build = train.build
+
+  def build(config, mesh):
+    parts = real_build(config, mesh)
+    calls = []
+
+    def step_fn(state, batch):
+      calls.append(1)
+      if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by train's flag: stop after step 2
+      return parts.step_fn(state, batch)
+    return dataclasses.replace(parts, step_fn=step_fn)
+
+  monkeypatch.setattr(train, 'build', build)
+  summary = train.train_and_evaluate(
+      _config(cache_dir, **{'checkpoint.every_steps': 2, 'train.mesh_data': 1}), tmp_path)
+  assert summary['stopped_by_signal'] and summary['step'] == 2
+  assert train.ckpt_lib.load_params(tmp_path)[0] == 2
 
 
 def _free_port() -> int:

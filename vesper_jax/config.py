@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data (→ data.py, tokenizer.py)
   config.data = ml_collections.ConfigDict()
-  config.data.sources = 'builtin:pydoc'  # comma-separated files, globs, directories or builtin:pydoc
+  config.data.sources = 'builtin:pydoc'  # comma-separated files, globs, dirs, builtin:pydoc, download:NAME
   config.data.tokenizer = ''            # a tokenizer.json path; '' trains a byte-level BPE on the corpus
   config.data.seq_len = 128             # tokens per training window (each window reads seq_len + 1)
   config.data.doc_separator = '<|endoftext|>'  # splits plain-text files into documents

@@ -54,7 +54,8 @@ class Progress:
     self._bar.update(step - self._bar.n)
 
   def note(self, message: str) -> None:
-    self._bar.write(message) if not self._bar.disable else None
+    if not self._bar.disable:
+      self._bar.write(message)
 
   def close(self) -> None:
     self._bar.close()

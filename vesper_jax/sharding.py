@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -19,6 +20,9 @@ DATA, FSDP = 'data', 'fsdp'
 
 def mesh_shape(mesh_data: int, mesh_fsdp: int, num_devices: int) -> tuple[int, int]:
   """Resolves the (data, fsdp) sizes; one of them may be -1 (fill the remaining devices)."""
+  for key, size in (('train.mesh_data', mesh_data), ('train.mesh_fsdp', mesh_fsdp)):
+    if size != -1 and size < 1:
+      raise ValueError(f'{key}={size}: expected a positive size or -1 (fill the remaining devices)')
   if mesh_data == -1 and mesh_fsdp == -1:
     raise ValueError('train.mesh_data and train.mesh_fsdp cannot both be -1')
   if mesh_data == -1:
@@ -42,12 +46,8 @@ def make_mesh(mesh_data: int, mesh_fsdp: int, devices: list | None = None) -> Me
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_data, mesh_fsdp, len(devices))
   devices = devices[:shape[0] * shape[1]]
-  try:
-    # Topology-aware placement (keeps fsdp groups on fast links) where the backend knows its topology.
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # pylint: disable=broad-except  (CPU / odd device counts: plain order is fine)
-    device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, (DATA, FSDP))
+  # Topology-aware order where the backend has one (TPU torus, GPU ids across hosts); plain order on CPU.
+  return Mesh(mesh_utils.create_device_mesh(shape, devices), (DATA, FSDP))
 
 
 def _leaf_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
@@ -74,10 +74,6 @@ def state_shardings(abstract_tree: PyTree, mesh: Mesh) -> PyTree:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches split their leading (example) axis over every device: both mesh axes."""
   return NamedSharding(mesh, P((DATA, FSDP)))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -122,8 +122,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperL
       step=state.step + 1, params=keep(new_params, state.params),
       opt_state=keep(new_opt_state, state.opt_state), nonfinite_streak=streak,
       nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
+  # The optimizer's own step count skips the skipped updates (their state is kept): this is the rate
+  # it applied, not schedule(state.step).
+  applied_lr = schedule(state.step - state.nonfinite_total)
   metrics = {'loss': loss, 'entropy': entropy, 'grad_norm': grad_norm,
-             'learning_rate': schedule(state.step), 'skipped': (~ok).astype(jnp.int32),
+             'learning_rate': applied_lr, 'skipped': (~ok).astype(jnp.int32),
              'nonfinite_streak': streak}
   # Velvet's current s_E, s_P and β1 (empty for AdamW), so runs can be read against them.
   metrics.update(velvet.velvet_scalings(new_state.opt_state))
@@ -148,6 +151,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.seq_len={d.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}')
   if d.on_error not in ('skip', 'fail'):
     raise ValueError(f"data.on_error={d.on_error!r}: expected 'skip' or 'fail'")
+  for key in ('train.batch_size', 'train.grad_accum_steps', 'train.eval_every', 'train.eval_batches',
+              'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'):
+    section, name = key.split('.')
+    if config[section][name] < 1:  # cadences and counts; 0 would divide by zero mid-run
+      raise ValueError(f'{key}={config[section][name]} must be at least 1')
   if t.batch_size % t.grad_accum_steps:
     raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
                      f'train.grad_accum_steps={t.grad_accum_steps}')
@@ -387,11 +395,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           last_eval = evaluate(state)
           writer.write(done, last_eval)
           progress.note(f"step {done}: eval loss {last_eval['eval_loss']:.4f}")
-        if done % config.checkpoint.every_steps == 0 or done == t.num_steps:
-          checkpointer.save(done, state)
-        if stop.signal is not None:
+        # Read the flag once: a signal on a checkpoint step must not save that step twice (orbax refuses).
+        stopping = stop.signal is not None
+        if stopping:
           logging.warning('Signal %d: saving step %d and stopping', stop.signal, done)
+        if done % config.checkpoint.every_steps == 0 or done == t.num_steps or stopping:
           checkpointer.save(done, state)
+        if stopping:
           summary['stopped_by_signal'] = True
           break
       if pending is not None:

@@ -79,6 +79,16 @@ def test_sharded_runs_match_one_device(cache_dir, tmp_path):
   for name in ('data8', 'data2_fsdp4'):
     np.testing.assert_allclose([losses[name][s] for s in range(1, 6)],
                                [losses['one'][s] for s in range(1, 6)], rtol=1e-5)
+  # A checkpoint saved over 8 devices loads in a process that has one (generate/export after training).
+  _, params = train.ckpt_lib.load_params(tmp_path / 'data2_fsdp4')
+  np.save(tmp_path / 'kernel.npy', np.asarray(params['layers_0']['ffn']['gate_proj']['kernel']))
+  code = ('import sys, numpy as np; from vesper_jax import checkpoint; '
+          '_, p = checkpoint.load_params(sys.argv[1]); '
+          'assert (np.asarray(p["layers_0"]["ffn"]["gate_proj"]["kernel"]) == np.load(sys.argv[2])).all()')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'data2_fsdp4'), str(tmp_path / 'kernel.npy')],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_parameters_are_really_sharded(cache_dir):

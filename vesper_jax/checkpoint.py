@@ -80,13 +80,18 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, PyTree]:
-  """The parameter tree of the latest (or given) checkpoint in `workdir`, as host-local arrays."""
+  """The parameter tree of the latest (or given) checkpoint in `workdir`.
+
+  Arrays keep the saved sharding where this process has the same devices; otherwise (trained on 8 GPUs,
+  loaded on 1) they land on this process's first device instead of failing on the topology mismatch.
+  """
   directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'{directory}: no checkpoint found')
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored = manager.restore(step, args=ocp.args.StandardRestore(fallback_sharding=fallback))
   manager.close()
   logging.info('Loaded parameters of step %d from %s', step, directory)
   return step, restored['params']

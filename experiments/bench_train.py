@@ -32,6 +32,7 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warmup step).
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Override train.batch_size (0 = the config\'s).')
 _SEQ = flags.DEFINE_integer('seq_len', 0, 'Override data.seq_len (0 = the config\'s).')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Override model.dtype (e.g. float32 on CPU).')
+_ATTENTION = flags.DEFINE_string('attention_impl', '', "Override model.attention_impl ('xla', 'cudnn').")
 _OUT = flags.DEFINE_string('out', '', 'JSON path (default: $OUT/bench_train.json or experiments/results/).')
 
 
@@ -44,6 +45,8 @@ def bench(name: str, optimizer: str) -> dict:
     config.data.seq_len = _SEQ.value
   if _DTYPE.value:
     config.model.dtype = _DTYPE.value
+  if _ATTENTION.value:
+    config.model.attention_impl = _ATTENTION.value
   train.validate_config(config)
   mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
   parts = train.build(config, mesh)
@@ -67,7 +70,8 @@ def bench(name: str, optimizer: str) -> dict:
   peak = train.peak_flops(jax.devices()[0])
   mfu = (train.flops_per_token(parts.model.config, counts, T) * tokens_per_s / (peak * mesh.size)
          if peak else None)
-  return {'config': name, 'optimizer': optimizer, 'device': jax.devices()[0].device_kind,
+  return {'config': name, 'optimizer': optimizer, 'attention': config.model.attention_impl or 'auto',
+          'device': jax.devices()[0].device_kind,
           'devices': mesh.size, 'dtype': config.model.dtype, 'batch_size': B, 'seq_len': T,
           'params': counts['total'], 'step_ms': 1e3 * step_s, 'tokens_per_s': tokens_per_s, 'mfu': mfu,
           'first_step_s': compile_s, 'loss': float(metrics['loss'])}
@@ -80,11 +84,11 @@ def main(argv):
                                     else REPO / 'experiments' / 'results' / 'bench_train.json'))
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(rows, indent=2))
-  print(f"\n| config | optimizer | device | dtype | batch×seq | params | step ms | tokens/s | MFU |")
-  print('|---|---|---|---|---|---|---|---|---|')
+  print(f"\n| config | optimizer | attention | device | dtype | batch×seq | params | step ms | tokens/s | MFU |")
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
-    print(f"| {r['config']} | {r['optimizer']} | {r['devices']}× {r['device']} | {r['dtype']} | "
+    print(f"| {r['config']} | {r['optimizer']} | {r['attention']} | {r['devices']}× {r['device']} | {r['dtype']} | "
           f"{r['batch_size']}×{r['seq_len']} | {r['params']:,} | {r['step_ms']:.1f} | "
           f"{r['tokens_per_s']:,.0f} | {mfu} |")
   print(f'wrote {out}')

@@ -10,6 +10,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+# The editable install maps kernels/ to vesper_jax.kernels (a plain PYTHONPATH does not).
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo 'editable install failed'
+python3 -c 'import vesper_jax.kernels.velvet_pallas' || echo 'vesper_jax.kernels is not importable'
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import jax; print(jax.__version__, jax.devices())' | tee -a "$OUT/gpu.txt"

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config
+from conftest import load_config, short_run_config
 from vesper_jax import flylora as F
 from vesper_jax import model as M
 from vesper_jax import optim
@@ -377,27 +377,10 @@ def test_config_errors_name_the_key():
 # ------------------------------------------------------------------------------------------ fine-tuning
 
 def _train_config(root, **overrides):
-  """A seconds-long tiny run (the same shape as tests/test_train.py's)."""
-  config = load_config('tiny')
-  config.model.vocab_size = 512
-  config.data.seq_len = 32
-  config.data.cache_dir = str(root / 'cache')
-  config.train.batch_size = 8
-  config.train.num_steps = 5
-  config.train.eval_every = 1000
-  config.train.eval_batches = 1
-  config.train.sample_prompt = ''
-  config.train.mesh_data, config.train.mesh_fsdp = 2, 2  # the partitioned optimizer state, sharded
-  config.opt.warmup_steps = 2
-  config.checkpoint.every_steps = 1000
-  config.checkpoint.async_save = False
-  config.logging.every_steps = 5
-  config.logging.progress_bar = False
-  config.logging.tensorboard = False
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+  """A seconds-long tiny run over a 2×2 mesh (the partitioned optimizer state, sharded)."""
+  return short_run_config(root / 'cache', **{'train.eval_batches': 1, 'train.mesh_data': 2,
+                                             'train.mesh_fsdp': 2, 'logging.every_steps': 5,
+                                             **overrides})
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, short_run_config
 from vesper_jax import optim
 from vesper_jax import sharding
 from vesper_jax import train
@@ -30,25 +30,7 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def _config(cache_dir, **overrides):
-  config = load_config('tiny')
-  config.model.vocab_size = 512
-  config.data.seq_len = 32
-  config.data.cache_dir = str(cache_dir)
-  config.train.batch_size = 8
-  config.train.num_steps = 5
-  config.train.eval_every = 1000
-  config.train.eval_batches = 2
-  config.train.sample_prompt = ''
-  config.opt.warmup_steps = 2
-  config.checkpoint.every_steps = 1000
-  config.checkpoint.async_save = False
-  config.logging.every_steps = 1
-  config.logging.progress_bar = False
-  config.logging.tensorboard = False
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+  return short_run_config(cache_dir, **overrides)
 
 
 def _loss_steps(workdir) -> list[int]:

@@ -152,3 +152,13 @@ def test_param_counts_of_the_four_configs(capsys):
   assert rows['medium']['non_embedding'] == layers * (4 * d * d + 3 * d * f + 2 * d) + d
   assert rows['medium']['embedding'] == 2 * 32000 * 768
   assert rows['tiny']['non_embedding'] < rows['small']['non_embedding'] < rows['large']['non_embedding']
+
+
+def test_last_only_logits_equal_the_last_row_of_the_full_forward():
+  cfg = _tiny(num_kv_heads=2)
+  params = _params(cfg)
+  tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, cfg.vocab_size)
+  full = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens))
+  last = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens, last_only=True))
+  assert last.shape == (2, 1, cfg.vocab_size)
+  np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)

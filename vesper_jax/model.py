@@ -221,14 +221,16 @@ class VesperLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               attention_mask_BT: jax.Array | None = None) -> jax.Array:
+               attention_mask_BT: jax.Array | None = None, last_only: bool = False) -> jax.Array:
     """Args:
       tokens_BT: int token ids.
       positions_BT: RoPE positions; default 0..T-1. Required in decode mode (the cache does not know
         where each sequence is; with left-padded prompts the positions differ per row).
       attention_mask_BT: 1 for real tokens, 0 for padding (never attended to); default all real.
+      last_only: compute logits for the last position only (prefill needs no others: skipping them
+        saves the head's T×D×V matmul).
     Returns:
-      logits_BTV, float32, V = config.vocab_size.
+      logits_BTV, float32, V = config.vocab_size; T = 1 when last_only.
     """
     c = self.config
     B, T = tokens_BT.shape
@@ -242,6 +244,8 @@ class VesperLM(nn.Module):
     block_cls = nn.remat(Block) if c.remat else Block
     for i in range(c.num_layers):
       x_BTD = block_cls(c, name=f'layers_{i}')(x_BTD, positions_BT, attention_mask_BT)
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
     x_BTD = _norm(c, 'final_norm')(x_BTD)
     if c.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)

@@ -222,7 +222,7 @@ def prefill(params: PyTree, prompt_BP: jax.Array, prompt_mask_BP: jax.Array, rng
   cache = init_cache(config, B, cache_len)
   logits_BPV, variables = VesperLM(config).apply({'params': params, 'cache': cache}, prompt_BP,
                                                  positions_BT=positions_BP, attention_mask_BT=mask_BP,
-                                                 mutable=['cache'])
+                                                 last_only=True, mutable=['cache'])
   V = logits_BPV.shape[-1]
   seen_BV = jnp.zeros((B, V), jnp.bool_)
   if sampling.repetition_penalty != 1.0:

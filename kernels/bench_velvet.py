@@ -90,21 +90,16 @@ def _time(fn, args, iters: int, repeats: int) -> tuple[float, tuple]:
   return statistics.median(samples), args
 
 
-def _optax_step(tx):
-  """A jitted optimizer step through the optax contract, everything donated."""
+def _optax_step(tx, hand_back_updates: bool = False):
+  """A jitted optimizer step through the optax contract, everything donated.
+
+  With `hand_back_updates` (the Pallas path) u, written over the gradient buffer, is returned as the
+  next call's gradient, so the kernel's output buffer is reused rather than reallocated.
+  """
   def step(params, grads, opt_state):
     updates, opt_state = tx.update(grads, opt_state, params, loss=jnp.float32(3.0),
                                    entropy=jnp.float32(0.4))
-    return optax.apply_updates(params, updates), grads, opt_state
-  return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
-def _pallas_update_step(tx):
-  """Like _optax_step, but hands u (written over the gradient buffer) back as the next gradient."""
-  def step(params, grads, opt_state):
-    updates, opt_state = tx.update(grads, opt_state, params, loss=jnp.float32(3.0),
-                                   entropy=jnp.float32(0.4))
-    return optax.apply_updates(params, updates), updates, opt_state
+    return optax.apply_updates(params, updates), (updates if hand_back_updates else grads), opt_state
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
@@ -160,7 +155,7 @@ def bench_tree(name: str, model_cfg: model_lib.ModelConfig, iters: int, repeats:
     txs = [('adamw', optax.adamw(1e-3, mask=decay, **_HP), _optax_step),
            ('velvet-xla', velvet.velvet(1e-3, mask=decay, kernel='xla', **_HP), _optax_step)]
     txs += [(f'velvet-pallas-b{b}', velvet.velvet(1e-3, mask=decay, kernel='pallas', block_size=b, **_HP),
-             _pallas_update_step) for b in block_sizes]
+             functools.partial(_optax_step, hand_back_updates=True)) for b in block_sizes]
     for path, tx, wrap in txs:
       p, g = fresh()
       seconds, _ = _time(wrap(tx), (p, g, tx.init(p)), iters, repeats)

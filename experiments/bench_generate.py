@@ -5,11 +5,11 @@
 
 Untrained weights (speed does not depend on the values; EOS is off so every row decodes every token).
 Per (model, batch) it reports, medians over --repeats after a warm-up run that compiles everything:
-  prefill tok/s  prompt tokens / one jitted `sampling.prefill` call (block_until_ready)
-  step tok/s     new tokens / decode time of `sampling.generate(chunk_size=1)`: one jitted step per token,
+  prefill tok/s  prompt tokens / one jitted `decode.prefill` call (block_until_ready)
+  step tok/s     new tokens / decode time of `decode.generate(chunk_size=1)`: one jitted step per token,
                  each token read back to the host as it is produced — the streaming path of the CLIs
   chunk tok/s    the same with `chunk_size=--chunk` (a while_loop per chunk; streams in chunks)
-  loop tok/s     one `sampling.decode_chunk` call running all the new tokens in a single while_loop,
+  loop tok/s     one `decode.decode_chunk` call running all the new tokens in a single while_loop,
                  nothing read until the end (the throughput ceiling of this decode code)
   ms/token       the step path's latency per decode step (batch rows share a step)
 The device (and its kind) is recorded with the numbers; on a shared CPU other processes add noise
@@ -32,8 +32,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from vesper_jax import config as base_config  # noqa: E402
 
-from vesper_jax import sampling  # noqa: E402
-from vesper_jax.model import ModelConfig, init_params, param_counts  # noqa: E402
+from vesper_jax import decode  # noqa: E402
+from vesper_jax.model import ModelConfig, cast_for_inference, init_params, param_counts  # noqa: E402
+from vesper_jax.sampling import SamplingConfig  # noqa: E402
 
 _MODELS = flags.DEFINE_list('models', ['small', 'medium'], 'Configs (configs/<name>.py) to time.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Batch sizes.')
@@ -46,7 +47,7 @@ _QUICK = flags.DEFINE_bool('quick', False, 'tiny model, few tokens, one repeat: 
 _OUT = flags.DEFINE_string('out', str(REPO / 'experiments' / 'results' / 'bench_generate.json'),
                            'Results JSON.')
 
-SETTINGS = sampling.SamplingConfig()  # the defaults: temperature 0.8, top-k 50, top-p 0.9
+SETTINGS = SamplingConfig()  # the defaults: temperature 0.8, top-k 50, top-p 0.9
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -62,30 +63,30 @@ def bench(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int)
   config = ModelConfig(**base_config.load_config_file(name).model)
   params = init_params(config, jax.random.key(0))
   counts = param_counts(params)
-  config, params = sampling.cast_for_inference(config, params, _DTYPE.value)
+  config, params = cast_for_inference(config, params, _DTYPE.value)
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, config.vocab_size, (batch, prompt_len)).tolist()
-  prompt_BP, mask_BP = sampling.left_pad(prompts)
+  prompt_BP, mask_BP = decode.left_pad(prompts)
   prompt_BP, mask_BP = jnp.asarray(prompt_BP), jnp.asarray(mask_BP)
   P = prompt_BP.shape[1]
   statics = dict(config=config, sampling=SETTINGS, eos_id=None)
 
   def run_prefill():
-    state, token_B = sampling.prefill(params, prompt_BP, mask_BP, jax.random.key(0),
+    state, token_B = decode.prefill(params, prompt_BP, mask_BP, jax.random.key(0),
                                       cache_len=P + new_tokens, **statics)
     jax.block_until_ready((state, token_B))
     return state
 
   def run_generate(chunk_size: int) -> float:
-    stats = sampling.GenerationStats()
-    sampling.generate(params, config, prompts, max_new_tokens=new_tokens, sampling=SETTINGS, eos_id=None,
+    stats = decode.GenerationStats()
+    decode.generate(params, config, prompts, max_new_tokens=new_tokens, sampling=SETTINGS, eos_id=None,
                       chunk_size=chunk_size, stats=stats)
     return stats.decode_tokens_per_s
 
   def run_loop() -> float:
     state = run_prefill()
     start = time.perf_counter()
-    state, tokens_BC, count = sampling.decode_chunk(params, state, jnp.int32(new_tokens - 1),
+    state, tokens_BC, count = decode.decode_chunk(params, state, jnp.int32(new_tokens - 1),
                                                     chunk=new_tokens - 1, **statics)
     jax.block_until_ready(tokens_BC)
     assert int(count) == new_tokens - 1

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vesper_jax import config as base_config
+from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
 from vesper_jax.model import abstract_param_counts, ModelConfig
@@ -67,9 +68,9 @@ def bench(name: str, optimizer: str) -> dict:
   step_s = (time.perf_counter() - t0) / _STEPS.value
   counts = abstract_param_counts(ModelConfig(**config.model))
   tokens_per_s = B * T / step_s
-  peak = train.peak_flops(jax.devices()[0])
-  mfu = (train.flops_per_token(parts.model.config, counts, T) * tokens_per_s / (peak * mesh.size)
-         if peak else None)
+  peak = scaling.peak_flops(jax.devices()[0].device_kind)
+  flops_per_s = scaling.flops_per_token(parts.model.config, counts['non_embedding'], T) * tokens_per_s
+  mfu = scaling.mfu(flops_per_s, peak, mesh.size) if peak else None
   return {'config': name, 'optimizer': optimizer, 'attention': config.model.attention_impl or 'auto',
           'device': jax.devices()[0].device_kind,
           'devices': mesh.size, 'dtype': config.model.dtype, 'batch_size': B, 'seq_len': T,

@@ -52,19 +52,10 @@ ARMS = ('flylora', 'lora', 'full')
 
 def _config(base_name: str, quick: bool, out: pathlib.Path, steps: int, sources: str):
   """The shared run settings: one cache dir, end-only checkpoints, quiet logging."""
-  config = base_config.load_config_file(base_name)
+  config = base_config.short_run(base_config.load_config_file(base_name), steps)
   config.data.sources = sources
   config.data.cache_dir = str(out / 'cache')
-  config.train.num_steps = steps
   config.train.seed = _SEED.value
-  config.train.sample_prompt = ''
-  config.train.eval_every = max(1, steps // 8)
-  config.opt.warmup_steps = max(1, min(config.opt.warmup_steps, steps // 10))
-  config.logging.every_steps = max(1, steps // 40)
-  config.logging.tensorboard = False
-  config.logging.progress_bar = False
-  config.checkpoint.every_steps = steps
-  config.checkpoint.async_save = False
   if quick:
     config.data.seq_len = 64
     config.train.batch_size = 16

@@ -51,23 +51,14 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory (default: experiments/
 def _run_config(base_name: str, quick: bool, steps: int, cache_dir: pathlib.Path, *, name: str, lr: float,
                 seed: int, b1: float | None = None):
   """The config of one run: the base config with the data, the budget and this run's optimizer."""
-  config = base_config.load_config_file(base_name)
+  config = base_config.short_run(base_config.load_config_file(base_name), steps, evaluations=6)
   config.data.sources = _DATA.value
   config.data.cache_dir = str(cache_dir)  # one token cache (and compilation cache) for every run
-  config.train.num_steps = steps
   config.train.seed = seed
-  config.train.sample_prompt = ''
   config.opt.name = name
   config.opt.learning_rate = lr
   if b1 is not None:
     config.opt.b1 = b1
-  config.opt.warmup_steps = max(1, min(config.opt.warmup_steps, steps // 10))
-  config.train.eval_every = max(1, steps // 6)
-  config.logging.every_steps = max(1, steps // 30)
-  config.logging.tensorboard = False
-  config.logging.progress_bar = False
-  config.checkpoint.every_steps = steps  # the end only: these runs are never resumed
-  config.checkpoint.async_save = False
   if quick:
     config.data.seq_len = 64
     config.train.batch_size = 8

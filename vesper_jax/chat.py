@@ -20,14 +20,15 @@ Piped stdin works: each line is a message; only the replies (`Assistant: ...` li
 
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from vesper_jax import generate, sampling, sources
+from vesper_jax import cli, generate, sources
 from vesper_jax.model import ModelConfig
+from vesper_jax.pytree import PyTree
+from vesper_jax.sampling import SamplingConfig
 
-PyTree = Any
 FLAGS = flags.FLAGS
 
 # The template chat records are trained on (sources.render_chat), so prompts read like the training data.
@@ -46,8 +47,8 @@ def format_prompt(history: list[tuple[str, str]], message: str) -> str:
 class ChatSession:
   """A conversation with one model: the history and the sampling settings."""
 
-  def __init__(self, params: PyTree, config: ModelConfig, tokenizer: sampling.Tokenizer, *,
-               max_new_tokens: int, settings: sampling.SamplingConfig, seed: int = 0):
+  def __init__(self, params: PyTree, config: ModelConfig, tokenizer: generate.TextCodec, *,
+               max_new_tokens: int, settings: SamplingConfig, seed: int = 0):
     self._params, self._config, self._tokenizer = params, config, tokenizer
     self.max_new_tokens = min(max_new_tokens, config.max_seq_len // 2)
     self._settings = settings
@@ -82,7 +83,7 @@ class ChatSession:
       if piece and on_text is not None:
         on_text(piece)
 
-    text = sampling.generate_text(self._params, self._config, self._tokenizer, [ids],
+    text = generate.generate_text(self._params, self._config, self._tokenizer, [ids],
                                   max_new_tokens=self.max_new_tokens, sampling=self._settings,
                                   seed=self._seed + len(self.history), stop_strings=STOP_STRINGS,
                                   on_text=on_piece)[0].strip()
@@ -128,8 +129,7 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   config, params, tokenizer, settings = generate.load_from_flags()
   session = ChatSession(params, config, tokenizer, max_new_tokens=FLAGS.max_new_tokens,
                         settings=settings, seed=FLAGS.seed)
@@ -139,7 +139,7 @@ def main(argv):
   run_repl(session, sys.stdin, sys.stdout)
 
 
-def _define_flags():
+def define_flags() -> None:
   generate.define_common_flags()
   flags.DEFINE_integer('max_new_tokens', 128, 'Longest reply, in tokens (at most half '
                        'the context window).')
@@ -147,5 +147,4 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run('vesper_jax.chat', main, define_flags)

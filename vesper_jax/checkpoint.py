@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any
 
 import jax
 import ml_collections
@@ -19,8 +18,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vesper_jax.model import ModelConfig
+from vesper_jax.pytree import PyTree
 
-PyTree = Any
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.json'

@@ -3,6 +3,7 @@
 `get_config()` returns the full ConfigDict that `python -m vesper_jax.train` reads. Each key is read by
 the code (no `.get(key, default)` anywhere): override on the command line with `--config.a.b=value`.
 Size variants (configs/tiny.py ... large.py) call this and override the `model` section and the budget.
+`validate(config)` checks a whole config before any data work or compilation, naming the bad key.
 """
 
 import importlib.util
@@ -26,6 +27,26 @@ def load_config_file(name_or_path: str | pathlib.Path) -> ml_collections.ConfigD
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def short_run(config: ml_collections.ConfigDict, num_steps: int, *,
+              evaluations: int = 8) -> ml_collections.ConfigDict:
+  """Overrides `config` (in place, and returns it) for a short run that is read afterwards, not watched.
+
+  Used by the experiments and the tests: `num_steps` steps with a warmup of at most a tenth of them,
+  about `evaluations` evaluations (0 = only at the start and the end), ~40 log lines, one checkpoint at
+  the end written synchronously, and no progress bar, TensorBoard or text sample.
+  """
+  config.train.num_steps = num_steps
+  config.train.eval_every = max(1, num_steps // evaluations) if evaluations else num_steps
+  config.train.sample_prompt = ''
+  config.opt.warmup_steps = max(1, min(config.opt.warmup_steps, num_steps // 10))
+  config.logging.every_steps = max(1, num_steps // 40)
+  config.logging.tensorboard = False
+  config.logging.progress_bar = False
+  config.checkpoint.every_steps = num_steps
+  config.checkpoint.async_save = False
+  return config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -131,3 +152,70 @@ def get_config() -> ml_collections.ConfigDict:
   config.logging.compilation_cache_dir = ''  # '' = <cache_dir>/jax_compilation_cache
 
   return config
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+OPTIMIZERS = ('adamw', 'velvet')
+ON_ERROR = ('skip', 'fail')
+# Counts and cadences: 0 would divide by zero or never fire mid-run.
+_AT_LEAST_ONE = ('train.batch_size', 'train.grad_accum_steps', 'train.eval_every', 'train.eval_batches',
+                 'train.max_nonfinite_steps', 'checkpoint.every_steps', 'checkpoint.keep',
+                 'logging.every_steps')
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int | None = None) -> None:
+  """Refuses, before any data work or compilation, a config a run cannot use; the error names the key.
+
+  Checks unknown keys, the model section (ModelConfig's own checks), data.on_error, counts and cadences,
+  the optimizer's name and update kernel, and the device mesh and batch against the devices
+  (default: jax.device_count() and jax.process_count()).
+  """
+  # Deferred: reading or editing a config file needs no jax; validating it does.
+  import jax  # pylint: disable=g-import-not-at-top
+  from vesper_jax import sharding, velvet  # pylint: disable=g-import-not-at-top
+  from vesper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  _check_known_keys(config, get_config(), prefix='')
+  model = ModelConfig(**config.model)  # its __post_init__ checks the model section by key
+  t, d, o = config.train, config.data, config.opt
+  if d.seq_len < 1 or d.seq_len > model.max_seq_len:
+    raise ValueError(f'data.seq_len={d.seq_len} must be in [1, model.max_seq_len={model.max_seq_len}]')
+  if d.on_error not in ON_ERROR:
+    raise ValueError(f'data.on_error={d.on_error!r}: expected one of {ON_ERROR}')
+  for key in _AT_LEAST_ONE:
+    section, name = key.split('.')
+    if config[section][name] < 1:
+      raise ValueError(f'{key}={config[section][name]} must be at least 1')
+  if t.num_steps < 1 and not t.auto_scale:
+    raise ValueError(f'train.num_steps={t.num_steps} must be at least 1')
+  if t.batch_size % t.grad_accum_steps:
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
+                     f'train.grad_accum_steps={t.grad_accum_steps}')
+  if o.name not in OPTIMIZERS:
+    raise ValueError(f'opt.name={o.name!r}: expected one of {OPTIMIZERS}')
+  if o.kernel not in velvet.KERNELS:
+    raise ValueError(f'opt.kernel={o.kernel!r}: expected one of {velvet.KERNELS}')
+  if not o.learning_rate > 0:
+    raise ValueError(f'opt.learning_rate={o.learning_rate} must be positive')
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  mesh_data, mesh_fsdp = sharding.mesh_shape(t.mesh_data, t.mesh_fsdp, num_devices)
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % (mesh_data * mesh_fsdp):
+    raise ValueError(f'the micro-batch of {micro} sequences (train.batch_size / train.grad_accum_steps) '
+                     f'does not split over the {mesh_data * mesh_fsdp} devices of the mesh '
+                     f'(train.mesh_data={t.mesh_data}, train.mesh_fsdp={t.mesh_fsdp})')
+  if t.batch_size % num_processes:
+    raise ValueError(f'train.batch_size={t.batch_size} does not split over {num_processes} processes')
+
+
+def _check_known_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                      prefix: str) -> None:
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if key not in reference:
+      raise ValueError(f'unknown config key {name!r} (not in vesper_jax/config.py)')
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_known_keys(value, reference[key], prefix=name + '.')

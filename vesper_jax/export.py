@@ -14,6 +14,10 @@ PyTorch orientation: flax kernels are `[in, out]`, so 2-D tensors are transposed
 and the ModelConfig as JSON in the file's metadata. `load_safetensors` rebuilds the parameter tree and
 refuses, naming the tensor, anything missing, unexpected, or of the wrong shape or dtype.
 
+Adapters (FlyLoRA / LoRA) also go to a file of their own (`export_adapters`, `load_adapters`): the same
+names, `lora_a` as Aᵀ [r, in], `lora_b` as Bᵀ [out, r] (peft's orientation), `expert_bias` d [r], and the
+model.lora_* settings in the metadata.
+
 `--format=hf` writes a Hugging Face Llama directory (`config.json`, `model.safetensors`, and
 `tokenizer.json` when the workdir has one) for models Llama can express: RMSNorm, SiLU (ERA with λ = 0
 and T = 1 is exactly SiLU), no biases, no unmerged adapters; anything else is refused, naming the option.
@@ -26,15 +30,13 @@ permutation in Meta's conversion script undoes the interleaved-pair RoPE of Meta
 Loading never runs code from a file: safetensors holds raw tensors, the metadata is parsed as JSON.
 """
 
+import ast
 import dataclasses
 import json
 import os
 import pathlib
 import shutil
-import sys
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,40 +44,44 @@ from absl import app, flags, logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from vesper_jax import cli
+from vesper_jax import flylora
 from vesper_jax.model import ModelConfig, init_params
+from vesper_jax.pytree import Path, PyTree, flatten, unflatten
 
-PyTree = Any
 FLAGS = flags.FLAGS
 
 FORMAT = 'vesper_jax'
+ADAPTER_FORMAT = 'vesper_jax.adapters/1'
 WEIGHTS_FILE = 'model.safetensors'
 _LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}
 
 
-def _export_name(path: tuple[str, ...]) -> str:
-  # ('layers_3', 'attention', 'q_proj', 'kernel') -> 'layers.3.attention.q_proj.weight'
+def vesper_name(path: Path) -> str:
+  """The export name of a parameter path (SPEC §11): the one naming rule for model and adapter files.
+
+  ('layers_3', 'attention', 'q_proj', 'kernel') -> 'layers.3.attention.q_proj.weight';
+  ('layers_3', 'ffn', 'up_proj', 'lora_b') -> 'layers.3.ffn.up_proj.lora_b'.
+  """
   head, *rest = path
   if head.startswith('layers_'):
     head = 'layers.' + head[len('layers_'):]
   return '.'.join([head, *rest[:-1], _LEAF_NAMES.get(rest[-1], rest[-1])])
 
 
-def _transposed(path: tuple[str, ...], ndim: int) -> bool:
+def _transposed(path: Path, ndim: int) -> bool:
   # Flax kernels (and FlyLoRA's A, B) are [in, out]; PyTorch's are [out, in]. Embeddings are [V, D] in both.
   return ndim == 2 and path[-1] != 'embedding'
 
 
-def _flat(params: PyTree) -> dict[tuple[str, ...], Any]:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+def _torch_layout(path: Path, value) -> np.ndarray:
+  value = np.asarray(value)
+  return np.ascontiguousarray(value.T if _transposed(path, value.ndim) else value)
 
 
 def to_tensors(params: PyTree) -> dict[str, np.ndarray]:
   """The parameter tree as {export name: [out, in] numpy array}."""
-  tensors = {}
-  for path, value in _flat(params).items():
-    value = np.asarray(value)
-    tensors[_export_name(path)] = np.ascontiguousarray(value.T if _transposed(path, value.ndim) else value)
-  return tensors
+  return {vesper_name(path): _torch_layout(path, value) for path, value in flatten(params).items()}
 
 
 def save_safetensors(params: PyTree, config: ModelConfig, path: str | os.PathLike) -> dict[str, tuple]:
@@ -108,12 +114,12 @@ def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None)
   otherwise ValueError lists each offending tensor by name.
   """
   config = config_from_safetensors(path) if config is None else config
-  expected = _flat(jax.eval_shape(lambda: init_params(config.replace(decode=False), jax.random.key(0))))
+  expected = flatten(jax.eval_shape(lambda: init_params(config.replace(decode=False), jax.random.key(0))))
   with safe_open(str(path), framework='numpy') as f:
     tensors = {name: f.get_tensor(name) for name in f.keys()}
   problems, flat = [], {}
   for key, spec in sorted(expected.items()):
-    name = _export_name(key)
+    name = vesper_name(key)
     shape = tuple(reversed(spec.shape)) if _transposed(key, len(spec.shape)) else tuple(spec.shape)
     want = f'{np.dtype(spec.dtype).name}{list(shape)}'
     if name not in tensors:
@@ -129,7 +135,73 @@ def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None)
   if problems:
     raise ValueError(f'{path} does not match the model ({len(problems)} problem(s)):\n  ' +
                      '\n  '.join(problems[:20]))
-  return flax.traverse_util.unflatten_dict(flat)
+  return unflatten(flat)
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+def export_adapters(params: PyTree, config: ModelConfig, path: str | os.PathLike) -> dict[str, tuple]:
+  """Writes the adapters alone to a safetensors file; returns {name: shape}.
+
+  Names `layers.{i}.{attention|ffn}.{proj}.lora_a | .lora_b | .expert_bias`, oriented like the main
+  export's [out, in] weights: `lora_a` is Aᵀ [r, in], `lora_b` is Bᵀ [out, r], `expert_bias` d [r]
+  (FlyLoRA only). The model.lora_* settings go in the file's metadata.
+  """
+  if not flylora.targets(config):
+    raise ValueError('export_adapters: the model has no adapters (model.lora_targets is empty)')
+  tensors = {vesper_name(path): _torch_layout(path, value) for path, value in flatten(params).items()
+             if flylora.is_adapter_leaf(path)}
+  metadata = {'format': ADAPTER_FORMAT, **{k: repr(getattr(config, k)) for k in flylora.SETTINGS}}
+  save_file(tensors, str(path), metadata=metadata)
+  logging.info('wrote %d adapter tensors to %s', len(tensors), path)
+  return {k: v.shape for k, v in tensors.items()}
+
+
+def _adapter_settings(path: str | os.PathLike, metadata: dict[str, str] | None) -> dict:
+  if not metadata or metadata.get('format') != ADAPTER_FORMAT:
+    raise ValueError(f'{path}: not a vesper_jax adapter file (metadata format '
+                     f'{(metadata or {}).get("format")!r}, expected {ADAPTER_FORMAT!r})')
+  missing = [k for k in flylora.SETTINGS if k not in metadata]
+  if missing:
+    raise ValueError(f'{path}: adapter metadata lacks {missing}')
+  return {k: ast.literal_eval(metadata[k]) for k in flylora.SETTINGS}  # literals only, never code
+
+
+def load_adapters(path: str | os.PathLike, base: PyTree,
+                  base_config: ModelConfig) -> tuple[PyTree, ModelConfig]:
+  """Loads an adapter file onto a plain base model; returns (adapted params, adapted config).
+
+  The adapted config is `base_config` with the file's lora_* settings. Raises ValueError naming the
+  tensor on any missing or unexpected tensor, or a shape/dtype mismatch with the base.
+  """
+  if flylora.targets(base_config):
+    raise ValueError(f'load_adapters: the base config already has adapters '
+                     f'(model.lora_targets={base_config.lora_targets!r}); load onto a plain base')
+  with safe_open(str(path), framework='numpy') as f:
+    settings = _adapter_settings(path, f.metadata())
+    tensors = {name: f.get_tensor(name) for name in f.keys()}
+  config = base_config.replace(**settings)  # ModelConfig validates the lora_* values
+  flat = flatten(base)
+  leaves = ('lora_a', 'lora_b') + (('expert_bias',) if config.lora_mode == 'flylora' else ())
+  expected = {}  # name -> (path, [out, in] shape)
+  for key, kernel in flat.items():
+    if key[-1] != 'kernel' or not key[0].startswith('layers_') or not flylora.is_target(config, key[-2]):
+      continue
+    (I, O), R = kernel.shape, config.lora_rank
+    for leaf, shape in zip(leaves, ((R, I), (O, R), (R,))):
+      expected[vesper_name(key[:-1] + (leaf,))] = (key[:-1] + (leaf,), shape)
+  unexpected = sorted(set(tensors) - set(expected))
+  if unexpected:
+    raise ValueError(f'{path}: unexpected tensor {unexpected[0]} for this base and '
+                     f'lora_targets={config.lora_targets!r}')
+  for name, (key, shape) in sorted(expected.items()):
+    if name not in tensors:
+      raise ValueError(f'{path}: missing tensor {name}')
+    value = tensors[name]
+    if value.shape != shape or value.dtype != np.float32:
+      raise ValueError(f'{path}: {name} is {value.dtype}{list(value.shape)}, expected float32{list(shape)}')
+    flat[key] = jnp.asarray(value.T if value.ndim == 2 else value)
+  return unflatten(flat), config
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face
@@ -237,20 +309,14 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, fmt: 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required')
-  try:
-    written = export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.format)
-  except ValueError as e:  # a refusal (incompatible model) is a message for a person, not a traceback
-    print(f'export: {e}', file=sys.stderr)
-    sys.exit(1)
-  for path in written:
+  for path in export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.format):
     print(path)
 
 
-def _define_flags():
+def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'A training workdir to export (its latest checkpoint).')
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_enum('format', 'vesper', ['vesper', 'hf'], 'vesper: the original naming; '
@@ -258,5 +324,4 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run('vesper_jax.export', main, define_flags)

@@ -1,6 +1,6 @@
 """FlyLoRA: sparse, routed low-rank adapters (SPEC §5, after Zou et al., NeurIPS 2025).
 
-For an adapted projection with base kernel W (I × O), rank R and top-k K:
+For an adapted projection with base kernel W (I × O), rank R and top-k E (`lora_k`):
 
     z = x·A                  A: I × R, frozen, sparse random: each column has exactly p = round(ρ·I)
                              non-zeros drawn from N(0, 1/R²), generated from `lora_seed` and the layer's path
@@ -19,31 +19,30 @@ The forward pass sows each adapted layer's per-rank selection counts into the `l
 (only when the caller makes it mutable); the train step sums them over micro-batches and calls
 `update_expert_biases` once per step.
 
-Shape suffixes: B batch, T tokens (any leading axes), I in features, O out features, R rank.
+Shape suffixes follow the package's key (model.py): B batch, T tokens (any leading axes), I in features,
+O out features, R rank, E ranks selected per token.
+
+Annotations name `'ModelConfig'` (model.ModelConfig) as a string and this module never imports model:
+model.py builds its projections from `LoRADense`, so the import points from model to here only.
+Loading a base model for fine-tuning lives with training (finetune.py), adapter files with export.py.
 """
 
-import pathlib
 import zlib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from absl import logging
 
-if TYPE_CHECKING:  # model.py imports this module; only the type is needed here
-  from vesper_jax.model import ModelConfig
-
-PyTree = Any
+from vesper_jax.pytree import Path, PyTree, flatten, unflatten
 
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 MODES = ('flylora', 'lora')
 COUNTS = 'lora_counts'  # the variable collection the forward pass sows rank-selection counts into
 ADAPTER_LEAVES = ('lora_a', 'lora_b', 'expert_bias')
-_EXPORT_FORMAT = 'vesper_jax.adapters/1'
+# The model.lora_* fields an adapter file records: with the base config they rebuild the adapted model.
+SETTINGS = ('lora_targets', 'lora_mode', 'lora_rank', 'lora_k', 'lora_rho', 'lora_alpha', 'lora_seed')
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -109,8 +108,8 @@ def sparse_projection(key: jax.Array, in_features: int, rank: int, nonzeros: int
 def route(z_BTR: jax.Array, expert_bias_R: jax.Array, k: int) -> jax.Array:
   """The routing mask: 1.0 on the top-k ranks of |z + d| of each token, else 0.0 (exactly k per token)."""
   score_BTR = jnp.abs(z_BTR.astype(jnp.float32) + expert_bias_R)
-  _, top_BTK = jax.lax.top_k(score_BTR, k)  # k distinct indices, so exactly k ranks even on ties
-  return jnp.sum(jax.nn.one_hot(top_BTK, z_BTR.shape[-1], dtype=jnp.float32), axis=-2)
+  _, top_BTE = jax.lax.top_k(score_BTR, k)  # k distinct indices, so exactly k ranks even on ties
+  return jnp.sum(jax.nn.one_hot(top_BTE, z_BTR.shape[-1], dtype=jnp.float32), axis=-2)
 
 
 def _layer_key(seed: int, path: tuple[str, ...]) -> jax.Array:
@@ -174,21 +173,14 @@ class LoRADense(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- trees
 
-def _flat(tree: PyTree) -> dict[tuple[str, ...], Any]:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
-
-
-def _unflat(flat: dict[tuple[str, ...], Any]) -> PyTree:
-  return flax.traverse_util.unflatten_dict(flat)
-
-
-def _is_adapter(path: tuple[str, ...]) -> bool:
+def is_adapter_leaf(path: Path) -> bool:
+  """Whether a parameter path ends in an adapter tensor (A, B or d)."""
   return path[-1] in ADAPTER_LEAVES
 
 
-def _adapted_modules(params: PyTree) -> list[tuple[str, ...]]:
+def adapted_modules(params: PyTree) -> list[Path]:
   """Paths of the modules that carry a `lora_b` (sorted, so layer order is stable)."""
-  return sorted(k[:-1] for k in _flat(params) if k[-1] == 'lora_b')
+  return sorted(k[:-1] for k in flatten(params) if k[-1] == 'lora_b')
 
 
 def trainable_mask(params: PyTree, config: 'ModelConfig') -> PyTree:
@@ -197,16 +189,16 @@ def trainable_mask(params: PyTree, config: 'ModelConfig') -> PyTree:
   With adapters: only B (and A in plain-LoRA mode); the base and FlyLoRA's A and d are frozen.
   Without adapters (full fine-tuning or pretraining): everything.
   """
-  flat = _flat(params)
+  flat = flatten(params)
   if not targets(config):
-    return _unflat({k: True for k in flat})
+    return unflatten({k: True for k in flat})
   train = ('lora_b',) if config.lora_mode == 'flylora' else ('lora_a', 'lora_b')
-  return _unflat({k: k[-1] in train for k in flat})
+  return unflatten({k: k[-1] in train for k in flat})
 
 
 def base_params(params: PyTree) -> PyTree:
   """The parameter tree without its adapter leaves (what the base model expects)."""
-  return _unflat({k: v for k, v in _flat(params).items() if not _is_adapter(k)})
+  return unflatten({k: v for k, v in flatten(params).items() if not is_adapter_leaf(k)})
 
 
 def graft_base(params: PyTree, base: PyTree) -> PyTree:
@@ -215,9 +207,9 @@ def graft_base(params: PyTree, base: PyTree) -> PyTree:
   Raises ValueError naming the parameter if the base has a tensor the adapted model lacks, lacks one it
   needs, or has a different shape or dtype.
   """
-  flat, flat_base = _flat(params), _flat(base)
+  flat, flat_base = flatten(params), flatten(base)
   for key, value in flat_base.items():
-    if _is_adapter(key):
+    if is_adapter_leaf(key):
       raise ValueError(f'graft_base: the base tree already holds adapter tensor {"/".join(key)}')
     if key not in flat:
       raise ValueError(f'graft_base: base tensor {"/".join(key)} has no place in the adapted model '
@@ -225,77 +217,15 @@ def graft_base(params: PyTree, base: PyTree) -> PyTree:
     if value.shape != flat[key].shape or value.dtype != flat[key].dtype:
       raise ValueError(f'graft_base: {"/".join(key)} is {value.dtype}{list(value.shape)} in the base, '
                        f'{flat[key].dtype}{list(flat[key].shape)} in the adapted model')
-  missing = [k for k in flat if not _is_adapter(k) and k not in flat_base]
+  missing = [k for k in flat if not is_adapter_leaf(k) and k not in flat_base]
   if missing:
     raise ValueError(f'graft_base: the base lacks {"/".join(missing[0])} (and {len(missing) - 1} more)')
-  return _unflat({k: flat_base.get(k, v) for k, v in flat.items()})
+  return unflatten({k: flat_base.get(k, v) for k, v in flat.items()})
 
 
 def stop_frozen_gradients(params: PyTree, trainable: PyTree) -> PyTree:
   """params with `stop_gradient` on the frozen leaves: their gradients are zeros, never computed."""
   return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-
-
-# ---------------------------------------------------------------------------------------------- init_from
-
-# Fields that change the meaning of the weights: a base must match the fine-tuned model on each of them.
-# (max_seq_len, dtype, remat, attention_impl and decode do not: RoPE has no learned positions.)
-_ARCHITECTURE = ('vocab_size', 'num_layers', 'num_heads', 'num_kv_heads', 'd_model', 'd_ff', 'norm',
-                 'norm_eps', 'activation', 'era_temperature', 'era_entropy_weight', 'era_detach_entropy',
-                 'use_bias', 'tie_embeddings', 'rope_theta')
-
-
-def check_init_from(config: ml_collections.ConfigDict) -> None:
-  """Refuses a `train.init_from` that does not exist or would pair the base with another tokenizer."""
-  init_from = config.train.init_from
-  if not init_from:
-    return
-  path = pathlib.Path(init_from)
-  if path.is_dir():
-    from vesper_jax import checkpoint  # deferred: checkpoint imports model, which imports this module
-    base_tokenizer = path / checkpoint.TOKENIZER_FILE
-    if not base_tokenizer.is_file():
-      raise FileNotFoundError(f'train.init_from={init_from}: no {checkpoint.TOKENIZER_FILE} there '
-                              '(not a vesper_jax training workdir?)')
-    if not config.data.tokenizer or (
-        pathlib.Path(config.data.tokenizer).read_bytes() != base_tokenizer.read_bytes()):
-      raise ValueError(f'train.init_from={init_from}: the base model was trained with {base_tokenizer}; '
-                       f'set data.tokenizer={base_tokenizer} (data.tokenizer={config.data.tokenizer!r} '
-                       'would give the same ids other meanings)')
-  elif path.is_file() and path.suffix == '.safetensors':
-    if not config.data.tokenizer:
-      raise ValueError(f'train.init_from={init_from}: a safetensors file carries no tokenizer; set '
-                       "data.tokenizer to the base model's tokenizer.json")
-  else:
-    raise FileNotFoundError(f'train.init_from={init_from}: expected a training workdir or a '
-                            '.safetensors export')
-
-
-def load_base(init_from: str, config: 'ModelConfig') -> PyTree:
-  """The base model's parameters for fine-tuning `config`, from a workdir or a safetensors export.
-
-  A base that carries mergeable adapters is merged first. Raises ValueError naming the model field on
-  which the base and `config` disagree.
-  """
-  path = pathlib.Path(init_from)
-  if path.is_dir():
-    from vesper_jax import checkpoint  # deferred: see check_init_from
-    base_config, params, _ = checkpoint.load_for_inference(path)
-  else:
-    from vesper_jax import export  # deferred: export is only needed for this
-    try:
-      base_config = export.config_from_safetensors(path)
-    except ValueError:  # a file without vesper_jax metadata: it must fit this architecture
-      base_config = config.replace(lora_targets='')
-    params = export.load_safetensors(str(path), base_config)
-  if targets(base_config):
-    params, base_config = merge(params, base_config)
-  for field in _ARCHITECTURE:
-    if getattr(base_config, field) != getattr(config, field):
-      raise ValueError(f'train.init_from={init_from}: the base has model.{field}='
-                       f'{getattr(base_config, field)!r}, this config {getattr(config, field)!r}')
-  logging.info('Base weights from %s', init_from)
-  return params
 
 
 # ---------------------------------------------------------------------------------------------- expert biases
@@ -311,14 +241,14 @@ def update_expert_biases(params: PyTree, counts: PyTree, rate: float) -> PyTree:
   Returns:
     params with every `expert_bias` moved; a ranks selected more often than average goes down.
   """
-  flat = dict(_flat(params))
-  for path, c_R in _flat(counts).items():
+  flat = dict(flatten(params))
+  for path, c_R in flatten(counts).items():
     key = path[:-1] + ('expert_bias',)
     if key not in flat:
       raise ValueError(f'update_expert_biases: counts for {"/".join(path)} but no {"/".join(key)}')
     c_R = c_R.astype(jnp.float32)
     flat[key] = flat[key] + rate * jnp.sign(jnp.mean(c_R) - c_R)
-  return _unflat(flat)
+  return unflatten(flat)
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -336,12 +266,12 @@ def merge(params: PyTree, config: 'ModelConfig') -> tuple[PyTree, 'ModelConfig']
         f'merge refused: FlyLoRA with model.lora_k={config.lora_k} < model.lora_rank={config.lora_rank} '
         'routes each token to its own top-k ranks, so the adapter is x·A⊙m(x)·B with a mask that '
         'depends on x — not a fixed matrix that can be added to W. Only k = r (or lora_mode=lora) merges.')
-  flat = dict(_flat(params))
-  for module in _adapted_modules(params):
+  flat = dict(flatten(params))
+  for module in adapted_modules(params):
     a_IR, b_RO = flat[module + ('lora_a',)], flat[module + ('lora_b',)]
     delta_IO = jnp.matmul(a_IR, b_RO, precision=jax.lax.Precision.HIGHEST)
     flat[module + ('kernel',)] = flat[module + ('kernel',)] + scale(config) * delta_IO
-  merged = _unflat({k: v for k, v in flat.items() if not _is_adapter(k)})
+  merged = unflatten({k: v for k, v in flat.items() if not is_adapter_leaf(k)})
   return merged, config.replace(lora_targets='')
 
 
@@ -354,12 +284,12 @@ def param_report(params: PyTree, config: 'ModelConfig', trainable: PyTree) -> di
     total (every tensor, A and d included), trainable, full_finetune (the base's parameters),
     lora_same_rank (r·(I + O) per adapted projection), and the reductions 1 − trainable/that.
   """
-  flat, mask = _flat(params), _flat(trainable)
+  flat, mask = flatten(params), flatten(trainable)
   total = sum(int(v.size) for v in flat.values())
   n_trainable = sum(int(flat[k].size) for k, m in mask.items() if m)
-  full = sum(int(v.size) for k, v in flat.items() if not _is_adapter(k))
+  full = sum(int(v.size) for k, v in flat.items() if not is_adapter_leaf(k))
   lora = sum(int(flat[m + ('kernel',)].shape[0] + flat[m + ('kernel',)].shape[1]) * config.lora_rank
-             for m in _adapted_modules(params))
+             for m in adapted_modules(params))
   report = {'total': total, 'trainable': n_trainable, 'full_finetune': full, 'lora_same_rank': lora,
             'reduction_vs_full': 1.0 - n_trainable / full,
             'reduction_vs_lora': (1.0 - n_trainable / lora) if lora else 0.0}
@@ -368,90 +298,3 @@ def param_report(params: PyTree, config: 'ModelConfig', trainable: PyTree) -> di
                100.0 * report['reduction_vs_full'], config.lora_rank, lora,
                100.0 * report['reduction_vs_lora'])
   return report
-
-
-# ---------------------------------------------------------------------------------------------- export
-
-def _export_name(module: tuple[str, ...]) -> str:
-  # ('layers_3', 'attention', 'q_proj') -> 'layers.3.attention.q_proj' (SPEC §11).
-  head, *rest = module
-  return '.'.join([head.replace('layers_', 'layers.', 1), *rest])
-
-
-_CONFIG_KEYS = ('lora_targets', 'lora_mode', 'lora_rank', 'lora_k', 'lora_rho', 'lora_alpha', 'lora_seed')
-
-
-def export_adapters(params: PyTree, config: 'ModelConfig', path: str) -> dict[str, tuple[int, ...]]:
-  """Writes the adapters to their own safetensors file; returns {name: shape}.
-
-  Names `layers.{i}.{attention|ffn}.{proj}.lora_a | .lora_b | .expert_bias`, in the PyTorch (peft)
-  orientation of the main export's [out, in] weights: `lora_a` is Aᵀ [r, in], `lora_b` is Bᵀ [out, r],
-  `expert_bias` is d [r] (FlyLoRA only). The `model.lora_*` settings go in the file's metadata.
-  """
-  from safetensors.numpy import save_file
-  if not targets(config):
-    raise ValueError('export_adapters: the model has no adapters (model.lora_targets is empty)')
-  flat = _flat(params)
-  tensors = {}
-  for module in _adapted_modules(params):
-    name = _export_name(module)
-    tensors[f'{name}.lora_a'] = np.ascontiguousarray(np.asarray(flat[module + ('lora_a',)]).T)
-    tensors[f'{name}.lora_b'] = np.ascontiguousarray(np.asarray(flat[module + ('lora_b',)]).T)
-    if module + ('expert_bias',) in flat:
-      tensors[f'{name}.expert_bias'] = np.asarray(flat[module + ('expert_bias',)])
-  metadata = {'format': _EXPORT_FORMAT, **{k: repr(getattr(config, k)) for k in _CONFIG_KEYS}}
-  save_file(tensors, path, metadata=metadata)
-  logging.info('wrote %d adapter tensors to %s', len(tensors), path)
-  return {k: v.shape for k, v in tensors.items()}
-
-
-def _parse_metadata(path: str, metadata: dict[str, str] | None) -> dict[str, Any]:
-  import ast
-  if not metadata or metadata.get('format') != _EXPORT_FORMAT:
-    raise ValueError(f'{path}: not a vesper_jax adapter file (metadata format '
-                     f'{(metadata or {}).get("format")!r}, expected {_EXPORT_FORMAT!r})')
-  missing = [k for k in _CONFIG_KEYS if k not in metadata]
-  if missing:
-    raise ValueError(f'{path}: adapter metadata lacks {missing}')
-  return {k: ast.literal_eval(metadata[k]) for k in _CONFIG_KEYS}  # literals only, never code
-
-
-def load_adapters(path: str, base: PyTree, base_config: 'ModelConfig') -> tuple[PyTree, 'ModelConfig']:
-  """Loads an adapter file onto a plain base model; returns (adapted params, adapted config).
-
-  The adapted config is `base_config` with the file's `lora_*` settings. Raises ValueError naming the
-  tensor on any missing or unexpected tensor, or a shape/dtype mismatch with the base.
-  """
-  from safetensors import safe_open
-  if targets(base_config):
-    raise ValueError(f'load_adapters: the base config already has adapters '
-                     f'(model.lora_targets={base_config.lora_targets!r}); load onto a plain base')
-  with safe_open(path, framework='numpy') as f:
-    settings = _parse_metadata(path, f.metadata())
-    tensors = {name: f.get_tensor(name) for name in f.keys()}
-  config = base_config.replace(**settings)
-  validate(config)
-  flat = dict(_flat(base))
-  expected = {}
-  for key, kernel in flat.items():
-    if key[-1] != 'kernel' or not is_target(config, key[-2]) or not key[0].startswith('layers_'):
-      continue
-    module, (I, O), R = key[:-1], kernel.shape, config.lora_rank
-    name = _export_name(module)
-    expected[f'{name}.lora_a'] = (module + ('lora_a',), (R, I))
-    expected[f'{name}.lora_b'] = (module + ('lora_b',), (O, R))
-    if config.lora_mode == 'flylora':
-      expected[f'{name}.expert_bias'] = (module + ('expert_bias',), (R,))
-  unexpected = sorted(set(tensors) - set(expected))
-  if unexpected:
-    raise ValueError(f'{path}: unexpected tensor {unexpected[0]} for this base and '
-                     f'lora_targets={config.lora_targets!r}')
-  for name, (key, shape) in sorted(expected.items()):
-    if name not in tensors:
-      raise ValueError(f'{path}: missing tensor {name}')
-    value = tensors[name]
-    if value.shape != shape or value.dtype != np.float32:
-      raise ValueError(f'{path}: {name} is {value.dtype}{list(value.shape)}, expected float32{list(shape)}')
-    flat[key] = jnp.asarray(value.T if value.ndim == 2 else value)
-  return _unflat(flat), config
-

@@ -4,40 +4,169 @@
 
 The continuation goes to stdout as it is decoded (one prompt: token by token; several prompts: each in
 full at the end); timings and tokens/s go to stderr, so stdout holds only text.
+
+The library part turns tokens into text as they come: `TextStream` (whole UTF-8 characters, stop
+strings) and `generate_text` (prompts as strings, pieces of text to a callback), used here, by chat.py
+and by the sample at the end of training. Decoding itself is decode.py.
 """
 
 import sys
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 from absl import app, flags, logging
 
-from vesper_jax import checkpoint, sampling
-from vesper_jax.model import ModelConfig
+from vesper_jax import checkpoint, cli, decode
+from vesper_jax.model import ModelConfig, cast_for_inference
+from vesper_jax.pytree import PyTree
+from vesper_jax.sampling import SamplingConfig
 from vesper_jax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
 
+_STREAM_CONTEXT = 4  # prompt ids a TextStream decodes along with the first new ones (see TextStream)
 
-def load_from_flags() -> tuple[ModelConfig, Any, Tokenizer, sampling.SamplingConfig]:
+
+# ------------------------------------------------------------------------------------------ text
+
+class TextCodec(Protocol):
+  """What streaming text needs of a tokenizer (vesper_jax.tokenizer.Tokenizer is one)."""
+  eos_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class TextStream:
+  """Turns one row's growing token list into printable text, piece by piece.
+
+  Decoding ids one at a time is wrong for byte-level tokenizers: a multi-byte character split across
+  tokens decodes to U+FFFD until its last byte arrives. So each push decodes a short window of recent ids
+  and emits only the new text past the previous window's, holding it back while it ends in U+FFFD.
+  With stop strings, text that could be the start of one is held back too, and the text ends just
+  before the first stop string.
+
+  `context` (the prompt's ids) is decoded along with the first new ids but never emitted: decoders that
+  drop the leading space of a sequence (Metaspace: BARThez, Llama) would otherwise drop the space
+  between the prompt and its continuation.
+  """
+
+  def __init__(self, tokenizer: TextCodec, stop_strings: Sequence[str] = (), context: Sequence[int] = ()):
+    self._tokenizer = tokenizer
+    self._stops = tuple(s for s in stop_strings if s)
+    self._ids: list[int] = [int(i) for i in context[-_STREAM_CONTEXT:]]
+    self._prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already in self._text
+    self._read_offset = len(self._ids)  # (or, at first, to the context's text, which is not emitted)
+    self._text = ''          # stable decoded text (whole characters)
+    self._emitted = 0        # characters of self._text handed out
+    self.stopped = False     # a stop string was found
+
+  @property
+  def text(self) -> str:
+    """All stable text so far (cut before a stop string)."""
+    return self._text
+
+  def push(self, ids: Sequence[int]) -> str:
+    """Adds new ids; returns the new printable text ('' if none is stable yet)."""
+    if self.stopped:
+      return ''
+    self._ids.extend(int(i) for i in ids)
+    self._decode_new(final=False)
+    return self._release(final=False)
+
+  def finish(self) -> str:
+    """No more ids: returns whatever was held back (a trailing U+FFFD is then a real broken byte)."""
+    if not self.stopped:
+      self._decode_new(final=True)
+    return self._release(final=True)
+
+  def _decode_new(self, final: bool) -> None:
+    decode = self._tokenizer.decode
+    before = decode(self._ids[self._prefix_offset:self._read_offset])
+    after = decode(self._ids[self._prefix_offset:])
+    if len(after) > len(before) and (final or not after.endswith('\ufffd')):
+      # Decoding from prefix_offset rather than read_offset keeps decoders that drop a leading space at
+      # the start of a sequence (Metaspace, ...) from dropping real spaces in the middle of the text.
+      self._text += after[len(before):]
+      self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+
+  def _release(self, final: bool) -> str:
+    if self._stops and not self.stopped:
+      search_from = max(0, self._emitted - max(len(s) for s in self._stops))
+      hits = [i for i in (self._text.find(s, search_from) for s in self._stops) if i >= 0]
+      if hits:
+        self._text, self.stopped = self._text[:min(hits)], True
+    end = len(self._text)
+    if not (final or self.stopped):
+      end -= self._partial_stop_length()
+    out = self._text[self._emitted:end]
+    self._emitted = max(self._emitted, end)
+    return out
+
+  def _partial_stop_length(self) -> int:
+    """Length of the longest end of the text that is a proper prefix of a stop string."""
+    best = 0
+    for s in self._stops:
+      for k in range(min(len(s) - 1, len(self._text)), best, -1):
+        if self._text.endswith(s[:k]):
+          best = k
+          break
+    return best
+
+
+def generate_text(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
+                  prompts: Sequence[str | Sequence[int]], *,
+                  max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                  stop_strings: Sequence[str] = (), chunk_size: int = 1,
+                  on_text: Callable[[int, str], None] | None = None,
+                  stats: decode.GenerationStats | None = None) -> list[str]:
+  """Continues each prompt; `on_text(row, piece)` receives printable text as it is produced.
+
+  A prompt is a string or its token ids. Rows end at the tokenizer's EOS, at the first stop string
+  (excluded from the text) or after `max_new_tokens`. An empty prompt starts from the EOS token (the
+  document separator in training). Returns the continuation of each prompt.
+  """
+  ids = [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eos_id] for p in prompts]
+  streams = [TextStream(tokenizer, stop_strings, context=row) for row in ids]
+
+  def on_tokens(new: list[list[int]]) -> bool:
+    for b, (stream, row) in enumerate(zip(streams, new)):
+      piece = stream.push(row) if row else ''
+      if piece and on_text is not None:
+        on_text(b, piece)
+    return all(s.stopped for s in streams)
+
+  decode.generate(params, config, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+           eos_id=tokenizer.eos_id, seed=seed, chunk_size=chunk_size, on_tokens=on_tokens, stats=stats)
+  for b, stream in enumerate(streams):
+    piece = stream.finish()
+    if piece and on_text is not None:
+      on_text(b, piece)
+  return [s.text for s in streams]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def load_from_flags() -> tuple[ModelConfig, PyTree, Tokenizer, SamplingConfig]:
   """The model, tokenizer and sampling settings named by `define_common_flags` (chat uses this too)."""
   if not FLAGS['verbosity'].present:  # library INFO logs would interleave with the text in a terminal
     logging.set_verbosity(logging.WARNING)
   logging.info('devices: %s', jax.devices())
-  config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
-  if FLAGS.dtype:
-    config, params = sampling.cast_for_inference(config, params, FLAGS.dtype)
   try:
-    settings = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                       top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty)
+    settings = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                              repetition_penalty=FLAGS.repetition_penalty)
   except ValueError as e:  # e.g. --top_p=0: the flag's name and range, without a traceback
     raise app.UsageError(str(e)) from e
+  config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
+  if FLAGS.dtype:
+    config, params = cast_for_inference(config, params, FLAGS.dtype)
   return config, params, tokenizer, settings
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   config, params, tokenizer, settings = load_from_flags()
   prompts = FLAGS.prompt
   longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
@@ -57,11 +186,10 @@ def main(argv):
   if streaming:
     sys.stdout.write(prompts[0])
     sys.stdout.flush()
-  stats = sampling.GenerationStats()
-  texts = sampling.generate_text(params, config, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 sampling=settings, seed=FLAGS.seed, stop_strings=FLAGS.stop,
-                                 chunk_size=FLAGS.chunk_size, on_text=on_text if streaming else None,
-                                 stats=stats)
+  stats = decode.GenerationStats()
+  texts = generate_text(params, config, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        sampling=settings, seed=FLAGS.seed, stop_strings=FLAGS.stop,
+                        chunk_size=FLAGS.chunk_size, on_text=on_text if streaming else None, stats=stats)
   if streaming:
     sys.stdout.write('\n')
   else:
@@ -85,7 +213,7 @@ def define_common_flags() -> None:
                     'inference; default: the trained compute dtype with float32 weights.')
 
 
-def _define_flags():
+def define_flags() -> None:
   define_common_flags()
   flags.DEFINE_multi_string('prompt', [''], 'Prompt text; repeat the flag for a batch of prompts. '
                             'An empty prompt starts a new document.')
@@ -98,5 +226,4 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run('vesper_jax.generate', main, define_flags)

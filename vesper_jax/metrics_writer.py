@@ -1,10 +1,14 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard event files and a progress bar."""
+"""Where training metrics go: metrics.jsonl, TensorBoard event files, a progress bar, and the
+throughput (tokens/s, MFU) measured between two log lines."""
 
 import json
 import os
 import pathlib
+import time
 
 import tqdm
+
+from vesper_jax import scaling
 
 
 class MetricsWriter:
@@ -59,3 +63,30 @@ class Progress:
 
   def close(self) -> None:
     self._bar.close()
+
+
+class Throughput:
+  """Tokens/s, and MFU where the peak is known, over the steps since the previous `read`.
+
+  Steps are dispatched asynchronously, so a window's wall time covers its steps once the loop has
+  reached a steady state (each read blocks on the metrics it reports).
+  """
+
+  def __init__(self, tokens_per_step: int, flops_per_step: float, peak_per_device: float | None,
+               num_devices: int):
+    self._tokens, self._flops = tokens_per_step, flops_per_step
+    self._peak, self._devices = peak_per_device, num_devices
+    self._start, self._steps = time.perf_counter(), 0
+
+  def tick(self) -> None:
+    """One more step in the current window."""
+    self._steps += 1
+
+  def read(self) -> dict[str, float]:
+    """{'tokens_per_s'[, 'mfu']} of the window, then starts a new one."""
+    elapsed = max(time.perf_counter() - self._start, 1e-9)
+    values = {'tokens_per_s': self._steps * self._tokens / elapsed}
+    if self._peak:
+      values['mfu'] = scaling.mfu(self._steps * self._flops / elapsed, self._peak, self._devices)
+    self._start, self._steps = time.perf_counter(), 0
+    return values

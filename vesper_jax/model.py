@@ -2,8 +2,16 @@
 
     h = x + Attention(Norm(x));  y = h + FeedForward(Norm(h));  final Norm;  lm_head
 
-Shape suffixes used below: B batch, T query length, S key length (the KV cache in decode mode),
-N query heads, K key/value heads, H head dim, D d_model, F d_ff, V (padded) vocabulary.
+Shape key, for the whole package: a tensor's name ends in its axes (`q_BTNH`), one letter per axis,
+each letter with one meaning everywhere (model, flylora, decode, train, losses):
+
+    A  micro-batches of one step (gradient accumulation)    B  batch (sequences)
+    T  sequence / query length                              S  key length (the KV cache in decode mode)
+    N  query heads        K  key/value heads                H  head dim
+    D  d_model            F  d_ff (FFN hidden units)        V  vocabulary (padded where stated)
+    I  in features        O  out features of a projection   R  adapter rank (FlyLoRA / LoRA)
+    E  ranks selected per token (FlyLoRA's top-k)           P  (padded) prompt length
+    C  tokens per decode chunk                              1  an axis of size one
 
 Parameters are float32; `ModelConfig.dtype` is the compute dtype (bfloat16 on GPU). Module names follow
 the export naming of SPEC §11 (`layers_{i}/attention/q_proj`, `layers_{i}/ffn/gate_proj`, ...), so export
@@ -13,17 +21,14 @@ is a rename rather than a remapping.
 import dataclasses
 import functools
 import math
-from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vesper_jax import flylora
 from vesper_jax.era import era
-
-PyTree = Any
+from vesper_jax.pytree import PyTree, flatten
 
 ACTIVATIONS = ('era', 'silu', 'gelu')
 NORMS = ('layernorm', 'rmsnorm')
@@ -97,6 +102,27 @@ class ModelConfig:
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+
+# Fields that change no parameter's shape or meaning: a run may resume, or a base model be loaded, with
+# any of them changed. Every other field changes the weights (their shapes, or what they compute: the
+# norm, the activation, RoPE's base, the adapters' routing...). RoPE has no learned positions, so the
+# context length is free.
+RUNTIME_FIELDS = ('max_seq_len', 'dtype', 'remat', 'attention_impl', 'decode', 'lora_bias_rate')
+WEIGHT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS)
+ADAPTER_FIELDS = tuple(f for f in WEIGHT_FIELDS if f.startswith('lora_'))
+
+
+def weight_changes(old: ModelConfig, new: ModelConfig,
+                   fields: tuple[str, ...] = WEIGHT_FIELDS) -> list[tuple[str, object, object]]:
+  """(field, old value, new value) for each of `fields` on which the two configs' weights differ."""
+  return [(f, getattr(old, f), getattr(new, f)) for f in fields if getattr(old, f) != getattr(new, f)]
+
+
+def cast_for_inference(config: ModelConfig, params: PyTree, dtype: str) -> tuple[ModelConfig, PyTree]:
+  """Computes in `dtype` with the parameters stored in `dtype` too (halves the bytes read per token)."""
+  jdtype = jnp.dtype(dtype)
+  return config.replace(dtype=dtype), jax.tree.map(lambda x: x.astype(jdtype), params)
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float = 10000.0) -> jax.Array:
@@ -210,9 +236,9 @@ class Block(nn.Module):
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                attention_mask_BT: jax.Array | None) -> jax.Array:
     c = self.config
-    h_BTD = x_BTD + Attention(c, name='attention')(_norm(c, 'attention_norm')(x_BTD), positions_BT,
+    x_BTD = x_BTD + Attention(c, name='attention')(_norm(c, 'attention_norm')(x_BTD), positions_BT,
                                                    attention_mask_BT)
-    return h_BTD + FeedForward(c, name='ffn')(_norm(c, 'ffn_norm')(h_BTD))
+    return x_BTD + FeedForward(c, name='ffn')(_norm(c, 'ffn_norm')(x_BTD))
 
 
 class VesperLM(nn.Module):
@@ -287,13 +313,13 @@ def param_counts(params: PyTree, trainable: PyTree | None = None) -> dict[str, i
     params: the parameter tree (the `params` collection).
     trainable: optional tree of bools with the same structure; default: everything is trainable.
   """
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  flat = flatten(params)
   total = sum(int(v.size) for v in flat.values())
   embedding = sum(int(v.size) for k, v in flat.items() if k[0] in EMBEDDING_NAMES)
   if trainable is None:
     n_trainable = total
   else:
-    mask = flax.traverse_util.flatten_dict(flax.core.unfreeze(trainable))
+    mask = flatten(trainable)
     n_trainable = sum(int(flat[k].size) for k, m in mask.items() if m)
   return {'total': total, 'embedding': embedding, 'non_embedding': total - embedding,
           'trainable': n_trainable}

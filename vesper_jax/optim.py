@@ -1,16 +1,13 @@
 """The optimizer from `config.opt`: schedule, clipping, weight-decay mask, AdamW or Velvet."""
 
-from typing import Any
 
-import flax
 import jax
 import ml_collections
 import optax
 
 from vesper_jax import velvet
 from vesper_jax.model import EMBEDDING_NAMES
-
-PyTree = Any
+from vesper_jax.pytree import PyTree, flatten, unflatten
 
 
 
@@ -27,9 +24,9 @@ def decay_mask(params: PyTree, decay_embeddings: bool) -> PyTree:
   """True where weight decay applies: matrices only (never norms or biases), embeddings optional."""
   # Embeddings are excluded unless `opt.decay_embeddings`: decaying rarely-seen token rows toward zero
   # hurts more than it regularises.
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  flat = flatten(params)
   mask = {k: v.ndim >= 2 and (decay_embeddings or k[0] not in EMBEDDING_NAMES) for k, v in flat.items()}
-  return flax.traverse_util.unflatten_dict(mask)
+  return unflatten(mask)
 
 
 def make_optimizer(opt_config: ml_collections.ConfigDict, num_steps: int,

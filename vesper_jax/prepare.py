@@ -7,18 +7,13 @@ writes the token cache that `python -m vesper_jax.train` with the same config th
 """
 
 import pathlib
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from vesper_jax import data, sources
+from vesper_jax import cli, data, sources
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', str(pathlib.Path(__file__).with_name('config.py')), 'Configuration file (the data section is used).')
-_DOWNLOAD = flags.DEFINE_enum(
-    'download', None, sorted(sources.DOWNLOADS),
-    'Fetch this public dataset into the cache dir and use it as data.sources.')
+FLAGS = flags.FLAGS
 
 
 def summary(cache: data.TokenCache) -> str:
@@ -52,29 +47,39 @@ def summary(cache: data.TokenCache) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
-    prepare(_CONFIG.value, _DOWNLOAD.value)
-  except (ValueError, FileNotFoundError) as e:  # bad input or settings (DataError is a ValueError)
-    sys.exit(f'prepare: {e}')
+def prepare(config, download: str | None) -> tuple[data.TokenCache, pathlib.Path | None]:
+  """Fetches `download` if given (and makes it `config.data.sources`), then builds or opens the cache.
 
-
-def prepare(config, download: str | None) -> data.TokenCache:
-  """Fetches `download` if given (and makes it the source), builds the cache and prints its summary."""
+  Returns:
+    (the token cache, the downloaded file or None).
+  """
+  path = None
   if download:
     cache_dir = sources.default_cache_dir(config.data.cache_dir)
     path = sources.download(download, cache_dir, base_url=config.data.download_base_url)
+    config.data.sources = f'{sources.DOWNLOAD_PREFIX}{download}'
+  return data.build_or_load_cache(config.data, config.model.vocab_size, progress=True), path
+
+
+def main(argv):
+  del argv
+  config, download = FLAGS.config, FLAGS.download
+  cache, path = prepare(config, download)
+  if download:
+    cache_dir = sources.default_cache_dir(config.data.cache_dir)
     checked = 'checked' if sources.DOWNLOADS[download].sha256 else 'recorded (not known in advance)'
     print(f'{download}: {path}\n  sha256 {sources.recorded_sha256(download, cache_dir)} {checked}')
-    config.data.sources = f'{sources.DOWNLOAD_PREFIX}{download}'
-  cache = data.build_or_load_cache(config.data, config.model.vocab_size, progress=True)
   print(summary(cache))
   if download:
     print(f'  train with  --config.data.sources={config.data.sources}')
-  return cache
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file('config', str(pathlib.Path(__file__).with_name('config.py')),
+                                  'Configuration file (the data section is used).')
+  flags.DEFINE_enum('download', None, sorted(sources.DOWNLOADS),
+                    'Fetch this public dataset into the cache dir and use it as data.sources.')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run('vesper_jax.prepare', main, define_flags)

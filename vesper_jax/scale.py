@@ -10,16 +10,11 @@ import pathlib
 from absl import app
 from absl import flags
 
+from vesper_jax import cli
 from vesper_jax import config as base_config
 from vesper_jax import scaling
 
-_TOKENS = flags.DEFINE_float('tokens', None, 'Training tokens available (D).')
-_FLOPS = flags.DEFINE_float('flops', None, 'Training compute budget in FLOPs (C).')
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Sequences per optimizer step, for the step count.')
-_SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'Tokens per sequence, for the step count.')
-_VOCAB = flags.DEFINE_integer('vocab_size', 32000, 'Vocabulary used to size the configs.')
-_CONFIGS = flags.DEFINE_string('configs_dir', str(base_config.CONFIGS_DIR),
-                               'Directory of the size configs (tiny/small/medium/large).')
+FLAGS = flags.FLAGS
 
 SIZES = ('tiny', 'small', 'medium', 'large')
 
@@ -37,24 +32,34 @@ def config_sizes(configs_dir: str, vocab_size: int) -> dict[str, int]:
 
 def main(argv):
   del argv
-  if (_TOKENS.value is None) == (_FLOPS.value is None):
+  if (FLAGS.tokens is None) == (FLAGS.flops is None):
     raise app.UsageError('give exactly one of --tokens or --flops')
-  if _FLOPS.value is not None:
-    n, d = scaling.optimal_from_flops(_FLOPS.value)
+  if FLAGS.flops is not None:
+    n, d = scaling.optimal_from_flops(FLAGS.flops)
   else:
-    d = _TOKENS.value
+    d = FLAGS.tokens
     n = scaling.optimal_params(d)
   c = scaling.training_flops(n, d)
-  sizes = config_sizes(_CONFIGS.value, _VOCAB.value)
+  sizes = config_sizes(FLAGS.configs_dir, FLAGS.vocab_size)
   nearest = scaling.nearest_config(n, sizes)
-  steps = scaling.steps_for_tokens(d, _BATCH.value, _SEQ_LEN.value)
+  steps = scaling.steps_for_tokens(d, FLAGS.batch_size, FLAGS.seq_len)
   print(f'compute-optimal parameters N : {n:,.0f} ({n / 1e6:,.1f}M)')
   print(f'compute-optimal tokens D     : {d:,.0f} ({d / 1e9:,.2f}B)')
   print(f'training compute C = 6ND     : {c:.3g} FLOPs')
-  print(f'nearest config               : {nearest} ({sizes[nearest]:,} parameters at vocab {_VOCAB.value:,})')
-  print(f"{f'steps at {_BATCH.value} x {_SEQ_LEN.value} tokens':<29}: {steps:,}")
+  print(f'nearest config               : {nearest} ({sizes[nearest]:,} parameters at vocab {FLAGS.vocab_size:,})')
+  print(f"{f'steps at {FLAGS.batch_size} x {FLAGS.seq_len} tokens':<29}: {steps:,}")
   print(f'Chinchilla predicted loss    : {scaling.predicted_loss(n, d):.3f} nats/token (indicative)')
 
 
+def define_flags() -> None:
+  flags.DEFINE_float('tokens', None, 'Training tokens available (D).')
+  flags.DEFINE_float('flops', None, 'Training compute budget in FLOPs (C).')
+  flags.DEFINE_integer('batch_size', 64, 'Sequences per optimizer step, for the step count.')
+  flags.DEFINE_integer('seq_len', 1024, 'Tokens per sequence, for the step count.')
+  flags.DEFINE_integer('vocab_size', 32000, 'Vocabulary used to size the configs.')
+  flags.DEFINE_string('configs_dir', str(base_config.CONFIGS_DIR),
+                      'Directory of the size configs (tiny/small/medium/large).')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli.run('vesper_jax.scale', main, define_flags)

@@ -2,9 +2,11 @@
 
 Compute-optimal training uses about 20 tokens per parameter (D ≈ 20·N) and costs C ≈ 6·N·D FLOPs. The
 parametric loss fit L(N, D) = E + A/N^α + B/D^β was made on their data and tokenizer: indicative only.
+Also the FLOPs arithmetic of a training step (FLOPs per token, peak FLOP/s, model FLOPs utilisation).
 """
 
 import math
+from typing import Protocol
 
 TOKENS_PER_PARAM = 20.0
 FLOPS_PER_PARAM_TOKEN = 6.0
@@ -45,3 +47,40 @@ def steps_for_tokens(tokens: float, batch_size: int, seq_len: int) -> int:
 def nearest_config(params: float, sizes: dict[str, int]) -> str:
   """The config name whose parameter count is closest on a log scale."""
   return min(sizes, key=lambda name: abs(math.log(sizes[name] / params)))
+
+
+# ------------------------------------------------------------------------------------------ FLOPs, MFU
+
+class _Shape(Protocol):  # what the FLOPs count reads of a model.ModelConfig
+  num_layers: int
+  d_model: int
+  padded_vocab_size: int
+
+
+def flops_per_token(config: _Shape, non_embedding_params: int, seq_len: int) -> float:
+  """Training FLOPs per token: 6·(matmul parameters) + 12·L·T·D for attention (PaLM, appendix B).
+
+  The matmul parameters are the non-embedding ones plus the output head's V_pad·D (the head is a matmul
+  whether or not it is tied to the embedding, which is a lookup); 6 = 2 (multiply-add) × 3 (forward,
+  and the backward's two matmuls). The attention term counts QKᵀ and the weighted sum of V.
+  """
+  matmul_params = non_embedding_params + config.padded_vocab_size * config.d_model
+  return 6.0 * matmul_params + 12.0 * config.num_layers * config.d_model * seq_len
+
+
+# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind; MFU is reported only where known.
+PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'TPU v5e': 197e12,
+              'TPU v4': 275e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The dense bf16 peak of one device of this kind, or None when unknown (a CPU, say)."""
+  for kind, flops in PEAK_FLOPS.items():
+    if kind in device_kind:
+      return flops
+  return None
+
+
+def mfu(flops_per_s: float, peak_per_device: float, num_devices: int) -> float:
+  """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices."""
+  return flops_per_s / (peak_per_device * num_devices)

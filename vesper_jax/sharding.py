@@ -6,14 +6,14 @@ global arrays and XLA's SPMD partitioner inserts the collectives (gradient all-r
 all-gather / reduce-scatter of parameters over 'fsdp').
 """
 
-from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-PyTree = Any
+from vesper_jax.pytree import PyTree
+
 
 DATA, FSDP = 'data', 'fsdp'
 

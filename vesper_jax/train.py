@@ -2,6 +2,7 @@
 
 Data flows one way: config → token cache → batches → `train_step` → metrics / checkpoints.
 `train_and_evaluate(config, workdir)` is the library entry point (notebooks and experiments call it);
+it runs five named stages: validate → data → init or restore → loop → finish (summary and sample).
 `main` only parses flags.
 """
 
@@ -15,7 +16,6 @@ import pathlib
 import signal
 import sys
 import threading
-import time
 from typing import Any, Callable
 
 import flax
@@ -24,11 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
+from absl import flags, logging
+from ml_collections import config_flags
 
 from vesper_jax import checkpoint as ckpt_lib
+from vesper_jax import cli
 from vesper_jax import config as base_config
 from vesper_jax import data as data_lib
+from vesper_jax import finetune
 from vesper_jax import flylora
 from vesper_jax import losses
 from vesper_jax import metrics_writer
@@ -37,9 +40,8 @@ from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import sources as sources_lib
 from vesper_jax import velvet
-from vesper_jax.model import ModelConfig, VesperLM, abstract_param_counts, param_counts
-
-PyTree = Any
+from vesper_jax.model import ModelConfig, VesperLM, abstract_param_counts, param_counts, weight_changes
+from vesper_jax.pytree import PyTree
 
 
 class NonFiniteError(RuntimeError):
@@ -139,50 +141,6 @@ def eval_step(params: PyTree, model_state: PyTree, batch: dict[str, jax.Array], 
   return loss
 
 
-# ----------------------------------------------------------------------------------------- checks
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses, before any data work or compilation, a config the run cannot use; names the key."""
-  _check_known_keys(config, base_config.get_config(), prefix='')
-  model_cfg = ModelConfig(**config.model)  # its __post_init__ checks the model section
-  flylora.check_init_from(config)
-  t, d = config.train, config.data
-  if d.seq_len > model_cfg.max_seq_len:
-    raise ValueError(f'data.seq_len={d.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}')
-  if d.on_error not in ('skip', 'fail'):
-    raise ValueError(f"data.on_error={d.on_error!r}: expected 'skip' or 'fail'")
-  for key in ('train.batch_size', 'train.grad_accum_steps', 'train.eval_every', 'train.eval_batches',
-              'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'):
-    section, name = key.split('.')
-    if config[section][name] < 1:  # cadences and counts; 0 would divide by zero mid-run
-      raise ValueError(f'{key}={config[section][name]} must be at least 1')
-  if t.batch_size % t.grad_accum_steps:
-    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
-                     f'train.grad_accum_steps={t.grad_accum_steps}')
-  if t.num_steps < 1 and not t.auto_scale:
-    raise ValueError(f'train.num_steps={t.num_steps} must be at least 1')
-
-
-def _check_known_keys(config, reference, prefix):
-  for key, value in config.items():
-    name = f'{prefix}{key}'
-    if key not in reference:
-      raise ValueError(f'unknown config key {name!r} (not in vesper_jax/config.py)')
-    if isinstance(value, ml_collections.ConfigDict):
-      _check_known_keys(value, reference[key], prefix=name + '.')
-
-
-def _check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
-  t = config.train
-  micro = t.batch_size // t.grad_accum_steps
-  if micro % mesh.size:
-    raise ValueError(f'the micro-batch of {micro} sequences (train.batch_size / train.grad_accum_steps)'
-                     f' does not split over {mesh.size} devices')
-  if t.batch_size % jax.process_count():
-    raise ValueError(f'train.batch_size={t.batch_size} does not split over {jax.process_count()} '
-                     'processes')
-
-
 # ----------------------------------------------------------------------------------------- setup
 
 def _compilation_cache(config: ml_collections.ConfigDict) -> None:
@@ -206,24 +164,6 @@ def _init_state(config, model: VesperLM, tx, mesh, seq_len: int):
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.state_shardings(abstract, mesh)
   return jax.jit(init, out_shardings=shardings), abstract, shardings
-
-
-def flops_per_token(model_cfg: ModelConfig, counts: dict[str, int], seq_len: int) -> float:
-  """Training FLOPs per token: 6·(matmul params) + attention scores/values (PaLM appendix B)."""
-  matmul_params = counts['non_embedding'] + model_cfg.padded_vocab_size * model_cfg.d_model
-  return 6.0 * matmul_params + 12.0 * model_cfg.num_layers * model_cfg.d_model * seq_len
-
-
-# Dense bf16 peak FLOP/s per device by device_kind substring; MFU is reported only where known.
-_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'TPU v5e': 197e12,
-               'TPU v4': 275e12}
-
-
-def peak_flops(device) -> float | None:
-  for kind, flops in _PEAK_FLOPS.items():
-    if kind in device.device_kind:
-      return flops
-  return None
 
 
 class _StopFlag:
@@ -287,114 +227,152 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
                eval_fn)
 
 
-# ----------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------- evaluation
+
+def evaluate(parts: 'Parts', state: TrainState, val_tokens: np.ndarray,
+             config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Mean loss and perplexity over the first train.eval_batches micro-batch-sized validation batches.
+
+  The same windows at every evaluation and across resumes, so the curve compares like with like.
+  """
+  t = config.train
+  eval_size = t.batch_size // t.grad_accum_steps
+  total = 0.0
+  for i in range(t.eval_batches):
+    local = data_lib.eval_batch(val_tokens, index=i, batch_size=eval_size, seq_len=config.data.seq_len,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    batch = sharding.global_batch({'tokens': local}, parts.batch_sharding)
+    total += float(parts.eval_fn(state.params, state.model_state, batch))
+  loss = total / t.eval_batches
+  return {'eval_loss': loss, 'eval_perplexity': float(math.exp(min(loss, 50.0)))}
+
+
+# ----------------------------------------------------------------------------------------- stages
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains (or resumes) the model `config` describes, writing everything into `workdir`.
 
   Returns:
     A dict with the final step, last training loss, last eval loss/perplexity, skipped-update count,
-    measured tokens/s, and whether the run stopped early on a signal.
+    measured tokens/s, and whether the run stopped early on a signal (and a text sample, if asked).
   """
-  validate_config(config)
   workdir = pathlib.Path(workdir)
-  t, lead = config.train, jax.process_index() == 0
+  validate_config(config)
   _compilation_cache(config)
+  cache, config = load_data(config)
+  check_resumable(workdir, config)
+  ckpt_lib.write_workdir_metadata(workdir, config, cache.directory / 'tokenizer.json')
+  mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
+  parts = build(config, mesh)
+  _log_model(parts, mesh)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+  try:
+    state, start = init_or_restore(config, parts, checkpointer)
+    state, summary = _loop(config, parts, cache, state, start, checkpointer, mesh, workdir)
+  finally:
+    checkpointer.close()
+  return _finish(config, parts, cache, state, summary)
 
-  cache = data_lib.build_or_load_cache(config.data, config.model.vocab_size,
-                                       progress=lead and config.logging.progress_bar)
-  if t.auto_scale:
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Stage 1: refuses, before any data work or compilation, a config the run cannot use (names the key)."""
+  base_config.validate(config)
+  finetune.check_init_from(config)
+
+
+def load_data(config: ml_collections.ConfigDict) -> tuple[data_lib.TokenCache, ml_collections.ConfigDict]:
+  """Stage 2: the token cache; with train.auto_scale, a copy of `config` with num_steps set from it."""
+  cache = data_lib.build_or_load_cache(
+      config.data, config.model.vocab_size,
+      progress=jax.process_index() == 0 and config.logging.progress_bar)
+  if config.train.auto_scale:
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.train.num_steps = auto_scale_steps(config, len(cache.train))
-    t = config.train
-  _refuse_changed_model(workdir, config)
-  ckpt_lib.write_workdir_metadata(workdir, config, cache.directory / 'tokenizer.json')
+  return cache, config
 
-  mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
-  _check_batch_layout(config, mesh)
-  parts = build(config, mesh)
-  model_cfg, trainable, seq_len = parts.model.config, parts.trainable, config.data.seq_len
-  init_fn, abstract_state, state_shardings = parts.init_fn, parts.abstract_state, parts.state_shardings
-  counts = param_counts(abstract_state.params)
+
+def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume `workdir` with a model whose weights mean something else (model.WEIGHT_FIELDS).
+
+  Fields that change no weight (dtype, remat, attention_impl, max_seq_len...) may change on resume.
+  """
+  if not (workdir / ckpt_lib.CONFIG_FILE).is_file():
+    return
+  try:
+    old = ModelConfig(**ckpt_lib.read_config(workdir).model)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{workdir / ckpt_lib.CONFIG_FILE}: its model section is not a valid ModelConfig '
+                     f'({e}); use a new --workdir') from e
+  changes = weight_changes(old, ModelConfig(**config.model))
+  if changes:
+    what = ', '.join(f'model.{k} {a!r} -> {b!r}' for k, a, b in changes)
+    raise ValueError(f'{workdir} was trained with a different model ({what}): its checkpoints cannot '
+                     'be resumed with these weights; use a new --workdir')
+
+
+def _log_model(parts: 'Parts', mesh: jax.sharding.Mesh) -> None:
+  counts = param_counts(parts.abstract_state.params)
   logging.info('Model: %s parameters (%s non-embedding) on mesh %s over %d devices (%s)',
                f"{counts['total']:,}", f"{counts['non_embedding']:,}", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind)
-  if trainable is not None:
-    flylora.param_report(abstract_state.params, model_cfg, trainable)
-    logging.info('Optimizer state: %s elements', f'{optim.count_state(abstract_state.opt_state):,}')
+  if parts.trainable is not None:
+    flylora.param_report(parts.abstract_state.params, parts.model.config, parts.trainable)
+    logging.info('Optimizer state: %s elements', f'{optim.count_state(parts.abstract_state.opt_state):,}')
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+
+def init_or_restore(config: ml_collections.ConfigDict, parts: 'Parts',
+                    checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, int]:
+  """Stage 3: the latest checkpoint's state, or a fresh one (with a base's weights when fine-tuning)."""
   start = checkpointer.latest_step()
-  if start is None:
-    state, start = init_fn(jax.random.key(t.seed)), 0
-    if t.init_from:  # fine-tuning: the base's weights replace the random ones (adapters stay as built)
-      params = flylora.graft_base(state.params, flylora.load_base(t.init_from, model_cfg))
-      state = state.replace(params=jax.device_put(params, state_shardings.params))
-  else:
-    state = checkpointer.restore(start, jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_shardings))
-    logging.info('Resumed from the checkpoint of step %d in %s', start, workdir)
+  if start is not None:
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            parts.abstract_state, parts.state_shardings)
+    logging.info('Resuming from the checkpoint of step %d', start)
+    return checkpointer.restore(start, abstract), start
+  state = parts.init_fn(jax.random.key(config.train.seed))
+  if config.train.init_from:  # fine-tuning: the base's weights replace the random ones (adapters stay)
+    base = finetune.load_base(config.train.init_from, parts.model.config)
+    params = flylora.graft_base(state.params, base)
+    state = state.replace(params=jax.device_put(params, parts.state_shardings.params))
+  return state, 0
 
-  batch_sharding, step_fn, eval_fn = parts.batch_sharding, parts.step_fn, parts.eval_fn
 
-  def place(local: np.ndarray) -> dict[str, jax.Array]:
-    return sharding.global_batch({'tokens': local}, batch_sharding)
-
-  def batch_for(step: int) -> dict[str, jax.Array]:
-    return place(data_lib.get_batch(cache.train, seed=t.seed, step=step, batch_size=t.batch_size,
-                                    seq_len=seq_len, process_index=jax.process_index(),
-                                    process_count=jax.process_count()))
-
-  def evaluate(state) -> dict[str, float]:
-    # The same validation windows at every evaluation and across resumes, micro-batch sized.
-    eval_size = t.batch_size // t.grad_accum_steps
-    total = 0.0
-    for i in range(t.eval_batches):
-      batch = place(data_lib.eval_batch(cache.val, index=i, batch_size=eval_size, seq_len=seq_len,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count()))
-      total += float(eval_fn(state.params, state.model_state, batch))
-    loss = total / t.eval_batches
-    return {'eval_loss': loss, 'eval_perplexity': float(math.exp(min(loss, 50.0)))}
-
+def _loop(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.TokenCache,
+          state: TrainState, start: int, checkpointer: ckpt_lib.Checkpointer, mesh: jax.sharding.Mesh,
+          workdir: pathlib.Path) -> tuple[TrainState, dict[str, Any]]:
+  """Stage 4: steps up to train.num_steps; logs, evaluates and saves on their cadences (and at the end);
+  on SIGTERM/SIGINT saves the current step and returns."""
+  t, lead = config.train, jax.process_index() == 0
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, enabled=lead)
-  tokens_per_step = t.batch_size * seq_len
-  flops = flops_per_token(model_cfg, counts, seq_len) * tokens_per_step
-  peak = peak_flops(jax.devices()[0])
   progress = metrics_writer.Progress(t.num_steps, start, enabled=lead and config.logging.progress_bar)
-  prefetch = data_lib.Prefetcher(batch_for, start_step=start)
+  throughput = _throughput(config, parts, mesh)
+  prefetch = data_lib.Prefetcher(functools.partial(_train_batch, config, cache.train, parts), start)
   summary: dict[str, Any] = {'stopped_by_signal': False}
-  last_eval: dict[str, float] = {}
+
+  def evaluate_and_log(step: int) -> None:
+    summary.update(evaluate(parts, state, cache.val, config))
+    writer.write(step, {k: summary[k] for k in ('eval_loss', 'eval_perplexity')})
+    progress.note(f"step {step}: eval loss {summary['eval_loss']:.4f}")
+
   try:
     if start == 0:  # the starting point of the validation curve
-      last_eval = evaluate(state)
-      writer.write(0, last_eval)
-      progress.note(f"step 0: eval loss {last_eval['eval_loss']:.4f}")
+      evaluate_and_log(0)
     with _StopFlag() as stop:
       pending = None  # the previous step's metrics, read while the current step runs
-      window_start, window_steps = time.perf_counter(), 0
       for step in range(start, t.num_steps):
-        state, metrics = step_fn(state, next(prefetch))
-        window_steps += 1
+        state, metrics = parts.step_fn(state, next(prefetch))
+        throughput.tick()
         if pending is not None:
           _check_nonfinite(pending, t.max_nonfinite_steps)
-        pending = metrics
-        done = step + 1
+        pending, done = metrics, step + 1
         if done % config.logging.every_steps == 0 or done == t.num_steps:
-          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          elapsed = time.perf_counter() - window_start
-          values['tokens_per_s'] = window_steps * tokens_per_step / elapsed
-          if peak:
-            values['mfu'] = window_steps * flops / elapsed / (peak * mesh.size)
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()} | throughput.read()
           writer.write(done, values)
           progress.update(done, values)
-          window_start, window_steps = time.perf_counter(), 0
           summary.update(loss=values['loss'], tokens_per_s=values['tokens_per_s'])
         if done % t.eval_every == 0 or done == t.num_steps:
-          last_eval = evaluate(state)
-          writer.write(done, last_eval)
-          progress.note(f"step {done}: eval loss {last_eval['eval_loss']:.4f}")
+          evaluate_and_log(done)
         # Read the flag once: a signal on a checkpoint step must not save that step twice (orbax refuses).
         stopping = stop.signal is not None
         if stopping:
@@ -409,12 +387,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   finally:
     prefetch.close()
     progress.close()
-    checkpointer.close()
     writer.close()
-  summary.update(step=int(state.step), skipped_updates=int(state.nonfinite_total), **last_eval)
-  if lead and not summary['stopped_by_signal'] and t.sample_prompt:
-    summary['sample'] = _sample(model_cfg, state.params, cache.tokenizer, t)
+  return state, summary
+
+
+def _finish(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.TokenCache,
+            state: TrainState, summary: dict[str, Any]) -> dict[str, Any]:
+  """Stage 5: the run's summary, and a text sample from the trained model (process 0, unless stopped)."""
+  t = config.train
+  summary.update(step=int(state.step), skipped_updates=int(state.nonfinite_total))
+  if jax.process_index() == 0 and not summary['stopped_by_signal'] and t.sample_prompt:
+    summary['sample'] = _sample(parts.model.config, state.params, cache.tokenizer, t)
   return summary
+
+
+def _train_batch(config: ml_collections.ConfigDict, tokens: np.ndarray, parts: 'Parts',
+                 step: int) -> dict[str, jax.Array]:
+  """The global batch of `step` (this process reads only its rows), placed on the mesh."""
+  t = config.train
+  local = data_lib.get_batch(tokens, seed=t.seed, step=step, batch_size=t.batch_size,
+                             seq_len=config.data.seq_len, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  return sharding.global_batch({'tokens': local}, parts.batch_sharding)
+
+
+def _throughput(config: ml_collections.ConfigDict, parts: 'Parts',
+                mesh: jax.sharding.Mesh) -> metrics_writer.Throughput:
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  counts = param_counts(parts.abstract_state.params)
+  flops = scaling.flops_per_token(parts.model.config, counts['non_embedding'], config.data.seq_len)
+  return metrics_writer.Throughput(tokens_per_step, flops * tokens_per_step,
+                                   scaling.peak_flops(jax.devices()[0].device_kind), mesh.size)
 
 
 def auto_scale_steps(config: ml_collections.ConfigDict, cached_tokens: int) -> int:
@@ -438,22 +441,11 @@ def _check_nonfinite(metrics: dict[str, jax.Array], limit: int) -> None:
                          'the last good state.')
 
 
-def _refuse_changed_model(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Resuming a workdir with a different model would load mismatched weights: refuse it by key."""
-  if not (workdir / ckpt_lib.CONFIG_FILE).is_file():
-    return
-  old = ckpt_lib.read_config(workdir).model
-  changed = [k for k in config.model if k in old and old[k] != config.model[k]]
-  if changed:
-    raise ValueError(f'{workdir} was trained with a different model ({", ".join(f"model.{k}" for k in changed)}'
-                     f' changed); use a new --workdir')
-
-
 def _sample(model_cfg: ModelConfig, params: PyTree, tokenizer, t: ml_collections.ConfigDict) -> str:
   """A short text sample from the trained model, logged at the end of the run."""
-  from vesper_jax import sampling  # deferred: only the end of a run needs it
-  continuation, = sampling.generate_text(params, model_cfg, tokenizer, [t.sample_prompt],
-                                        max_new_tokens=t.sample_tokens, seed=t.seed)
+  from vesper_jax import generate  # deferred: only the end of a run needs it
+  continuation, = generate.generate_text(params, model_cfg, tokenizer, [t.sample_prompt],
+                                         max_new_tokens=t.sample_tokens, seed=t.seed)
   text = t.sample_prompt + continuation
   logging.info('Sample: %r', text)
   return text
@@ -484,7 +476,6 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flag_values = flags.FLAGS
   config = flag_values.config
   _maybe_initialize_distributed(config, flag_values)
@@ -492,21 +483,14 @@ def main(argv):
   if jax.process_index() == 0:
     print(f'vesper_jax.train: {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), '
           f'workdir {workdir}', flush=True)
-  try:
-    summary = train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError) as e:  # bad config or data: say which, without a traceback
-    if logging.get_verbosity() >= logging.DEBUG:  # --verbosity=1 shows where it came from
-      raise
-    sys.exit(f'vesper_jax.train: error: {e}')
+  summary = train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     if 'sample' in summary:
       print(f"\n--- sample ---\n{summary.pop('sample')}\n--------------", flush=True)
     print(json.dumps(summary, indent=2), flush=True)
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs). Default: runs/<config name>.')
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
@@ -517,7 +501,6 @@ def _define_flags():
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with an unknown `--config.a.b` override reported by name instead of a traceback."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:
@@ -528,6 +511,4 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run('vesper_jax.train', main, define_flags, flags_parser=_parse_flags)

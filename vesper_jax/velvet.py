@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-PyTree = Any
+from vesper_jax.pytree import PyTree
+
 KERNELS = ('auto', 'xla', 'pallas')
 
 

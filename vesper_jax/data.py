@@ -213,24 +213,13 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
                 for s, (_, _, sha) in zip(sources, reading['sources'])]
   counts = {'train_documents': 0, 'val_documents': 0, 'train_tokens': 0, 'val_tokens': 0}
 
-  def pieces():  # (source index, is validation, last piece of its document, text)
-    index = 0
-    for k, source in enumerate(sources):
-      for document in sources_lib.read_documents(source, options, errors):
-        is_val = _is_val(index, val_fraction)
-        counts['val_documents' if is_val else 'train_documents'] += 1
-        per_source[k]['documents'] += 1
-        index += 1
-        parts = list(split_long(document, PIECE_CHARS))
-        for j, part in enumerate(parts):
-          yield k, is_val, j == len(parts) - 1, part
-
   try:
     tmp.mkdir()
     shutil.copyfile(tokenizer.path, tmp / 'tokenizer.json')
     bar = tqdm.tqdm(unit='tok', unit_scale=True, desc='tokenizing', disable=not progress)
     with open(tmp / 'train.bin', 'wb') as train_file, open(tmp / 'val.bin', 'wb') as val_file, bar:
-      for batch in _batches(pieces(), BATCH_CHARS):
+      pieces = _pieces(sources, options, errors, val_fraction, counts, per_source)
+      for batch in _batches(pieces, BATCH_CHARS):
         encoded = tokenizer.encode_batch([text for _, _, _, text in batch])
         out = {False: [], True: []}
         for (k, is_val, last, _), ids in zip(batch, encoded):
@@ -253,30 +242,57 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
     if val_fraction > 0 and counts['val_tokens'] == 0:
       split = 'tail'  # too few documents to hold any out: hold out the last tokens instead
       _move_tail(tmp, dtype, counts, val_fraction)
-    seconds = time.perf_counter() - start
-    tokens = counts['train_tokens'] + counts['val_tokens']
     meta = {
         'format_version': FORMAT_VERSION, 'key': key, 'dtype': np.dtype(dtype).name,
-        'vocab_size': tokenizer.vocab_size, 'eos_id': tokenizer.eos_id, 'bos_id': tokenizer.bos_id,
-        'pad_id': tokenizer.pad_id, 'tokenizer_sha256': tokenizer.sha256(), 'tokenizer_source': tokenizer.path,
-        **counts, 'split': split, 'val_fraction': val_fraction, 'options': reading['options'],
-        'sources': per_source, 'skipped_count': len(errors.skipped),
+        **_tokenizer_meta(tokenizer), **counts, 'split': split, 'val_fraction': val_fraction,
+        'options': reading['options'], 'sources': per_source, 'skipped_count': len(errors.skipped),
         'skipped': errors.skipped[:_MAX_SKIPPED_IN_META], 'ignored': errors.ignored[:_MAX_SKIPPED_IN_META],
-        'build_seconds': seconds, 'tokens_per_second': tokens / max(seconds, 1e-9),
-        'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+        **_timing_meta(start, counts['train_tokens'] + counts['val_tokens']),
     }
-    # meta.json is written last, and the directory only gets its final name once everything is on disk.
-    (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    try:
-      os.rename(tmp, directory)
-    except OSError:
-      if not (directory / 'meta.json').exists():
-        raise
-      logging.info('another process built %s first; using its cache', directory)
-      shutil.rmtree(tmp, ignore_errors=True)
+    _publish(tmp, directory, meta)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _pieces(sources, options, errors, val_fraction: float, counts: dict,
+            per_source: list[dict]) -> Iterator[tuple[int, bool, bool, str]]:
+  """(source index, is validation, last piece of its document, text) for every piece of every document,
+  counting documents per split and per source as they are read."""
+  index = 0
+  for k, source in enumerate(sources):
+    for document in sources_lib.read_documents(source, options, errors):
+      is_val = _is_val(index, val_fraction)
+      counts['val_documents' if is_val else 'train_documents'] += 1
+      per_source[k]['documents'] += 1
+      index += 1
+      parts = list(split_long(document, PIECE_CHARS))
+      for j, part in enumerate(parts):
+        yield k, is_val, j == len(parts) - 1, part
+
+
+def _tokenizer_meta(tokenizer: Tokenizer) -> dict[str, Any]:
+  return {'vocab_size': tokenizer.vocab_size, 'eos_id': tokenizer.eos_id, 'bos_id': tokenizer.bos_id,
+          'pad_id': tokenizer.pad_id, 'tokenizer_sha256': tokenizer.sha256(),
+          'tokenizer_source': tokenizer.path}
+
+
+def _timing_meta(start: float, tokens: int) -> dict[str, Any]:
+  seconds = time.perf_counter() - start
+  return {'build_seconds': seconds, 'tokens_per_second': tokens / max(seconds, 1e-9),
+          'created': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+
+
+def _publish(tmp: pathlib.Path, directory: pathlib.Path, meta: dict[str, Any]) -> None:
+  """Writes meta.json last, then gives the build its final name: a cache is complete or absent."""
+  (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+  try:
+    os.rename(tmp, directory)
+  except OSError:
+    if not (directory / 'meta.json').exists():
+      raise
+    logging.info('another process built %s first; using its cache', directory)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _batches(pieces: Iterator[tuple], max_chars: int) -> Iterator[list[tuple]]:

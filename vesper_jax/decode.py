@@ -168,6 +168,30 @@ class GenerationStats:
     return self.decode_tokens / self.decode_s if self.decode_s > 0 else float('nan')
 
 
+def _dispatch(params: PyTree, state: DecodeState, n: int, chunk_size: int, statics: dict):
+  """Starts the next `n` decode steps on the device; returns (state, (tokens_BC, count or None))."""
+  if chunk_size == 1:
+    state, token_B = decode_step(params, state, **statics)
+    return state, (token_B[:, None], None)
+  state, tokens_BC, count = decode_chunk(params, state, jnp.int32(n), chunk=chunk_size, **statics)
+  return state, (tokens_BC, count)
+
+
+def _take_new(pending: tuple, finished: list[bool], eos_id: int | None) -> list[list[int]]:
+  """Each row's new tokens from a dispatched call, cut at EOS (marking the row finished)."""
+  tokens_BC, count = pending
+  new_BC = np.asarray(tokens_BC)
+  if count is not None:
+    new_BC = new_BC[:, :int(count)]
+  new = []
+  for b in range(new_BC.shape[0]):
+    row = [] if finished[b] else new_BC[b].tolist()
+    if eos_id is not None and eos_id in row:
+      row, finished[b] = row[:row.index(eos_id)], True
+    new.append(row)
+  return new
+
+
 def generate(params: PyTree, config: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              eos_id: int | None = None, seed: int = 0, chunk_size: int = 1,
@@ -216,23 +240,12 @@ def generate(params: PyTree, config: ModelConfig, prompts: Sequence[Sequence[int
     # n+1 while the host detokenizes and prints step n (its result is dropped if we stop now).
     following = None
     if remaining > 0:
-      if chunk_size == 1:
-        state, token_B = decode_step(params, state, **statics)
-        following, remaining = (token_B[:, None], None), remaining - 1
-      else:
-        n = min(chunk_size, remaining)
-        state, tokens_BC, count = decode_chunk(params, state, jnp.int32(n), chunk=chunk_size, **statics)
-        following, remaining = (tokens_BC, count), remaining - n
-    new_BC = np.asarray(pending[0])
-    if pending[1] is not None:
-      new_BC = new_BC[:, :int(pending[1])]
-    new: list[list[int]] = []
-    for b in range(B):
-      row = [] if finished[b] else new_BC[b].tolist()
-      if eos_id is not None and eos_id in row:
-        row, finished[b] = row[:row.index(eos_id)], True
-      outputs[b].extend(row)
-      new.append(row)
+      n = min(chunk_size, remaining)
+      state, following = _dispatch(params, state, n, chunk_size, statics)
+      remaining -= n
+    new = _take_new(pending, finished, eos_id)
+    for row, out in zip(new, outputs):
+      out.extend(row)
     if not first_read:
       first_read = [time.perf_counter(), sum(len(r) for r in new)]
     stop = on_tokens(new) if on_tokens is not None else False

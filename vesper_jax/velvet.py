@@ -148,6 +148,8 @@ def _per_leaf(mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree, 
   return jax.tree.leaves(spread)
 
 
+# Long on purpose: an optax transformation is a closure over its hyperparameters, and `init_fn` /
+# `update_fn` must share them; the update body itself is short (scalings, then one leaf update per leaf).
 def velvet(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
            weight_decay: float = 0.01, entropy_adaptive: bool = True, perplexity_guided: bool = True,
            sparse_aware: PyTree | Callable[[PyTree], PyTree] | None = None, *,

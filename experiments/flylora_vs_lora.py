@@ -59,7 +59,7 @@ def _config(base_name: str, quick: bool, out: pathlib.Path, steps: int, sources:
   if quick:
     config.data.seq_len = 64
     config.train.batch_size = 16
-    config.train.eval_batches = 4
+    config.train.eval_tokens = 4 * 16 * 64  # the first 64 windows of the validation split
   return config
 
 
@@ -80,27 +80,15 @@ def _finetune_config(base_name, quick, out, pretrain_dir: pathlib.Path, arm: str
 
 
 def _eval_loss(model_cfg, params, tokens, seq_len: int, max_windows: int, batch_size: int = 32) -> float:
-  """Mean next-token loss over the first `max_windows` non-overlapping windows of a split."""
+  """Mean next-token loss over the targets of the first `max_windows` non-overlapping windows of a split."""
+  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from vesper_jax import data as data_lib, losses  # pylint: disable=g-import-not-at-top
+  from vesper_jax import evaluate  # pylint: disable=g-import-not-at-top
   from vesper_jax.model import VesperLM  # pylint: disable=g-import-not-at-top
 
-  model = VesperLM(model_cfg)
-
-  @jax.jit
-  def batch_loss(params, batch_BT1):
-    loss, _ = losses.cross_entropy_and_entropy(model.apply({'params': params}, batch_BT1[:, :-1]),
-                                               batch_BT1[:, 1:])
-    return loss
-
-  windows = min(data_lib.num_eval_windows(tokens, seq_len), max_windows)
-  total, done = 0.0, 0
-  for index in range(-(-windows // batch_size)):
-    n = min(batch_size, windows - done)  # the last batch holds only the windows that are left
-    batch = data_lib.eval_batch(tokens, index=index, batch_size=batch_size, seq_len=seq_len)[:n]
-    total += float(batch_loss(params, batch)) * n
-    done += n
-  return total / done
+  step = jax.jit(functools.partial(evaluate.eval_step, model=VesperLM(model_cfg)))
+  return evaluate.score(lambda batch: step(params, {}, batch), tokens, seq_len=seq_len,
+                        batch_size=batch_size, max_tokens=max_windows * seq_len)['loss']
 
 
 def _curve(workdir: pathlib.Path) -> list[tuple[int, float]]:

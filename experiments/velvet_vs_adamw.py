@@ -62,7 +62,7 @@ def _run_config(base_name: str, quick: bool, steps: int, cache_dir: pathlib.Path
   if quick:
     config.data.seq_len = 64
     config.train.batch_size = 8
-    config.train.eval_batches = 4
+    config.train.eval_tokens = 4 * 8 * 64  # the first 32 windows of the validation split
   return config
 
 
@@ -216,7 +216,7 @@ def main(argv):
            f'{config0.data.seq_len} tokens, warmup {config0.opt.warmup_steps} then cosine, clip '
            f'{config0.opt.grad_clip_norm}, weight decay {config0.opt.weight_decay}, b1 {config0.opt.b1}, '
            f'b2 {config0.opt.b2}; {_SEEDS.value} seeds (init and batch order); final validation loss over '
-           f'{config0.train.eval_batches} batches')
+           f'{config0.train.eval_tokens or "all"} tokens')
   lines = [f'# Velvet vs AdamW — protocol `{protocol}`', '', setup, '',
            '| optimizer | peak lr | final val loss (mean ± std) | seeds |', '|---|---:|---:|---:|']
   for c in cells:

@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.mesh_data = -1           # device mesh axis sizes; -1 fills the remaining devices
   config.train.mesh_fsdp = 1
   config.train.eval_every = 100         # evaluate on the validation split every N steps (and at the end)
-  config.train.eval_batches = 8
+  config.train.eval_tokens = 1_000_000  # targets scored per evaluation: the whole split up to this; 0 = all
   config.train.max_nonfinite_steps = 10  # this many skipped (non-finite) updates in a row stop the run
   config.train.auto_scale = False       # pick num_steps from the cached token count (Chinchilla)
   config.train.sample_prompt = 'The '   # sampled from the trained model at the end ('' = no sample)
@@ -161,7 +161,7 @@ def get_config() -> ml_collections.ConfigDict:
 OPTIMIZERS = ('adamw', 'velvet')
 ON_ERROR = ('skip', 'fail')
 # Counts and cadences: 0 would divide by zero or never fire mid-run.
-_AT_LEAST_ONE = ('train.batch_size', 'train.grad_accum_steps', 'train.eval_every', 'train.eval_batches',
+_AT_LEAST_ONE = ('train.batch_size', 'train.grad_accum_steps', 'train.eval_every',
                  'train.max_nonfinite_steps', 'checkpoint.every_steps', 'checkpoint.keep',
                  'logging.every_steps')
 
@@ -190,6 +190,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     section, name = key.split('.')
     if config[section][name] < 1:
       raise ValueError(f'{key}={config[section][name]} must be at least 1')
+  if t.eval_tokens < 0:
+    raise ValueError(f'train.eval_tokens={t.eval_tokens} must be >= 0 (0 = the whole split)')
+  if t.eval_tokens < 0:
+    raise ValueError(f'train.eval_tokens={t.eval_tokens} must be >= 0 (0 = the whole split)')
   if t.num_steps < 1 and not t.auto_scale:
     raise ValueError(f'train.num_steps={t.num_steps} must be at least 1')
   if t.batch_size % t.grad_accum_steps:

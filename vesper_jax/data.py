@@ -379,27 +379,40 @@ def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_
   return np.asarray(tokens[mine[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
 
 
-def num_eval_windows(tokens: np.ndarray, seq_len: int) -> int:
-  """How many distinct evaluation windows `eval_batch` steps through before it wraps around."""
-  return max(0, (len(tokens) - 1) // seq_len)
+def num_eval_targets(tokens: np.ndarray, max_tokens: int = 0) -> int:
+  """How many next-token targets an evaluation scores: every one of the split (len − 1), or the first
+  `max_tokens` of them when that is smaller (0 = no bound)."""
+  targets = max(0, len(tokens) - 1)
+  return min(targets, max_tokens) if max_tokens > 0 else targets
 
 
-def eval_batch(tokens: np.ndarray, *, index: int, batch_size: int, seq_len: int,
-               process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """The index-th validation batch: int32 [batch_size // process_count, seq_len + 1], deterministic.
+def num_eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_tokens: int = 0) -> int:
+  """How many `eval_batch`es cover those targets (windows of seq_len targets, batch_size per batch)."""
+  windows = -(-num_eval_targets(tokens, max_tokens) // seq_len)
+  return -(-windows // batch_size)
 
-  Windows start at multiples of seq_len (each target token is scored once per pass), in order, batch
-  after batch; past the last window they wrap around to the first, so a small split still fills a batch.
+
+def eval_batch(tokens: np.ndarray, *, index: int, batch_size: int, seq_len: int, max_tokens: int = 0,
+               process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """This process's rows of the index-th evaluation batch: (tokens_BT1 int32 [b, seq_len + 1],
+  weights_BT float32 [b, seq_len]), b = batch_size // process_count; deterministic.
+
+  Window w holds tokens [w·seq_len, (w + 1)·seq_len] (its targets start at w·seq_len + 1), so over all
+  batches every target up to `num_eval_targets` is scored exactly once. Targets past that end, and whole
+  windows that only pad the last batch, have weight 0 (their token ids are 0).
   """
   if batch_size % process_count:
     raise ValueError(f'batch_size={batch_size} is not divisible by process_count={process_count}')
-  windows = num_eval_windows(tokens, seq_len)
-  if windows == 0:
-    raise DataError(f'{len(tokens)} tokens are fewer than one window of seq_len + 1 = {seq_len + 1}')
+  n = num_eval_targets(tokens, max_tokens)
+  if n == 0:
+    raise DataError(f'{len(tokens)} tokens hold no next-token target to evaluate')
   per_process = batch_size // process_count
   rows = index * batch_size + process_index * per_process + np.arange(per_process)
-  starts = (rows % windows) * seq_len
-  return np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
+  positions_BT1 = rows[:, None] * seq_len + np.arange(seq_len + 1)
+  weights_BT = (positions_BT1[:, 1:] <= n).astype(np.float32)  # target at position p is scored if p ≤ n
+  readable_BT1 = positions_BT1 < len(tokens)
+  tokens_BT1 = np.where(readable_BT1, np.asarray(tokens[np.minimum(positions_BT1, len(tokens) - 1)]), 0)
+  return tokens_BT1.astype(np.int32), weights_BT
 
 
 class Prefetcher:

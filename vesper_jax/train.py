@@ -31,6 +31,7 @@ from vesper_jax import checkpoint as ckpt_lib
 from vesper_jax import cli
 from vesper_jax import config as base_config
 from vesper_jax import data as data_lib
+from vesper_jax import evaluate as eval_lib
 from vesper_jax import finetune
 from vesper_jax import flylora
 from vesper_jax import losses
@@ -135,12 +136,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperL
   return new_state, metrics
 
 
-def eval_step(params: PyTree, model_state: PyTree, batch: dict[str, jax.Array], *,
-              model: VesperLM) -> jax.Array:
-  loss, _ = _loss(params, model_state, batch['tokens'], model)
-  return loss
-
-
 # ----------------------------------------------------------------------------------------- setup
 
 def _compilation_cache(config: ml_collections.ConfigDict) -> None:
@@ -198,7 +193,7 @@ class Parts:
   state_shardings: TrainState
   batch_sharding: jax.sharding.NamedSharding
   step_fn: Callable               # (state, batch) -> (state, metrics); jitted, state donated
-  eval_fn: Callable               # (params, model_state, batch) -> loss; jitted
+  eval_fn: Callable               # (params, model_state, batch) -> (nll sum, count); jitted
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
@@ -221,8 +216,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
                         grad_accum_steps=t.grad_accum_steps, trainable=trainable),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(state_shardings.params, state_shardings.model_state, batch_sharding))
+  eval_fn = jax.jit(functools.partial(eval_lib.eval_step, model=model),
+                    in_shardings=(state_shardings.params, state_shardings.model_state,
+                                  {'tokens': batch_sharding, 'weights': batch_sharding}))
   return Parts(model, tx, trainable, init_fn, abstract_state, state_shardings, batch_sharding, step_fn,
                eval_fn)
 
@@ -231,20 +227,15 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
 
 def evaluate(parts: 'Parts', state: TrainState, val_tokens: np.ndarray,
              config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Mean loss and perplexity over the first train.eval_batches micro-batch-sized validation batches.
-
-  The same windows at every evaluation and across resumes, so the curve compares like with like.
-  """
+  """Validation loss, perplexity and the number of targets scored: every target of the split up to
+  train.eval_tokens, in the same windows as `python -m vesper_jax.evaluate` (evaluate.score)."""
   t = config.train
-  eval_size = t.batch_size // t.grad_accum_steps
-  total = 0.0
-  for i in range(t.eval_batches):
-    local = data_lib.eval_batch(val_tokens, index=i, batch_size=eval_size, seq_len=config.data.seq_len,
-                                process_index=jax.process_index(), process_count=jax.process_count())
-    batch = sharding.global_batch({'tokens': local}, parts.batch_sharding)
-    total += float(parts.eval_fn(state.params, state.model_state, batch))
-  loss = total / t.eval_batches
-  return {'eval_loss': loss, 'eval_perplexity': float(math.exp(min(loss, 50.0)))}
+  result = eval_lib.score(lambda batch: parts.eval_fn(state.params, state.model_state, batch), val_tokens,
+                          seq_len=config.data.seq_len, batch_size=t.batch_size // t.grad_accum_steps,
+                          max_tokens=t.eval_tokens,
+                          place=lambda batch: sharding.global_batch(batch, parts.batch_sharding))
+  return {'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
+          'eval_tokens': result['tokens']}
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -352,8 +343,8 @@ def _loop(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.Tok
 
   def evaluate_and_log(step: int) -> None:
     summary.update(evaluate(parts, state, cache.val, config))
-    writer.write(step, {k: summary[k] for k in ('eval_loss', 'eval_perplexity')})
-    progress.note(f"step {step}: eval loss {summary['eval_loss']:.4f}")
+    writer.write(step, {k: summary[k] for k in ('eval_loss', 'eval_perplexity', 'eval_tokens')})
+    progress.note(f"step {step}: eval loss {summary['eval_loss']:.4f} ({summary['eval_tokens']:,} tokens)")
 
   try:
     if start == 0:  # the starting point of the validation curve

@@ -53,6 +53,7 @@ class ChatSession:
     self.max_new_tokens = min(max_new_tokens, config.max_seq_len // 2)
     self._settings = settings
     self._seed = seed
+    self._replies = 0  # replies so far, /reset or not: the n-th reply draws with seed + n
     self.history: list[tuple[str, str]] = []
 
   def reset(self) -> None:
@@ -85,9 +86,10 @@ class ChatSession:
 
     text = generate.generate_text(self._params, self._config, self._tokenizer, [ids],
                                   max_new_tokens=self.max_new_tokens, sampling=self._settings,
-                                  seed=self._seed + len(self.history), stop_strings=STOP_STRINGS,
+                                  seed=self._seed + self._replies, stop_strings=STOP_STRINGS,
                                   on_text=on_piece)[0].strip()
     self.history.append((message, text))
+    self._replies += 1
     return text
 
 
@@ -142,7 +144,7 @@ def main(argv):
 def define_flags() -> None:
   generate.define_common_flags()
   flags.DEFINE_integer('max_new_tokens', 128, 'Longest reply, in tokens (at most half '
-                       'the context window).')
+                       'the context window).', lower_bound=1)
   flags.DEFINE_integer('seed', 0, 'Seed of the first reply (the n-th reply uses seed + n).')
 
 

@@ -206,7 +206,7 @@ def define_common_flags() -> None:
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
                       'checkpoints/).', required=True)
   flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
-  flags.DEFINE_integer('top_k', 50, '0 = off.')
+  flags.DEFINE_integer('top_k', 50, '0 = off.', lower_bound=0)
   flags.DEFINE_float('top_p', 0.9, '1.0 = off.')
   flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
   flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
@@ -218,11 +218,11 @@ def define_flags() -> None:
   flags.DEFINE_multi_string('prompt', [''], 'Prompt text; repeat the flag for a batch of prompts. '
                             'An empty prompt starts a new document.')
   flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to sample at most, per prompt '
-                       '(capped to what fits the context window).')
+                       '(capped to what fits the context window).', lower_bound=1)
   flags.DEFINE_integer('seed', 0, 'The same seed and settings give the same text.')
   flags.DEFINE_multi_string('stop', [], 'Stop strings (repeatable); the text ends before the first.')
   flags.DEFINE_integer('chunk_size', 1, 'Tokens per device call: 1 = a jitted step per token; '
-                       'more = a while_loop per chunk (fewer host round trips).')
+                       'more = a while_loop per chunk (fewer host round trips).', lower_bound=1)
 
 
 if __name__ == '__main__':

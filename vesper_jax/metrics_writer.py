@@ -14,12 +14,16 @@ from vesper_jax import scaling
 class MetricsWriter:
   """Appends `{"step": s, **values}` lines to <workdir>/metrics.jsonl and scalars to TensorBoard."""
 
-  def __init__(self, workdir: str | os.PathLike, tensorboard: bool, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, tensorboard: bool, enabled: bool = True,
+               resume_step: int = 0):
+    """`resume_step`: the step the run restarts from; rows logged past it by an earlier, killed run are
+    dropped (those steps run again), so metrics.jsonl holds one row per step and kind."""
     self._enabled = enabled
     if not enabled:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _drop_rows_after(workdir / 'metrics.jsonl', resume_step)
     # Line-buffered append: a killed run leaves every line it wrote, and a resumed run continues the file.
     self._jsonl = open(workdir / 'metrics.jsonl', 'a', buffering=1, encoding='utf-8')
     self._tb = None
@@ -41,6 +45,27 @@ class MetricsWriter:
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: pathlib.Path, step: int) -> None:
+  """Keeps the rows of the steps that will not run again: before `step`, and `step` itself unless it is
+  0 (a fresh start evaluates step 0 again). A torn last line of a killed run goes too."""
+  if not path.is_file():
+    return
+
+  def kept(line: str) -> bool:
+    try:
+      row_step = json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):
+      return False
+    return row_step < step or (row_step == step and step > 0)
+
+  lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
+  keep = [line for line in lines if kept(line)]
+  if len(keep) < len(lines):
+    tmp = path.with_suffix('.jsonl.tmp')
+    tmp.write_text(''.join(keep), encoding='utf-8')
+    tmp.replace(path)
 
 
 class Progress:

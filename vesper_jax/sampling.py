@@ -8,6 +8,7 @@ produced with the model (KV cache, prefill, steps) is decode.py; how they reach 
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -23,6 +24,9 @@ class SamplingConfig:
   repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output; 1.0 = off
 
   def __post_init__(self):
+    for name in ('temperature', 'top_p', 'repetition_penalty'):
+      if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+        raise ValueError(f'{name}={getattr(self, name)} must be a finite number')
     if self.temperature < 0:
       raise ValueError(f'temperature={self.temperature} must be >= 0 (0 = greedy)')
     if self.top_k < 0:
@@ -56,8 +60,11 @@ def _method(method: str | None) -> str:
 
 
 def _ordered_bits(x_BV: jax.Array) -> jax.Array:
-  """uint32 keys with the order of the float32 values (a < b iff key(a) < key(b); -0 sorts below +0)."""
-  i = jax.lax.bitcast_convert_type(x_BV.astype(jnp.float32), jnp.uint32)
+  """uint32 keys with the order of the float32 values (a < b iff key(a) < key(b); -0 and +0 are equal)."""
+  # Both zeros get +0.0's key and tie, as they do for lax.top_k and sort: otherwise 'search' would drop
+  # a -0.0 tied with a kept +0.0. (A select, not x + 0.0, which a compiler may simplify to x.)
+  x_BV = x_BV.astype(jnp.float32)
+  i = jax.lax.bitcast_convert_type(jnp.where(x_BV == 0, 0.0, x_BV), jnp.uint32)
   negative = (i >> 31) == 1
   return jnp.where(negative, ~i, i | jnp.uint32(1 << 31))
 

@@ -9,7 +9,6 @@ it runs five named stages: validate → data → init or restore → loop → fi
 import dataclasses
 import functools
 import json
-import logging as std_logging
 import math
 import os
 import pathlib
@@ -45,8 +44,8 @@ from vesper_jax.model import ModelConfig, VesperLM, abstract_param_counts, param
 from vesper_jax.pytree import PyTree
 
 
-class NonFiniteError(RuntimeError):
-  """Too many consecutive updates had a non-finite loss or gradient."""
+class NonFiniteError(ValueError):
+  """Too many consecutive updates had a non-finite loss or gradient (the CLI reports it in one line)."""
 
 
 @flax.struct.dataclass
@@ -284,7 +283,8 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data_lib.TokenCache, m
 
 
 def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume `workdir` with a model whose weights mean something else (model.WEIGHT_FIELDS).
+  """Refuses to resume `workdir` with a model whose weights mean something else (model.WEIGHT_FIELDS),
+  or with an optimizer whose state has another structure (opt.name, clipping on/off); names the key.
 
   Fields that change no weight (dtype, remat, attention_impl, max_seq_len...) may change on resume.
   """
@@ -295,6 +295,13 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
   except (TypeError, ValueError) as e:
     raise ValueError(f'{workdir / ckpt_lib.CONFIG_FILE}: its model section is not a valid ModelConfig '
                      f'({e}); use a new --workdir') from e
+  old_opt = ckpt_lib.read_config(workdir).opt
+  for key, was, now in (('opt.name', old_opt.name, config.opt.name),
+                        ('opt.grad_clip_norm > 0', old_opt.grad_clip_norm > 0, config.opt.grad_clip_norm > 0)):
+    if was != now:  # the optimizer state's structure differs: orbax could only say "trees do not match"
+      raise ValueError(f'{workdir} was trained with {key} = {was!r}, this config has {now!r}: its optimizer '
+                       'state cannot be restored; use a new --workdir (or train.init_from to start from its '
+                       'weights)')
   changes = weight_changes(old, ModelConfig(**config.model))
   if changes:
     what = ', '.join(f'model.{k} {a!r} -> {b!r}' for k, a, b in changes)
@@ -335,14 +342,15 @@ def _loop(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.Tok
   """Stage 4: steps up to train.num_steps; logs, evaluates and saves on their cadences (and at the end);
   on SIGTERM/SIGINT saves the current step and returns."""
   t, lead = config.train, jax.process_index() == 0
-  writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, enabled=lead)
+  writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, enabled=lead,
+                                        resume_step=start)
   progress = metrics_writer.Progress(t.num_steps, start, enabled=lead and config.logging.progress_bar)
   throughput = _throughput(config, parts, mesh)
   prefetch = data_lib.Prefetcher(functools.partial(_train_batch, config, cache.train, parts), start)
   summary: dict[str, Any] = {'stopped_by_signal': False}
 
   def evaluate_and_log(step: int) -> None:
-    summary.update(evaluate(parts, state, cache.val, config))
+    summary.update(evaluate(parts, state, cache.val, config), eval_step=step)
     writer.write(step, {k: summary[k] for k in ('eval_loss', 'eval_perplexity', 'eval_tokens')})
     progress.note(f"step {step}: eval loss {summary['eval_loss']:.4f} ({summary['eval_tokens']:,} tokens)")
 
@@ -375,6 +383,12 @@ def _loop(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.Tok
           break
       if pending is not None:
         _check_nonfinite(pending, t.max_nonfinite_steps)
+  except NonFiniteError as e:
+    checkpointer.wait()
+    saved = checkpointer.latest_step()
+    raise NonFiniteError(f'{e}. Last checkpoint: ' + (f'step {saved} in {workdir}' if saved is not None
+                         else 'none (the run never saved)') + '; skipped updates leave the state as it '
+                         'was, so it holds the parameters from before the non-finite streak') from None
   finally:
     prefetch.close()
     progress.close()
@@ -428,8 +442,7 @@ def _check_nonfinite(metrics: dict[str, jax.Array], limit: int) -> None:
     logging.warning('Non-finite loss or gradient: update skipped (%d in a row)', streak)
   if streak >= limit:
     raise NonFiniteError(f'{streak} consecutive updates had a non-finite loss or gradient '
-                         f'(train.max_nonfinite_steps={limit}); stopping. The last checkpoint holds '
-                         'the last good state.')
+                         f'(train.max_nonfinite_steps={limit}); stopping')
 
 
 def _sample(model_cfg: ModelConfig, params: PyTree, tokenizer, t: ml_collections.ConfigDict) -> str:
@@ -457,16 +470,8 @@ def _maybe_initialize_distributed(config: ml_collections.ConfigDict, flag_values
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax (a line per file per save), keeping its warnings and errors."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   flag_values = flags.FLAGS
   config = flag_values.config
   _maybe_initialize_distributed(config, flag_values)
@@ -493,12 +498,12 @@ def define_flags() -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with an unknown `--config.a.b` override reported by name instead of a traceback."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(argv)  # a value of the wrong type raises flags.Error: cli.run reports it
   except (KeyError, AttributeError) as e:
     missing = str(e).strip('"\'')
     culprits = [a for a in argv if a.startswith('--config.') and f'.{missing}' in a.split('=')[0]]
-    sys.exit(f"vesper_jax.train: error: unknown config key {missing!r} in {' '.join(culprits) or argv}"
-             ' (see vesper_jax/config.py for the keys)')
+    cli.usage_error('vesper_jax.train', f"unknown config key {missing!r} in {' '.join(culprits) or argv}"
+                    ' (see vesper_jax/config.py for the keys)')
 
 
 if __name__ == '__main__':

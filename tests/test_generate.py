@@ -1,43 +1,106 @@
-"""The generate and chat entry points, end to end on a tiny workdir: streaming, piped chat, history."""
+"""Text generation (generate.py): the streaming detokenizer, stop strings, generate_text, and the
+`python -m vesper_jax.generate` entry point end to end on a tiny workdir."""
 
 import os
-import pathlib
 import selectors
 import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
-from conftest import REPO, load_config
-from vesper_jax import chat, checkpoint, sampling
-from vesper_jax.model import ModelConfig, init_params
-
-CORPUS = ('The quick brown fox jumps over the lazy dog. User: hello there\nAssistant: hi, how are you?\n'
-          'A small language model reads the text one token at a time. ') * 30
+from conftest import REPO, tiny_model
+from vesper_jax import checkpoint, generate
+from vesper_jax.sampling import GREEDY, SamplingConfig
 
 
-def make_workdir(workdir: pathlib.Path, **model_overrides) -> pathlib.Path:
-  """A workdir as training leaves it (config.json, tokenizer.json, an orbax checkpoint), untrained."""
-  from vesper_jax.tokenizer import train_bpe
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = train_bpe([CORPUS], 400, workdir / 'bpe.json')
-  config = load_config('tiny')
-  config.model.vocab_size = tokenizer.vocab_size
-  config.model.update(model_overrides)
-  checkpoint.write_workdir_metadata(workdir, config, workdir / 'bpe.json')
-  params = init_params(ModelConfig(**config.model), jax.random.key(0))
-  checkpointer = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
-  checkpointer.save(0, {'params': params})
-  checkpointer.close()
-  return workdir
-
+# ------------------------------------------------------------------------------ text
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> pathlib.Path:
-  return make_workdir(tmp_path_factory.mktemp('run'))
+def bpe(tmp_path_factory):
+  """A byte-level BPE trained on ASCII text: any non-ASCII character is split into byte tokens."""
+  from vesper_jax.tokenizer import train_bpe
+  text = ('The quick brown fox jumps over the lazy dog. A small language model reads the text, one '
+          'token at a time, and predicts the next one. ') * 20
+  return train_bpe([text], 400, tmp_path_factory.mktemp('tok') / 'tokenizer.json')
 
+
+def test_text_stream_never_splits_a_multibyte_character(bpe):
+  text = 'Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001f642 done'
+  ids = bpe.encode(text)
+  assert len(ids) > len(text.encode('ascii', 'ignore').split())  # multibyte chars became several ids
+  assert '\ufffd' in ''.join(bpe.decode([i]) for i in ids)  # decoding id by id would be wrong
+  stream = generate.TextStream(bpe)
+  pieces = [stream.push([i]) for i in ids] + [stream.finish()]
+  assert all('\ufffd' not in piece for piece in pieces)
+  assert ''.join(pieces) == text == stream.text
+  assert sum(1 for piece in pieces if piece) > 5  # it really streamed
+
+
+class _CharTokenizer:
+  eos_id = 0
+
+  def encode(self, text):
+    return [ord(c) for c in text]
+
+  def decode(self, ids):
+    return ''.join(chr(i) for i in ids if i)
+
+
+def test_text_stream_holds_back_a_possible_stop_string():
+  stream = generate.TextStream(_CharTokenizer(), stop_strings=['\nUser:'])
+  out = [stream.push(_CharTokenizer().encode(s)) for s in ['Hello', '\nUs', 'e', 'r:', ' more']]
+  assert out == ['Hello', '', '', '', '']
+  assert stream.stopped and stream.text == 'Hello' and stream.finish() == ''
+  # A false start is released once it cannot be a stop string any more.
+  stream = generate.TextStream(_CharTokenizer(), stop_strings=['\nUser:'])
+  assert [stream.push(_CharTokenizer().encode(s)) for s in ['Hi\nU', 'p']] == ['Hi', '\nUp']
+  assert stream.finish() == '' and not stream.stopped
+
+
+def test_text_stream_keeps_the_space_after_the_prompt_with_a_metaspace_decoder(tmp_path):
+  # SentencePiece-style decoders (BARThez, Llama) drop the leading '▁' space of a sequence: decoded on
+  # its own, a continuation would lose the space between the prompt and itself ('Il étaitun petit').
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers
+  from vesper_jax.tokenizer import Tokenizer
+  vocab = {'<unk>': 0, '</s>': 1, '▁Il': 2, '▁était': 3, '▁un': 4, '▁petit': 5, '▁garçon': 6}
+  raw = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+  raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+  raw.save(str(tmp_path / 'tokenizer.json'))
+  tok = Tokenizer.load(tmp_path / 'tokenizer.json')
+  prompt, new = [2, 3], [4, 5, 6]
+  assert tok.decode(new) == 'un petit garçon'  # what decoding the continuation alone gives
+  stream = generate.TextStream(tok, context=prompt)
+  pieces = [stream.push([i]) for i in new] + [stream.finish()]
+  assert tok.decode(prompt) + ''.join(pieces) == tok.decode(prompt + new) == 'Il était un petit garçon'
+  assert stream.text == ' un petit garçon'
+
+
+def test_generate_text_stops_at_a_stop_string(bpe):
+  config, params = tiny_model(vocab_size=bpe.vocab_size)
+  free = generate.generate_text(params, config, bpe, ['The quick'], max_new_tokens=40, sampling=GREEDY)[0]
+  stop = free[10:14]
+  assert free.find(stop) == 10
+  pieces = []
+  got = generate.generate_text(params, config, bpe, ['The quick'], max_new_tokens=40, sampling=GREEDY,
+                               stop_strings=[stop], on_text=lambda row, piece: pieces.append(piece))[0]
+  assert got == free[:10] == ''.join(pieces)
+
+
+def test_generate_text_takes_ids_and_starts_an_empty_prompt_from_eos(bpe):
+  config, params = tiny_model(vocab_size=bpe.vocab_size)
+  pieces = {0: [], 1: [], 2: []}
+  texts = generate.generate_text(params, config, bpe, ['The quick', bpe.encode('The quick'), ''],
+                                 max_new_tokens=12, sampling=GREEDY,
+                                 on_text=lambda row, piece: pieces[row].append(piece))
+  assert texts[0] == texts[1] and texts[0]  # a string prompt and its ids give the same continuation
+  assert all(''.join(pieces[row]) == texts[row] for row in pieces)  # every row streamed its own text
+  from_eos = generate.generate_text(params, config, bpe, [[bpe.eos_id]], max_new_tokens=12, sampling=GREEDY)
+  assert texts[2] == from_eos[0]
+
+
+# ------------------------------------------------------------------------------ the entry point
 
 def _cli(module: str, *args: str, **popen) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', PYTHONUNBUFFERED='1')
@@ -45,10 +108,10 @@ def _cli(module: str, *args: str, **popen) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-def test_generate_streams_tokens_as_they_are_produced(workdir):
+def test_generate_streams_tokens_as_they_are_produced(inference_workdir):
   """Reads stdout while the process runs: the continuation must arrive in many separate pieces."""
   prompt = 'The quick'
-  proc = _cli('generate', f'--workdir={workdir}', f'--prompt={prompt}', '--max_new_tokens=150',
+  proc = _cli('generate', f'--workdir={inference_workdir}', f'--prompt={prompt}', '--max_new_tokens=150',
               '--temperature=0')
   selector = selectors.DefaultSelector()
   selector.register(proc.stdout, selectors.EVENT_READ, 'out')
@@ -73,63 +136,29 @@ def test_generate_streams_tokens_as_they_are_produced(workdir):
   assert b'tokens/s' in err  # the rate goes to stderr, never into the text
 
   # The streamed text is exactly what the library produces for the same settings.
-  config, params, tokenizer = checkpoint.load_for_inference(workdir)
-  want = sampling.generate_text(params, config, tokenizer, [prompt], max_new_tokens=150,
-                                sampling=sampling.SamplingConfig(temperature=0.0))[0]
+  config, params, tokenizer = checkpoint.load_for_inference(inference_workdir)
+  want = generate.generate_text(params, config, tokenizer, [prompt], max_new_tokens=150,
+                                sampling=SamplingConfig(temperature=0.0))[0]
+  assert len(want) > 20  # a real continuation was compared
   assert out == prompt + want + '\n'
 
 
-def test_generate_batch_of_prompts(workdir):
-  proc = _cli('generate', f'--workdir={workdir}', '--prompt=The quick', '--prompt=A small language',
+def test_generate_batch_of_prompts(inference_workdir):
+  prompts = ['The quick', 'A small language']
+  proc = _cli('generate', f'--workdir={inference_workdir}', *(f'--prompt={p}' for p in prompts),
               '--max_new_tokens=10', '--seed=3')
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err.decode()[-2000:]
-  assert out.decode().count('--- [') == 2
-  assert '--- [1]\nA small language' in out.decode()
+  # Each prompt's block holds exactly what the library samples with the flags' defaults and this seed.
+  config, params, tokenizer = checkpoint.load_for_inference(inference_workdir)
+  texts = generate.generate_text(params, config, tokenizer, prompts, max_new_tokens=10, seed=3,
+                                 sampling=SamplingConfig(temperature=0.8, top_k=50, top_p=0.9))
+  assert all(texts), texts  # non-empty continuations: the comparison below means something
+  assert out.decode() == ''.join(f'--- [{i}]\n{p}{t}\n' for i, (p, t) in enumerate(zip(prompts, texts)))
 
 
-def test_chat_with_piped_stdin_two_turns_then_exit(workdir):
-  proc = _cli('chat', f'--workdir={workdir}', '--max_new_tokens=16', '--temperature=0.8',
-              stdin=subprocess.PIPE)
-  out, err = proc.communicate(b'Hello\nHow are you?\n/exit\nnever read\n', timeout=120)
-  assert proc.returncode == 0, err.decode()[-2000:]
-  replies = out.decode().split(chat.ASSISTANT_PREFIX + ' ')
-  assert replies[0] == '' and len(replies) == 3, out
-  assert all(r.endswith('\n') for r in replies[1:])
-
-
-def test_chat_reset_and_end_of_input(workdir, tmp_path):
-  proc = _cli('chat', f'--workdir={workdir}', '--max_new_tokens=4', stdin=subprocess.PIPE)
-  out, err = proc.communicate(b'Hi\n/reset\n/nonsense\nHi again\n', timeout=120)  # ends without /exit
-  assert proc.returncode == 0, err.decode()[-2000:]
-  text = out.decode()
-  assert text.count(chat.ASSISTANT_PREFIX + ' ') == 2
-  assert '[conversation cleared]' in text and '[unknown command /nonsense' in text
-
-
-class _Chars:
-  """A stand-in tokenizer with one id per character, so prompt lengths are easy to reason about."""
-  eos_id = 0
-
-  def encode(self, text):
-    return [ord(c) % 250 + 1 for c in text]
-
-  def decode(self, ids):
-    return ''.join(chr(96 + i % 26) for i in ids)
-
-
-def test_chat_history_is_truncated_to_the_context_window():
-  config = ModelConfig(vocab_size=256, max_seq_len=256)
-  session = chat.ChatSession(None, config, _Chars(), max_new_tokens=48, settings=sampling.GREEDY)
-  budget = 256 - 48
-  # Each past turn is 46 characters and the new message's part 35: three turns fit in 208, four do not.
-  session.history = [(f'message {i} ' + 'x' * 10, f'reply {i}') for i in range(10)]
-  prompt = chat.format_prompt(session.history[-3:], 'the newest message')
-  assert len(prompt) <= budget < len(chat.format_prompt(session.history[-4:], 'the newest message'))
-  assert session.prompt_ids('the newest message') == _Chars().encode(prompt)
-  # A message longer than the window keeps its end (the part next to the reply).
-  long = 'y' * 500
-  assert session.prompt_ids(long) == _Chars().encode(chat.format_prompt([], long))[-budget:]
-  assert chat.format_prompt([('a', 'b')], 'c') == 'User: a\nAssistant: b\nUser: c\nAssistant:'
-  session.reset()
-  assert session.history == []
+def test_generate_refuses_a_bad_flag_value_without_a_traceback(inference_workdir):
+  proc = _cli('generate', f'--workdir={inference_workdir}', '--top_p=0')
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert 'top_p=0.0 must be in (0, 1]' in err.decode() and 'Traceback' not in err.decode()

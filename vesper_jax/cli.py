@@ -40,6 +40,11 @@ def run(prog: str, main: Callable[[list[str]], None], define_flags: Callable[[],
       return flags_parser(argv) if flags_parser else flags.FLAGS(argv)
     except flags.Error as e:
       usage_error(prog, e)
+    except Exception as e:  # pylint: disable=broad-except  (a --config file that fails to load)
+      if logging.get_verbosity() >= logging.DEBUG:
+        raise
+      where = getattr(e, 'filename', None)
+      sys.exit(f'{prog}: error: {where + ": " if where else ""}{type(e).__name__}: {e}')
 
   def guarded(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -1,0 +1,84 @@
+"""Every entry point turns a bad invocation into one line naming the flag, key or path — no traceback.
+
+Exit status 2 for usage errors (a flag's type or range, an unknown flag or config key), 1 for bad input
+(a config value, a missing or broken file). The cases run in subprocesses, as a person would type them.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, load_config
+from vesper_jax import config as base_config
+from vesper_jax import train
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('cli_errors')
+  config = base_config.short_run(load_config('tiny'), 2, evaluations=0)
+  config.model.vocab_size, config.data.seq_len, config.train.batch_size = 512, 32, 8
+  config.data.cache_dir = str(root / 'cache')
+  train.train_and_evaluate(config, root / 'run')
+  return root / 'run'
+
+
+def _cases(run, tmp):
+  tiny = 'configs/tiny.py'
+  empty = tmp / 'empty'
+  empty.mkdir(exist_ok=True)
+  bad_json = tmp / 'bad.json'
+  bad_json.write_text('{not json')
+  # (entry point, arguments, exit status, text the message must contain)
+  return [
+      ('train', [f'--config={tiny}', '--config.train.num_steps=abc'], 2, 'config.train.num_steps'),
+      ('train', [f'--config={tiny}', '--config.train.bogus_key=1'], 2, 'bogus_key'),
+      ('train', [f'--config={tiny}', '--config.opt.name=sgd'], 1, 'opt.name'),
+      ('train', [f'--config={tiny}', '--config.opt.kernel=cuda'], 1, 'opt.kernel'),
+      ('train', [f'--config={tiny}', '--config.opt.learning_rate=-0.1'], 1, 'opt.learning_rate'),
+      ('train', [f'--config={tiny}', '--config.train.max_nonfinite_steps=0'], 1, 'train.max_nonfinite_steps'),
+      ('train', [f'--config={tiny}', '--config.train.mesh_fsdp=3'], 1, 'train.mesh_fsdp'),
+      ('train', [f'--config={tiny}', '--config.data.on_error=ignore'], 1, 'data.on_error'),
+      ('train', [f'--config={tiny}', '--config.model.activation=relu'], 1, 'model.activation'),
+      ('train', [f'--config={tiny}', f'--config.train.init_from={tmp / "missing"}'], 1, 'train.init_from'),
+      ('train', [f'--config={tiny}', '--config.data.sources=/nonexistent/corpus.txt',
+                 f'--config.data.cache_dir={tmp / "cache"}'], 1, '/nonexistent/corpus.txt'),
+      ('generate', [f'--workdir={run}', '--temperature=nan'], 2, 'temperature'),
+      ('generate', [f'--workdir={run}', '--repetition_penalty=nan'], 2, 'repetition_penalty'),
+      ('generate', [f'--workdir={run}', '--top_p=0'], 2, 'top_p'),
+      ('generate', [f'--workdir={run}', '--max_new_tokens=0'], 2, 'max_new_tokens'),
+      ('generate', [f'--workdir={run}', '--chunk_size=0'], 2, 'chunk_size'),
+      ('generate', [f'--workdir={tmp / "missing"}'], 1, str(tmp / 'missing')),
+      ('generate', [f'--workdir={empty}'], 1, str(empty)),
+      ('chat', [f'--workdir={run}', '--max_new_tokens=0'], 2, 'max_new_tokens'),
+      ('chat', [f'--workdir={tmp / "missing"}'], 1, str(tmp / 'missing')),
+      ('export', [f'--workdir={tmp / "missing"}', f'--out={tmp / "out"}'], 1, str(tmp / 'missing')),
+      ('export', [f'--workdir={run}', f'--out={tmp / "out"}', '--format=onnx'], 2, 'format'),
+      ('evaluate', [f'--workdir={run}', '--max_tokens=-1'], 2, 'max_tokens'),
+      ('evaluate', [f'--workdir={tmp / "missing"}'], 1, str(tmp / 'missing')),
+      ('prepare', [f'--config={tiny}', '--config.data.sources=/nonexistent/corpus.txt',
+                   f'--config.data.cache_dir={tmp / "cache"}'], 1, '/nonexistent/corpus.txt'),
+      ('prepare', ['--download=nope'], 2, 'download'),
+      ('scale', [], 2, '--tokens'),
+      ('scale', ['--tokens=abc'], 2, 'tokens'),
+      ('generate', [f'--workdir={run}', 'stray'], 2, 'stray'),
+      ('train', [f'--config={bad_json}'], 1, str(bad_json)),
+  ]
+
+
+def test_at_least_thirty_cases(tmp_path):
+  assert len(_cases(tmp_path, tmp_path)) >= 30
+
+
+@pytest.mark.parametrize('index', range(30))
+def test_bad_invocation_is_one_line(index, workdir, tmp_path):
+  entry, args, status, needle = _cases(workdir, tmp_path)[index]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-m', f'vesper_jax.{entry}', *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert out.returncode == status, (entry, args, out.returncode, out.stderr[-2000:])
+  assert needle in out.stderr, (entry, args, out.stderr[-2000:])
+  assert f'vesper_jax.{entry}: error:' in out.stderr or 'FATAL Flags parsing error' in out.stderr

@@ -5,14 +5,22 @@ A workdir holds:
   tokenizer.json     a copy of the tokenizer the run used
   checkpoints/<step> orbax checkpoints of the TrainState (params, optimizer state, step, counters)
   metrics.jsonl, events.out.tfevents.*   logs
+  damaged_checkpoints/<step>   checkpoints that could not be resumed from, set aside (never deleted)
+
+A damaged checkpoint (a truncated or missing file, unreadable metadata, non-finite values) is never
+fatal while an older one restores: resuming and loading fall back to the newest good one and warn with
+the path of each one skipped. Inference restores the parameters alone, not the optimizer's moments.
 """
 
 import json
+import logging as std_logging
 import os
 import pathlib
 import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -24,6 +32,19 @@ from vesper_jax.pytree import PyTree
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.json'
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+class _SiblingReadErrors(std_logging.Filter):
+  """Orbax reads a checkpoint's arrays concurrently; when a file is damaged, the one error we handle is
+  raised and the others' (the same damage) surface later as asyncio's 'Task exception was never
+  retrieved' with a traceback each. Those add nothing to the warning that names the checkpoint."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return 'async_deserialize' not in record.getMessage()
+
+
+std_logging.getLogger('asyncio').addFilter(_SiblingReadErrors())
 
 
 class Checkpointer:
@@ -45,6 +66,41 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: PyTree) -> PyTree:
     """Restores onto the shardings and structure of `abstract_state` (ShapeDtypeStructs or arrays)."""
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def restore_latest_good(self, abstract_state: PyTree) -> tuple[PyTree, int] | None:
+    """The newest checkpoint that restores with finite values, as (state, step); None if there is none.
+
+    Each newer one that fails is set aside into <workdir>/damaged_checkpoints/ with a warning naming
+    it, so the run's next saves do not collide with it. Raises ValueError naming the directory when
+    checkpoints exist but none restores.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for step in steps:
+      problem = _try(lambda: self.restore(step, abstract_state))
+      if not isinstance(problem, str):
+        return problem, step
+      self._set_aside(step, problem)
+    if steps:
+      raise ValueError(f'{self._manager.directory}: none of the checkpoints (steps {steps}) could be '
+                       f'restored; they were moved to {self._damaged_dir()} (use a new --workdir, or '
+                       'inspect them)')
+    return None
+
+  def _damaged_dir(self) -> pathlib.Path:
+    return pathlib.Path(self._manager.directory).parent / DAMAGED_DIR
+
+  def _set_aside(self, step: int, problem: str) -> None:
+    source = pathlib.Path(self._manager.directory) / str(step)
+    target = self._damaged_dir() / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+    logging.warning('checkpoint %s cannot be resumed from (%s); moved to %s, trying an older one',
+                    source, problem, target)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(source), str(target))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until any background save has been committed to disk."""
@@ -79,21 +135,65 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, PyTree]:
-  """The parameter tree of the latest (or given) checkpoint in `workdir`.
+  """The parameter tree of the newest good (or the given) checkpoint in `workdir`, parameters only.
 
-  Arrays keep the saved sharding where this process has the same devices; otherwise (trained on 8 GPUs,
-  loaded on 1) they land on this process's first device instead of failing on the topology mismatch.
+  Arrays land on this process's first device (a run trained on 8 GPUs loads on 1). Without `step`, a
+  checkpoint that does not restore or holds non-finite values is skipped with a warning naming it.
+  Raises FileNotFoundError without checkpoints, ValueError naming the directory if none restores.
   """
   directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  if not directory.is_dir():
+    raise FileNotFoundError(f'{directory}: no checkpoints (is {workdir} a training workdir?)')
   manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{directory}: no checkpoint found')
-  fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restored = manager.restore(step, args=ocp.args.StandardRestore(fallback_sharding=fallback))
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   manager.close()
-  logging.info('Loaded parameters of step %d from %s', step, directory)
-  return step, restored['params']
+  if not steps:
+    raise FileNotFoundError(f'{directory}: no checkpoint found')
+  problems = []
+  for candidate in steps:
+    params = _try(lambda: _restore_params(directory / str(candidate) / 'default'))
+    if not isinstance(params, str):
+      if problems:
+        logging.warning('loaded step %d of %s; newer checkpoints skipped: %s', candidate, directory,
+                        '; '.join(problems))
+      logging.info('Loaded parameters of step %d from %s', candidate, directory)
+      return candidate, params
+    problems.append(f'{directory / str(candidate)} ({params})')
+  raise ValueError(f'{directory}: no checkpoint could be loaded: {"; ".join(problems)}')
+
+
+def _restore_params(item_dir: pathlib.Path) -> PyTree:
+  """The `params` subtree of a saved TrainState, restored alone (partial restore: no moments read)."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    absl_logger = std_logging.getLogger('absl')
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)  # read from the item directory, orbax warns that the step's
+    try:                                     # own metadata file is not there: it is one level up
+      saved = checkpointer.metadata(item_dir)
+    finally:
+      absl_logger.setLevel(level)
+    saved = getattr(saved, 'item_metadata', saved)
+    saved = getattr(saved, 'tree', saved)
+    if not isinstance(saved, dict) or 'params' not in saved:
+      raise ValueError('its metadata is missing or unreadable')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    item = {'params': jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                   saved['params'])}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
+    return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))['params']
+
+
+def _try(restore) -> PyTree | str:
+  """restore()'s result if it succeeds with finite values, else a one-line reason (a str)."""
+  try:
+    tree = restore()
+  except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+    return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
+  floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if floats and not bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(floats)):
+    return 'non-finite values'
+  return tree
 
 
 def load_for_inference(workdir: str | os.PathLike):
@@ -101,5 +201,6 @@ def load_for_inference(workdir: str | os.PathLike):
   from vesper_jax.tokenizer import Tokenizer  # deferred: keeps checkpoint importable without tokenizers
   config = read_config(workdir)
   _, params = load_params(workdir)
-  tokenizer = Tokenizer.load(pathlib.Path(workdir) / TOKENIZER_FILE)
+  # .get: config.json files written before data.eos_token existed do not have it.
+  tokenizer = Tokenizer.load(pathlib.Path(workdir) / TOKENIZER_FILE, config.data.get('eos_token', ''))
   return ModelConfig(**config.model), params, tokenizer

@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.sources = 'builtin:pydoc'  # comma-separated files, globs, dirs, builtin:pydoc, download:NAME
   config.data.tokenizer = ''            # a tokenizer.json path; '' trains a byte-level BPE on the corpus
+  config.data.eos_token = ''            # the tokenizer's end-of-text token; '' = found from its specials
   config.data.seq_len = 128             # tokens per training window (each window reads seq_len + 1)
   config.data.doc_separator = '<|endoftext|>'  # splits plain-text files into documents
   config.data.on_error = 'skip'         # bad records: 'skip' (counted and reported) or 'fail'

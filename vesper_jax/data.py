@@ -59,6 +59,7 @@ class TokenCache:
   val: np.ndarray    # the same for the validation documents (empty when data.val_fraction = 0)
   built: bool = False          # True when this call tokenized the corpus, False when it opened a cache
   open_seconds: float = 0.0    # wall time of build_or_load_cache (source hashing included)
+  eos_token: str = ''          # data.eos_token the tokens were made with ('' = found by the tokenizer)
   _tokenizer: Tokenizer | None = dataclasses.field(default=None, repr=False)
 
   @property
@@ -69,7 +70,7 @@ class TokenCache:
     it: only sampling and chat do.
     """
     if self._tokenizer is None:
-      self._tokenizer = Tokenizer.load(self.directory / 'tokenizer.json')
+      self._tokenizer = Tokenizer.load(self.directory / 'tokenizer.json', self.eos_token)
     return self._tokenizer
 
 
@@ -103,23 +104,31 @@ def build_or_load_cache(data_config: ml_collections.ConfigDict, vocab_size: int,
       raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {tokenizer_path}')
   else:
     tokenizer_path = _trained_bpe(vocab_size, reading, sources, options, cache_dir, progress)
-  key = _hash({**reading, 'tokenizer_sha256': tokenizer_lib.file_sha256(tokenizer_path),
-               'val_fraction': data_config.val_fraction})
+  key = _hash({**reading, 'tokenizer_sha256': _tokenizer_sha256(tokenizer_path),
+               'val_fraction': data_config.val_fraction, 'eos_token': data_config.eos_token})
   directory = cache_dir / 'tokens' / key[:24]
   cache = _open(directory, key) if (directory / 'meta.json').exists() else None
   if cache is None:
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = Tokenizer.load(tokenizer_path, data_config.eos_token)
     _check_vocab(tokenizer.vocab_size, vocab_size, tokenizer_path)
     _build(directory, key, reading, sources, options, errors, tokenizer, data_config, progress)
     cache = _open(directory, key)
     cache.built = True
     cache._tokenizer = tokenizer.relocated(directory / 'tokenizer.json')  # the same bytes: no reload
   _check_vocab(cache.meta['vocab_size'], vocab_size, tokenizer_path)
+  cache.eos_token = data_config.eos_token
   cache.open_seconds = time.perf_counter() - start
   logging.info('token cache %s: %d train / %d val tokens (%s in %.3fs)', directory, len(cache.train),
                len(cache.val), 'built' if cache.built else 'opened', cache.open_seconds)
   _check_windows(cache, data_config.seq_len, data_config.val_fraction)
   return cache
+
+
+def _tokenizer_sha256(path: pathlib.Path) -> str:
+  try:
+    return tokenizer_lib.file_sha256(path)
+  except OSError as e:  # permissions, I/O errors: one line naming the file, not a traceback
+    raise ValueError(f'{path}: cannot read the tokenizer file ({e.__class__.__name__}: {e})') from e
 
 
 def _hash(obj: Any) -> str:

@@ -176,7 +176,21 @@ def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, dow
     else:
       errors.report(entry, 'no such file or directory')
       sources.append(Source('missing', entry))
-  return sources
+  return _once_each(sources)
+
+
+def _once_each(sources: list[Source]) -> list[Source]:
+  """The sources with each real file once: a recursive glob through a symlinked directory, or a file
+  named twice, would otherwise be read (and trained on) several times."""
+  seen, unique = set(), []
+  for source in sources:
+    real = os.path.realpath(source.path) if source.kind in ('text', 'jsonl', 'squad') else source.path
+    if (source.kind, real) in seen:
+      logging.info('data.sources: %s is %s again; read once', source.path, real)
+      continue
+    seen.add((source.kind, real))
+    unique.append(source)
+  return unique
 
 
 def _kind(path: str | os.PathLike) -> str:
@@ -223,7 +237,7 @@ def read_documents(source: Source, options: ReadOptions, errors: ErrorLog) -> It
     yield from (topics[k].strip() for k in sorted(topics) if topics[k].strip())
     return
   reader = {'text': _text_documents, 'jsonl': _jsonl_documents, 'squad': _squad_documents}[source.kind]
-  count = 0
+  count, reported = 0, len(errors.skipped)
   try:
     with _open(source.path) as f:
       for document in reader(source.path, f, options, errors):
@@ -232,7 +246,7 @@ def read_documents(source: Source, options: ReadOptions, errors: ErrorLog) -> It
   except (OSError, EOFError, zlib.error) as e:
     errors.report(source.path, f'cannot read ({e})')
     return
-  if count == 0:
+  if count == 0 and len(errors.skipped) == reported:  # a reader that already said why counts once
     with _open(source.path) as f:
       blank = all(not block.strip() for block in iter(lambda: f.read(_BLOCK), b''))
     errors.report(source.path, 'empty source: the file has no text' if blank
@@ -379,11 +393,14 @@ def _squad_documents(path: str, f: BinaryIO, options: ReadOptions, errors: Error
       blocks, ok = [], True
       for k, qa in enumerate(qas):
         question = qa.get('question') if isinstance(qa, dict) else None
-        answers = qa.get('answers', []) if isinstance(qa, dict) else None
+        answers = qa.get('answers') if isinstance(qa, dict) else None
         if not isinstance(question, str) or not isinstance(answers, list):
           errors.report(path, f'{where}.qas[{k}] needs a string "question" and a list "answers"')
           ok = False
           break
+        if not answers and not qa.get('is_impossible', False):  # SQuAD 2 marks unanswerable ones
+          errors.report(path, f'{where}.qas[{k}] has no answer (and is not marked "is_impossible")')
+          continue
         answer = answers[0].get('text') if answers and isinstance(answers[0], dict) else None
         if isinstance(answer, str):  # unanswerable questions (SQuAD 2) have nothing to learn from
           blocks.append(options.squad_template.format(question=question.strip(), answer=answer.strip()))

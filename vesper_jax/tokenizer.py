@@ -8,6 +8,7 @@ implicitly: the data pipeline places EOS between documents itself, so a tokenize
 
 import copy
 import hashlib
+import json
 import os
 import pathlib
 import sys
@@ -25,37 +26,43 @@ PAD_CANDIDATES = ('<pad>', '<|pad|>', '[PAD]')
 # The trained BPE's only special token: GPT-2's end-of-text, which is also TinyStories' separator.
 BPE_EOS = '<|endoftext|>'
 # Bump when the trainer settings below change, so cached tokenizers trained the old way are not reused.
-BPE_TRAINER_VERSION = 1
+BPE_TRAINER_VERSION = 2
+# BPE training is quadratic in the length of a pre-token: text without whitespace or punctuation
+# (minified data, long base64) would be one pre-token and stall training for minutes. Runs of this many
+# non-space characters are cut into pieces first; ordinary words never reach it, so they are unaffected.
+MAX_PRETOKEN_CHARS = 64
 
 
 class Tokenizer:
   """A loaded `tokenizer.json` with its special-token ids resolved."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, path: str):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, path: str, eos_token: str = ''):
+    """`eos_token` (data.eos_token) names the end-of-text token; '' finds it (see `_find_eos`)."""
     self._tokenizer = tokenizer
     self.path = str(path)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     # get_vocab_size can undercount when ids have gaps; the model needs max id + 1 rows.
     self.vocab_size = max(tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
-    eos_id = _first_id(tokenizer, EOS_CANDIDATES)
-    if eos_id is None:
-      raise ValueError(f'{self.path}: the tokenizer has none of the end-of-sequence tokens '
-                       f'{list(EOS_CANDIDATES)}; one is needed to separate documents')
-    self.eos_id: int = eos_id
+    self.eos_id: int = _find_eos(tokenizer, self.path, eos_token)
     self.bos_id: int | None = _first_id(tokenizer, BOS_CANDIDATES)
     self.pad_id: int | None = _first_id(tokenizer, PAD_CANDIDATES)
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> 'Tokenizer':
-    """Loads a Hugging Face `tokenizer.json`; the error names the file if it is missing or invalid."""
+  def load(cls, path: str | os.PathLike, eos_token: str = '') -> 'Tokenizer':
+    """Loads a Hugging Face `tokenizer.json`; the error names the file if it is missing, unreadable or
+    invalid. `eos_token`: as in the constructor."""
     path = pathlib.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f'tokenizer file not found: {path}')
     try:
-      tokenizer = tokenizers.Tokenizer.from_file(str(path))
+      text = path.read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:  # permissions, I/O errors, binary garbage
+      raise ValueError(f'{path}: cannot read the tokenizer file ({e.__class__.__name__}: {e})') from e
+    try:
+      tokenizer = tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for every parse error.
       raise ValueError(f'{path}: not a valid Hugging Face tokenizer.json ({e})') from e
-    return cls(tokenizer, str(path))
+    return cls(tokenizer, str(path), eos_token)
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without special tokens."""
@@ -89,6 +96,46 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f'Tokenizer({self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, '
             f'bos_id={self.bos_id}, pad_id={self.pad_id})')
+
+
+def _find_eos(tokenizer: tokenizers.Tokenizer, path: str, eos_token: str) -> int:
+  """The end-of-text id: `eos_token` if named; else a well-known name (EOS_CANDIDATES); else the special
+  token the tokenizer's own post-processor puts at the end of a sequence; else the one special added
+  token, or the one whose name says end (eos, eot, end). Raises ValueError listing the special tokens."""
+  specials = [t.content for _, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special]
+  if eos_token:
+    token_id = tokenizer.token_to_id(eos_token)
+    if token_id is None:
+      raise ValueError(f'{path}: data.eos_token={eos_token!r} is not in the tokenizer '
+                       f'(its special tokens: {specials})')
+    return token_id
+  found = _first_id(tokenizer, EOS_CANDIDATES)
+  if found is not None:
+    return found
+  ending = _post_processor_end(json.loads(tokenizer.to_str()).get('post_processor'))
+  named = [t for t in specials if any(w in t.lower() for w in ('eos', 'eot', 'end'))]
+  for candidate in ([ending] if ending else []) + (named if len(named) == 1 else []) + (
+      specials if len(specials) == 1 else []):
+    if tokenizer.token_to_id(candidate) is not None:
+      return tokenizer.token_to_id(candidate)
+  raise ValueError(f'{path}: cannot tell which token ends a text: none of {list(EOS_CANDIDATES)}, and '
+                   f'its special tokens {specials} do not say; name it with --config.data.eos_token=...')
+
+
+def _post_processor_end(processor: dict | None) -> str | None:
+  """The special token a post-processor appends to a single sequence (`$A </s>` -> '</s>'), if any."""
+  if not processor:
+    return None
+  kind = processor.get('type')
+  if kind == 'Sequence':
+    ends = [_post_processor_end(p) for p in processor.get('processors', [])]
+    return next((e for e in reversed(ends) if e), None)
+  if kind == 'TemplateProcessing' and processor.get('single'):
+    last = processor['single'][-1]
+    return last['SpecialToken']['id'] if 'SpecialToken' in last else None
+  if kind in ('RobertaProcessing', 'BertProcessing') and processor.get('sep'):
+    return processor['sep'][0]
+  return None
 
 
 def _first_id(tokenizer: tokenizers.Tokenizer, candidates: Sequence[str]) -> int | None:
@@ -128,7 +175,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike, *,
                      f'(needs at least {len(alphabet) + 1}: 256 byte symbols and {BPE_EOS})')
   tokenizer = tokenizers.Tokenizer(models.BPE())
   # add_prefix_space=False keeps decode(encode(s)) == s exactly.
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(tokenizers.Regex(rf'[^\s]{{{MAX_PRETOKEN_CHARS}}}'), behavior='isolated'),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS], initial_alphabet=alphabet,
                                 show_progress=progress and sys.stdout.isatty())

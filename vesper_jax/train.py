@@ -322,12 +322,13 @@ def _log_model(parts: 'Parts', mesh: jax.sharding.Mesh) -> None:
 def init_or_restore(config: ml_collections.ConfigDict, parts: 'Parts',
                     checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, int]:
   """Stage 3: the latest checkpoint's state, or a fresh one (with a base's weights when fine-tuning)."""
-  start = checkpointer.latest_step()
-  if start is not None:
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            parts.abstract_state, parts.state_shardings)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          parts.abstract_state, parts.state_shardings)
+  restored = checkpointer.restore_latest_good(abstract)  # damaged newer checkpoints set aside, with a warning
+  if restored is not None:
+    state, start = restored
     logging.info('Resuming from the checkpoint of step %d', start)
-    return checkpointer.restore(start, abstract), start
+    return state, start
   state = parts.init_fn(jax.random.key(config.train.seed))
   if config.train.init_from:  # fine-tuning: the base's weights replace the random ones (adapters stay)
     base = finetune.load_base(config.train.init_from, parts.model.config)

@@ -15,7 +15,8 @@ A reply ends at EOS, at the start of a new `User:`/`Assistant:` line, or after -
 When the conversation no longer fits the context window (model.max_seq_len minus the reply's budget),
 the oldest turns are left out of the prompt (they stay in the history until /reset). Commands: /reset
 forgets the conversation, /exit (or Ctrl-D) quits; Ctrl-C interrupts a reply, or quits at the prompt.
-Piped stdin works: each line is a message; only the replies (`Assistant: ...` lines) go to stdout.
+Piped stdin works: each line is a message; only the replies (`Assistant: ...` lines) go to stdout, a
+reply's further lines indented by two spaces so that each turn stays one record.
 """
 
 import sys
@@ -34,6 +35,7 @@ FLAGS = flags.FLAGS
 # The template chat records are trained on (sources.render_chat), so prompts read like the training data.
 USER_PREFIX = f"{sources.CHAT_ROLE_NAMES['user']}: "
 ASSISTANT_PREFIX = f"{sources.CHAT_ROLE_NAMES['assistant']}:"
+CONTINUATION = '  '  # piped output: the prefix of a reply's second and later lines
 STOP_STRINGS = (f'\n{USER_PREFIX.rstrip()}', f'\n{ASSISTANT_PREFIX}')
 
 
@@ -123,8 +125,11 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
       write(f'[unknown command {message}: /reset clears the conversation, /exit quits]\n')
       continue
     write(f'{ASSISTANT_PREFIX} ')
+    # Piped, each line is a record: a reply's own line breaks become indented continuation lines, so
+    # every line that does not start with two spaces begins a new turn.
+    on_text = write if interactive else (lambda piece: write(piece.replace('\n', '\n' + CONTINUATION)))
     try:
-      session.reply(message, on_text=write)
+      session.reply(message, on_text=on_text)
     except KeyboardInterrupt:
       write(' [interrupted]')
     write('\n')

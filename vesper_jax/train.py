@@ -374,9 +374,9 @@ def _loop(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.Tok
         if done % t.eval_every == 0 or done == t.num_steps:
           evaluate_and_log(done)
         # Read the flag once: a signal on a checkpoint step must not save that step twice (orbax refuses).
-        stopping = stop.signal is not None
+        stopping = _stop_agreed(stop.signal is not None, done, config)
         if stopping:
-          logging.warning('Signal %d: saving step %d and stopping', stop.signal, done)
+          logging.warning('Signal %s: saving step %d and stopping', stop.signal or 'on another process', done)
         if done % config.checkpoint.every_steps == 0 or done == t.num_steps or stopping:
           checkpointer.save(done, state)
         if stopping:
@@ -395,6 +395,22 @@ def _loop(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.Tok
     progress.close()
     writer.close()
   return state, summary
+
+
+def _stop_agreed(signalled: bool, done: int, config: ml_collections.ConfigDict) -> bool:
+  """Whether every process stops after step `done`: true if any process was signalled.
+
+  A preemption signal reaches the processes of a multi-host run at different moments (or only one of
+  them), and a checkpoint save is collective: each process deciding alone would leave some waiting in
+  the save forever. So the processes agree, with a tiny all-gather of the flag, at the steps where the
+  loop already waits for the device (the logging cadence), the same steps on every process.
+  """
+  if jax.process_count() == 1:
+    return signalled
+  if done % config.logging.every_steps:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.array([signalled]))))
 
 
 def _finish(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.TokenCache,

@@ -12,11 +12,13 @@ fatal while an older one restores: resuming and loading fall back to the newest 
 the path of each one skipped. Inference restores the parameters alone, not the optimizer's moments.
 """
 
+import gc
 import json
 import logging as std_logging
 import os
 import pathlib
 import shutil
+import sys
 import time
 
 import jax
@@ -184,11 +186,32 @@ def _restore_params(item_dir: pathlib.Path) -> PyTree:
         item=item, restore_args=restore_args, partial_restore=True))['params']
 
 
+def _collect_quietly() -> None:
+  """Collects what a failed orbax read left behind, without its 'Event loop is closed' noise.
+
+  The read's other coroutines are finalised after orbax closed their event loop; Python reports each
+  as an unraisable exception with a traceback, which says nothing the warning does not.
+  """
+  hook = sys.unraisablehook
+
+  def quiet(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)):
+      hook(unraisable)
+
+  sys.unraisablehook = quiet
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
 def _try(restore) -> PyTree | str:
   """restore()'s result if it succeeds with finite values, else a one-line reason (a str)."""
   try:
     tree = restore()
   except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+    _collect_quietly()
     return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
   floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   if floats and not bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(floats)):

@@ -186,6 +186,11 @@ def _restore_params(item_dir: pathlib.Path) -> PyTree:
         item=item, restore_args=restore_args, partial_restore=True))['params']
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _collect_quietly() -> None:
   """Collects what a failed orbax read left behind, without its 'Event loop is closed' noise.
 
@@ -214,7 +219,7 @@ def _try(restore) -> PyTree | str:
     _collect_quietly()
     return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
   floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-  if floats and not bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(floats)):
+  if floats and not bool(_all_finite(floats)):
     return 'non-finite values'
   return tree
 

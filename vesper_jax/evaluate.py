@@ -87,7 +87,8 @@ def evaluate(params: PyTree, config: ModelConfig, tokens: np.ndarray, tokenizer:
     seq_len, batch_size, max_tokens: as in `score`.
   """
   step = jax.jit(functools.partial(eval_step, model=VesperLM(config)))
-  result = score(lambda batch: step(params, {}, batch), tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)
+  result = score(lambda batch: step(params, {}, batch), tokens, seq_len=seq_len, batch_size=batch_size,
+                 max_tokens=max_tokens)
   result['bits_per_byte'] = bits_per_byte(result['loss'], tokens, result['tokens'], tokenizer)
   return result
 

@@ -296,8 +296,9 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
     raise ValueError(f'{workdir / ckpt_lib.CONFIG_FILE}: its model section is not a valid ModelConfig '
                      f'({e}); use a new --workdir') from e
   old_opt = ckpt_lib.read_config(workdir).opt
+  clipping = 'opt.grad_clip_norm > 0'
   for key, was, now in (('opt.name', old_opt.name, config.opt.name),
-                        ('opt.grad_clip_norm > 0', old_opt.grad_clip_norm > 0, config.opt.grad_clip_norm > 0)):
+                        (clipping, old_opt.grad_clip_norm > 0, config.opt.grad_clip_norm > 0)):
     if was != now:  # the optimizer state's structure differs: orbax could only say "trees do not match"
       raise ValueError(f'{workdir} was trained with {key} = {was!r}, this config has {now!r}: its optimizer '
                        'state cannot be restored; use a new --workdir (or train.init_from to start from its '

@@ -393,12 +393,13 @@ def _squad_documents(path: str, f: BinaryIO, options: ReadOptions, errors: Error
       blocks, ok = [], True
       for k, qa in enumerate(qas):
         question = qa.get('question') if isinstance(qa, dict) else None
-        answers = qa.get('answers') if isinstance(qa, dict) else None
+        answers = qa.get('answers', []) if isinstance(qa, dict) else None
         if not isinstance(question, str) or not isinstance(answers, list):
           errors.report(path, f'{where}.qas[{k}] needs a string "question" and a list "answers"')
           ok = False
           break
         if not answers and not qa.get('is_impossible', False):  # SQuAD 2 marks unanswerable ones
+          # The question is the bad record: skipped and counted (or refused), its paragraph kept.
           errors.report(path, f'{where}.qas[{k}] has no answer (and is not marked "is_impossible")')
           continue
         answer = answers[0].get('text') if answers and isinstance(answers[0], dict) else None

@@ -5,7 +5,8 @@ the embeddings, norms and biases stay in float:
 
   int8  symmetric, one float32 scale per output channel:   w[i, o] ≈ q[i, o] · s[o],   q ∈ [-127, 127]
   int4  asymmetric, grouped along the input dimension (G = model.quantize_group_size, 128 by default):
-        w[i, o] ≈ q[i, o] · s[g, o] + m[g, o],   g = i // G,   q ∈ [0, 15],   s = (max − min) / 15,  m = min
+        w[i, o] ≈ q[i, o] · s[g, o] + m[g, o],   g = i // G,   q ∈ [0, 15],
+        with s = (max − min) / 15 and m = min over the group's G weights of output o
 
 Why int4 is asymmetric: 4 bits leave 16 levels, and a symmetric grid spends one of them (±7 around 0) and
 half of the other 15 on the side of zero that a skewed group does not use; min/max uses all 16 on the

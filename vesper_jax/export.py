@@ -1,6 +1,7 @@
 """Export to safetensors, and load back with every tensor checked (SPEC §11).
 
   python -m vesper_jax.export --workdir=runs/medium --out=export/medium --format=vesper|hf
+                             [--quantize=int8|int4 [--quantize_head]]
 
 `--format=vesper` writes `<out>/model.safetensors` in the original's naming, weights `[out, in]` (the
 PyTorch orientation: flax kernels are `[in, out]`, so 2-D tensors are transposed, embeddings excepted):
@@ -13,6 +14,12 @@ PyTorch orientation: flax kernels are `[in, out]`, so 2-D tensors are transposed
 
 and the ModelConfig as JSON in the file's metadata. `load_safetensors` rebuilds the parameter tree and
 refuses, naming the tensor, anything missing, unexpected, or of the wrong shape or dtype.
+
+`--quantize=int8|int4` (quantize.py) writes each quantized projection as `{proj}.qweight` (int8 [out, in];
+int4: uint8 [out, in/2], two values per byte along `in`, the even index in the low nibble), `{proj}.scales`
+(float32 [out], int4: [out, in/G]) and, for int4, `{proj}.mins` (float32 [out, in/G]); the scheme and the
+group size are in the metadata (`quantize`, `quantize_group_size`, and in the model config). A float
+model and a quantized file, or the reverse, are refused with the reason before any tensor is compared.
 
 Adapters (FlyLoRA / LoRA) also go to a file of their own (`export_adapters`, `load_adapters`): the same
 names, `lora_a` as Aᵀ [r, in], `lora_b` as Bᵀ [out, r] (peft's orientation), `expert_bias` d [r], and the
@@ -46,6 +53,7 @@ from safetensors.numpy import save_file
 
 from vesper_jax import cli
 from vesper_jax import flylora
+from vesper_jax import quantize
 from vesper_jax.model import ModelConfig, init_params
 from vesper_jax.pytree import Path, PyTree, flatten, unflatten
 
@@ -88,7 +96,10 @@ def save_safetensors(params: PyTree, config: ModelConfig, path: str | os.PathLik
   """Writes the vesper-format file; returns {name: shape}."""
   tensors = to_tensors(params)
   config_json = json.dumps(dataclasses.asdict(config.replace(decode=False)), sort_keys=True)
-  save_file(tensors, str(path), metadata={'format': FORMAT, 'model_config': config_json})
+  metadata = {'format': FORMAT, 'model_config': config_json}
+  if config.quantize:  # also readable without parsing the config
+    metadata.update(quantize=config.quantize, quantize_group_size=str(config.quantize_group_size))
+  save_file(tensors, str(path), metadata=metadata)
   logging.info('wrote %d tensors to %s', len(tensors), path)
   return {k: v.shape for k, v in tensors.items()}
 
@@ -116,6 +127,7 @@ def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None)
   config = config_from_safetensors(path) if config is None else config
   expected = flatten(jax.eval_shape(lambda: init_params(config.replace(decode=False), jax.random.key(0))))
   with safe_open(str(path), framework='numpy') as f:
+    _check_quantization(path, f.metadata() or {}, config)
     tensors = {name: f.get_tensor(name) for name in f.keys()}
   problems, flat = [], {}
   for key, spec in sorted(expected.items()):
@@ -136,6 +148,31 @@ def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None)
     raise ValueError(f'{path} does not match the model ({len(problems)} problem(s)):\n  ' +
                      '\n  '.join(problems[:20]))
   return unflatten(flat)
+
+
+def _describe(scheme: str, group_size: str | int) -> str:
+  if scheme == 'int4':
+    return f'int4 (groups of {group_size})'
+  return scheme or 'float'
+
+
+def _check_quantization(path, metadata: dict[str, str], config: ModelConfig) -> None:
+  """Refuses a quantized file for a float model, a float file for a quantized one, or another scheme."""
+  if metadata.get('format') != FORMAT:  # no vesper metadata: the tensor names and dtypes decide
+    return
+  scheme, group = metadata.get('quantize', ''), metadata.get('quantize_group_size', '')
+  want = config.quantize
+  if scheme == want and (want != 'int4' or group == str(config.quantize_group_size)):
+    return
+  if not want:
+    hint = ('load it with its own config (load_safetensors(path) reads it from the file), or export the '
+            'model again without --quantize')
+  elif not scheme:
+    hint = f'load the float model and quantize it (quantize.quantize_model(config, params, {want!r}))'
+  else:
+    hint = 'load it with its own config (load_safetensors(path) reads it from the file)'
+  raise ValueError(f'{path} holds {_describe(scheme, group)} weights, the model expects '
+                   f'{_describe(want, config.quantize_group_size)} weights (model.quantize={want!r}): {hint}')
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -224,6 +261,9 @@ def check_llama_compatible(config: ModelConfig) -> None:
   if config.lora_targets:
     raise ValueError(f'cannot export to --format=hf: model.lora_targets={config.lora_targets!r}; merge the '
                      'adapters into the base weights first (flylora.merge), or use --format=vesper')
+  if config.quantize:
+    raise ValueError(f'cannot export to --format=hf: model.quantize={config.quantize!r}; the Llama layout '
+                     'holds float weights (export the float model), or use --format=vesper')
 
 
 def hf_config(config: ModelConfig, eos_id: int | None = None, bos_id: int | None = None) -> dict:
@@ -293,10 +333,17 @@ def export_hf(params: PyTree, config: ModelConfig, out_dir: str | os.PathLike,
   return written
 
 
-def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str) -> list[pathlib.Path]:
-  """Exports the latest checkpoint of a training workdir in `fmt` ('vesper' or 'hf')."""
+def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
+                   quantize_scheme: str = '', quantize_head: bool = False) -> list[pathlib.Path]:
+  """Exports the latest checkpoint of a training workdir in `fmt` ('vesper' or 'hf'), quantized to
+  `quantize_scheme` ('int8', 'int4'; vesper format only) when given."""
   from vesper_jax import checkpoint  # deferred: export's library part needs no orbax
+  if quantize_scheme and fmt != 'vesper':
+    raise ValueError(f'--quantize={quantize_scheme} needs --format=vesper (the {fmt} layout holds float '
+                     'weights)')
   config, params, tokenizer = checkpoint.load_for_inference(workdir)
+  if quantize_scheme:
+    config, params = quantize.quantize_model(config, params, quantize_scheme, quantize_head=quantize_head)
   if fmt == 'hf':
     return export_hf(params, config, out_dir, tokenizer.path, tokenizer.eos_id, tokenizer.bos_id)
   if fmt != 'vesper':
@@ -312,7 +359,8 @@ def main(argv):
   del argv
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required')
-  for path in export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.format):
+  for path in export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.quantize or '',
+                            FLAGS.quantize_head):
     print(path)
 
 
@@ -321,6 +369,9 @@ def define_flags() -> None:
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_enum('format', 'vesper', ['vesper', 'hf'], 'vesper: the original naming; '
                     'hf: a Hugging Face Llama directory (Llama-compatible models only).')
+  flags.DEFINE_enum('quantize', None, list(quantize.SCHEMES), 'Write weight-only quantized projections '
+                    '(int8: per output channel; int4: groups of 128 along the input, packed two per byte).')
+  flags.DEFINE_bool('quantize_head', False, 'With --quantize, quantize the output head too.')
 
 
 if __name__ == '__main__':

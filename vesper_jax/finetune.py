@@ -62,6 +62,9 @@ def load_base(init_from: str, config: ModelConfig) -> PyTree:
       base_config = export.config_from_safetensors(path)
     except ValueError:  # a file without vesper_jax metadata: it must fit this architecture
       base_config = config.replace(lora_targets='')
+    if base_config.quantize:  # rounded weights are an inference artefact; training needs float ones
+      raise ValueError(f'train.init_from={init_from}: the base is quantized for inference (model.quantize='
+                       f'{base_config.quantize!r}); fine-tune from the float export or the training workdir')
     params = export.load_safetensors(str(path), base_config)
   if flylora.targets(base_config):
     params, base_config = flylora.merge(params, base_config)

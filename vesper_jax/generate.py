@@ -17,7 +17,7 @@ from typing import Protocol
 import jax
 from absl import app, flags, logging
 
-from vesper_jax import checkpoint, cli, decode
+from vesper_jax import checkpoint, cli, decode, quantize
 from vesper_jax.model import ModelConfig, cast_for_inference
 from vesper_jax.pytree import PyTree
 from vesper_jax.sampling import SamplingConfig
@@ -160,6 +160,9 @@ def load_from_flags() -> tuple[ModelConfig, PyTree, Tokenizer, SamplingConfig]:
   except ValueError as e:  # e.g. --top_p=0: the flag's name and range, without a traceback
     raise app.UsageError(str(e)) from e
   config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
+  if FLAGS.quantize:  # from the float32 weights, before any cast
+    config, params = quantize.quantize_model(config, params, FLAGS.quantize,
+                                             quantize_head=FLAGS.quantize_head)
   if FLAGS.dtype:
     config, params = cast_for_inference(config, params, FLAGS.dtype)
   return config, params, tokenizer, settings
@@ -202,7 +205,8 @@ def main(argv):
 
 
 def define_common_flags() -> None:
-  """The flags generate and chat share: the workdir, the sampling filters, the inference dtype."""
+  """The flags generate and chat share: the workdir, the sampling filters, the inference dtype and
+  quantization."""
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json, tokenizer.json, '
                       'checkpoints/).', required=True)
   flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
@@ -211,6 +215,9 @@ def define_common_flags() -> None:
   flags.DEFINE_float('repetition_penalty', 1.0, '> 1 discourages repeats; 1.0 = off.')
   flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute and weight dtype for '
                     'inference; default: the trained compute dtype with float32 weights.')
+  flags.DEFINE_enum('quantize', None, list(quantize.SCHEMES), 'Weight-only quantization of the '
+                    'projections: int8 (per output channel) or int4 (groups of 128 along the input).')
+  flags.DEFINE_bool('quantize_head', False, 'With --quantize, quantize the output head too.')
 
 
 def define_flags() -> None:

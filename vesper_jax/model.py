@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vesper_jax import flylora
+from vesper_jax import quantize
 from vesper_jax.era import era
 from vesper_jax.pytree import PyTree, flatten
 
@@ -67,6 +68,10 @@ class ModelConfig:
   lora_alpha: float | None = None   # the adapter's scale is alpha / r; None = 2·r
   lora_bias_rate: float = 1e-3      # u in the expert-bias rule d_i += u·sign(mean(c) − c_i)
   lora_seed: int = 0                # A is generated from this seed and each layer's path
+  # --- weight-only quantization for inference (quantize.py); set by quantize.quantize_model, never trained.
+  quantize: str = ''                # '' (float) | 'int8' (per output channel) | 'int4' (grouped along I)
+  quantize_head: bool = False       # also quantize lm_head (the embeddings always stay in float)
+  quantize_group_size: int = 128    # int4: input rows per scale/offset group
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -83,6 +88,7 @@ class ModelConfig:
     if self.vocab_size <= 0:
       raise ValueError(f'model.vocab_size={self.vocab_size} must be positive')
     flylora.validate(self)
+    quantize.validate(self)
 
   def replace(self, **changes) -> 'ModelConfig':
     return dataclasses.replace(self, **changes)
@@ -107,7 +113,8 @@ class ModelConfig:
 # Fields that change no parameter's shape or meaning: a run may resume, or a base model be loaded, with
 # any of them changed. Every other field changes the weights (their shapes, or what they compute: the
 # norm, the activation, RoPE's base, the adapters' routing...). RoPE has no learned positions, so the
-# context length is free.
+# context length is free. The quantize* fields are weight fields: they replace a projection's float kernel
+# by other tensors (int8/uint8 weights, scales, offsets), so a tree made for one setting fits no other.
 RUNTIME_FIELDS = ('max_seq_len', 'dtype', 'remat', 'attention_impl', 'decode', 'lora_bias_rate')
 WEIGHT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS)
 ADAPTER_FIELDS = tuple(f for f in WEIGHT_FIELDS if f.startswith('lora_'))
@@ -120,9 +127,15 @@ def weight_changes(old: ModelConfig, new: ModelConfig,
 
 
 def cast_for_inference(config: ModelConfig, params: PyTree, dtype: str) -> tuple[ModelConfig, PyTree]:
-  """Computes in `dtype` with the parameters stored in `dtype` too (halves the bytes read per token)."""
+  """Computes in `dtype` with the float parameters stored in `dtype` too (halves the bytes read per token).
+
+  Quantized weights and their scales and offsets (quantize.py) keep their dtypes: they are dequantized in
+  float32 and then cast to `dtype`.
+  """
   jdtype = jnp.dtype(dtype)
-  return config.replace(dtype=dtype), jax.tree.map(lambda x: x.astype(jdtype), params)
+  return config.replace(dtype=dtype), jax.tree_util.tree_map_with_path(
+      lambda path, x: x if quantize.is_quantized_leaf((path[-1].key,)) else x.astype(jdtype),
+      params)
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float = 10000.0) -> jax.Array:
@@ -149,6 +162,8 @@ def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False
   # GPT-2 style: projections that write into the residual stream start smaller, by 1/sqrt(2·layers),
   # so the residual's variance does not grow with depth at initialisation.
   std = 0.02 / math.sqrt(2 * config.num_layers) if out_proj else 0.02
+  if quantize.is_quantized(config, name):  # same name; int weights and scales instead of the kernel
+    return quantize.dense(config, features, name)
   if flylora.is_target(config, name):  # same name and kernel path, plus the adapter's tensors
     return flylora.LoRADense(config, features, nn.initializers.normal(std), name=name)
   return nn.Dense(features, use_bias=config.use_bias, dtype=config.compute_dtype,
@@ -275,6 +290,8 @@ class VesperLM(nn.Module):
     x_BTD = _norm(c, 'final_norm')(x_BTD)
     if c.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
+    elif quantize.is_quantized(c, 'lm_head'):
+      logits_BTV = quantize.dense(c, c.padded_vocab_size, 'lm_head')(x_BTD)
     else:
       logits_BTV = nn.Dense(c.padded_vocab_size, use_bias=c.use_bias, dtype=c.compute_dtype,
                             param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),

@@ -27,6 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vesper_jax import config as config_lib
 from vesper_jax.model import ModelConfig
 from vesper_jax.pytree import PyTree
 
@@ -130,10 +131,29 @@ def write_workdir_metadata(workdir: str | os.PathLike, config: ml_collections.Co
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The run's config.json laid over this version's base config: a key the file lacks (a run from an
+  older version) gets its default, and a key this version no longer has is dropped (logged)."""
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f'{path}: no config.json — is {workdir} a vesper_jax workdir?')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: unreadable ({e})') from e
+  config = config_lib.get_config()
+  _overlay(config, saved, path, prefix='')
+  return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict, path: pathlib.Path, prefix: str) -> None:
+  for key, value in saved.items():
+    if key not in config:
+      logging.info('%s: %s%s is not a key of this version; ignored', path, prefix, key)
+    elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _overlay(config[key], value, path, prefix=f'{prefix}{key}.')
+    else:
+      with config.ignore_type():
+        config[key] = value
 
 
 def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, PyTree]:
@@ -229,6 +249,5 @@ def load_for_inference(workdir: str | os.PathLike):
   from vesper_jax.tokenizer import Tokenizer  # deferred: keeps checkpoint importable without tokenizers
   config = read_config(workdir)
   _, params = load_params(workdir)
-  # .get: config.json files written before data.eos_token existed do not have it.
-  tokenizer = Tokenizer.load(pathlib.Path(workdir) / TOKENIZER_FILE, config.data.get('eos_token', ''))
+  tokenizer = Tokenizer.load(pathlib.Path(workdir) / TOKENIZER_FILE, config.data.eos_token)
   return ModelConfig(**config.model), params, tokenizer

@@ -3,6 +3,7 @@
   python -m vesper_jax.evaluate --workdir=runs/tiny                       # the run's validation split
   python -m vesper_jax.evaluate --workdir=runs/tiny --data=notes/*.txt    # any corpus, the run's tokenizer
   python -m vesper_jax.evaluate --workdir=export/tiny --data=corpus.txt   # a safetensors export
+  python -m vesper_jax.evaluate --workdir=runs/tiny --quantize=int4       # what int4 weights cost
 
 Every next-token target of the text is scored exactly once (non-overlapping windows of data.seq_len
 targets; the last one partial), up to a token budget (`--max_tokens`, by default the run's
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from vesper_jax import checkpoint, cli, data, export, losses
+from vesper_jax import checkpoint, cli, data, export, losses, quantize
 from vesper_jax import config as base_config
 from vesper_jax.model import ModelConfig, VesperLM
 from vesper_jax.pytree import PyTree
@@ -128,15 +129,21 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   model_config, params, tokenizer, run = _load(pathlib.Path(FLAGS.workdir))
+  if FLAGS.quantize:  # weight-only, from the float weights (quantize.py): the quality cost, measured
+    model_config, params = quantize.quantize_model(model_config, params, FLAGS.quantize,
+                                                   quantize_head=FLAGS.quantize_head)
   tokens = _tokens(run, model_config, tokenizer)
   seq_len = FLAGS.seq_len or (run.data.seq_len if run else min(model_config.max_seq_len, 1024))
   batch_size = FLAGS.batch_size or (run.train.batch_size // run.train.grad_accum_steps if run else 8)
   max_tokens = FLAGS.max_tokens if FLAGS.max_tokens is not None else (run.train.eval_tokens if run else 0)
   result = evaluate(params, model_config, tokens, tokenizer, seq_len=seq_len, batch_size=batch_size,
                     max_tokens=max_tokens)
-  result.update(workdir=FLAGS.workdir, data=FLAGS.data or f'{FLAGS.split} split', seq_len=seq_len)
-  print(f"| model | data | tokens | loss | perplexity | bits/byte |\n|---|---|---:|---:|---:|---:|\n"
-        f"| {FLAGS.workdir} | {result['data']} | {result['tokens']:,} | {result['loss']:.4f} | "
+  result.update(workdir=FLAGS.workdir, data=FLAGS.data or f'{FLAGS.split} split', seq_len=seq_len,
+                quantize=model_config.quantize or 'none', quantize_head=model_config.quantize_head)
+  weights = result['quantize'] + (' (+head)' if result['quantize_head'] else '')
+  print(f"| model | weights | data | tokens | loss | perplexity | bits/byte |\n"
+        f"|---|---|---|---:|---:|---:|---:|\n"
+        f"| {FLAGS.workdir} | {weights} | {result['data']} | {result['tokens']:,} | {result['loss']:.4f} | "
         f"{result['perplexity']:.2f} | {result['bits_per_byte']:.4f} |")
   if FLAGS.json:
     pathlib.Path(FLAGS.json).write_text(json.dumps(result, indent=2) + '\n')
@@ -154,6 +161,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('seq_len', 0, 'Targets per window; 0 = the run\'s data.seq_len.', lower_bound=0)
   flags.DEFINE_integer('batch_size', 0, 'Windows per batch; 0 = the run\'s micro-batch.', lower_bound=0)
   flags.DEFINE_string('json', None, 'Also write the result as JSON to this path.')
+  flags.DEFINE_enum('quantize', None, list(quantize.SCHEMES), 'Weight-only quantization of the projections '
+                    'before scoring (int8 per channel, int4 in groups of 128).')
+  flags.DEFINE_bool('quantize_head', False, 'With --quantize, quantize the output head too.')
 
 
 if __name__ == '__main__':

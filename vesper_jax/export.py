@@ -87,6 +87,27 @@ def _torch_layout(path: Path, value) -> np.ndarray:
   return np.ascontiguousarray(value.T if _transposed(path, value.ndim) else value)
 
 
+def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, str], dict]:
+  """(metadata, {name: numpy array}) of a safetensors file; ValueError naming the file when it is
+  missing, empty, truncated or corrupted (safetensors' own error is not a ValueError)."""
+  try:
+    with safe_open(str(path), framework='numpy') as f:
+      return (f.metadata() or {}), ({name: f.get_tensor(name) for name in f.keys()} if tensors else {})
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{path}: no such safetensors file') from e
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError, a torn header)
+    raise ValueError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e})') from e
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
+                      metadata: dict[str, str]) -> None:
+  """save_file, then the permissions any new file of the user's gets (safetensors writes 0600)."""
+  save_file(tensors, str(path), metadata=metadata)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def to_tensors(params: PyTree) -> dict[str, np.ndarray]:
   """The parameter tree as {export name: [out, in] numpy array}."""
   return {vesper_name(path): _torch_layout(path, value) for path, value in flatten(params).items()}
@@ -99,15 +120,14 @@ def save_safetensors(params: PyTree, config: ModelConfig, path: str | os.PathLik
   metadata = {'format': FORMAT, 'model_config': config_json}
   if config.quantize:  # also readable without parsing the config
     metadata.update(quantize=config.quantize, quantize_group_size=str(config.quantize_group_size))
-  save_file(tensors, str(path), metadata=metadata)
+  write_safetensors(tensors, path, metadata)
   logging.info('wrote %d tensors to %s', len(tensors), path)
   return {k: v.shape for k, v in tensors.items()}
 
 
 def config_from_safetensors(path: str | os.PathLike) -> ModelConfig:
   """The ModelConfig stored in a vesper-format file's metadata."""
-  with safe_open(str(path), framework='numpy') as f:
-    metadata = f.metadata() or {}
+  metadata, _ = read_safetensors(path, tensors=False)
   if metadata.get('format') != FORMAT or 'model_config' not in metadata:
     raise ValueError(f'{path}: not a vesper_jax export (metadata format={metadata.get("format")!r}); '
                      'pass the ModelConfig explicitly')
@@ -126,9 +146,8 @@ def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None)
   """
   config = config_from_safetensors(path) if config is None else config
   expected = flatten(jax.eval_shape(lambda: init_params(config.replace(decode=False), jax.random.key(0))))
-  with safe_open(str(path), framework='numpy') as f:
-    _check_quantization(path, f.metadata() or {}, config)
-    tensors = {name: f.get_tensor(name) for name in f.keys()}
+  metadata, tensors = read_safetensors(path)
+  _check_quantization(path, metadata, config)
   problems, flat = [], {}
   for key, spec in sorted(expected.items()):
     name = vesper_name(key)
@@ -189,7 +208,7 @@ def export_adapters(params: PyTree, config: ModelConfig, path: str | os.PathLike
   tensors = {vesper_name(path): _torch_layout(path, value) for path, value in flatten(params).items()
              if flylora.is_adapter_leaf(path)}
   metadata = {'format': ADAPTER_FORMAT, **{k: repr(getattr(config, k)) for k in flylora.SETTINGS}}
-  save_file(tensors, str(path), metadata=metadata)
+  write_safetensors(tensors, path, metadata)
   logging.info('wrote %d adapter tensors to %s', len(tensors), path)
   return {k: v.shape for k, v in tensors.items()}
 
@@ -214,9 +233,8 @@ def load_adapters(path: str | os.PathLike, base: PyTree,
   if flylora.targets(base_config):
     raise ValueError(f'load_adapters: the base config already has adapters '
                      f'(model.lora_targets={base_config.lora_targets!r}); load onto a plain base')
-  with safe_open(str(path), framework='numpy') as f:
-    settings = _adapter_settings(path, f.metadata())
-    tensors = {name: f.get_tensor(name) for name in f.keys()}
+  metadata, tensors = read_safetensors(path)
+  settings = _adapter_settings(path, metadata)
   config = base_config.replace(**settings)  # ModelConfig validates the lora_* values
   flat = flatten(base)
   leaves = ('lora_a', 'lora_b') + (('expert_bias',) if config.lora_mode == 'flylora' else ())
@@ -325,7 +343,7 @@ def export_hf(params: PyTree, config: ModelConfig, out_dir: str | os.PathLike,
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / 'config.json').write_text(json.dumps(hf_config(config, eos_id, bos_id), indent=2) + '\n')
-  save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={'format': 'pt'})
+  write_safetensors(tensors, out_dir / WEIGHTS_FILE, {'format': 'pt'})
   written = [out_dir / 'config.json', out_dir / WEIGHTS_FILE]
   if tokenizer_file is not None:
     shutil.copyfile(tokenizer_file, out_dir / 'tokenizer.json')

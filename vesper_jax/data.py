@@ -47,7 +47,7 @@ from vesper_jax.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1    # bump when the layout or the reading/splitting rules change: old caches then rebuild
 PIECE_CHARS = 16_384  # long documents are encoded in pieces of about this size, so both cores get work
-BATCH_CHARS = 1 << 22  # characters handed to one encode_batch call
+BATCH_CHARS = 1 << 20  # characters per encode_batch call: a build's peak memory grows with it, not the corpus
 _MAX_SKIPPED_IN_META = 100
 
 

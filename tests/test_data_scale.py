@@ -261,10 +261,10 @@ def _prepare_peak_rss_mb(corpus: pathlib.Path, cache_dir: pathlib.Path) -> float
 @pytest.mark.slow
 def test_prepare_peak_memory_does_not_grow_with_the_corpus(tmp_path):
   small, large = tmp_path / 'small.txt', tmp_path / 'large.txt'
-  small.write_text(stories(3_000, seed=3))  # ~2 MB
+  small.write_text(stories(9_000, seed=3))  # ~2 MB
   with open(large, 'w') as f:  # ten times as much, different stories
     for seed in range(10):
-      f.write(stories(3_000, seed=10 + seed) + '\n<|endoftext|>\n')
+      f.write(stories(9_000, seed=10 + seed) + '\n<|endoftext|>\n')
   assert 9 < large.stat().st_size / small.stat().st_size < 11
   rss_small = _prepare_peak_rss_mb(small, tmp_path / 'cache_small')
   rss_large = _prepare_peak_rss_mb(large, tmp_path / 'cache_large')

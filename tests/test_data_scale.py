@@ -51,7 +51,8 @@ def serve():
   def start(directory):
     requested = []
     handler = type('Handler', (_Handler,), {'requested': requested})
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(handler, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0),
+                                             functools.partial(handler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     servers.append(server)
     return f'http://127.0.0.1:{server.server_address[1]}', requested

@@ -96,9 +96,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.on_error = 'skip'         # bad records: 'skip' (counted and reported) or 'fail'
   config.data.val_fraction = 0.05       # fraction of documents held out for validation
   config.data.cache_dir = ''            # '' = $XDG_CACHE_HOME/vesper_jax (or ~/.cache/vesper_jax)
-  config.data.text_keys = 'text,content'  # JSONL fields holding a document's text, first present wins
+  config.data.text_keys = 'text,content'  # JSONL fields (Parquet columns) holding a document's text,
+                                          # first present wins
   config.data.squad_template = 'Question: {question}\nAnswer: {answer}'  # SQuAD JSON: one block per question
-  config.data.download_base_url = ''    # '' = public sources; else a mirror serving <url>/<file name>
+  config.data.download_base_url = ''    # '' = public sources; else a mirror (http(s):// or file://) laid
+                                        # out as <cache_dir>/downloads: <url>/<file name>
+  config.data.bpe_sample_bytes = 100_000_000  # a trained BPE learns from the corpus's first this many
+                                              # bytes of documents (0 = all of it)
 
   # ---------------------------------------------------------------- optimizer
   config.opt = ml_collections.ConfigDict()
@@ -193,6 +197,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
       raise ValueError(f'{key}={config[section][name]} must be at least 1')
   if t.eval_tokens < 0:
     raise ValueError(f'train.eval_tokens={t.eval_tokens} must be >= 0 (0 = the whole split)')
+  if d.bpe_sample_bytes < 0:
+    raise ValueError(f'data.bpe_sample_bytes={d.bpe_sample_bytes} must be >= 0 (0 = the whole corpus)')
   if t.eval_tokens < 0:
     raise ValueError(f'train.eval_tokens={t.eval_tokens} must be >= 0 (0 = the whole split)')
   if t.num_steps < 1 and not t.auto_scale:

@@ -39,6 +39,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from vesper_jax import config as config_lib
 from vesper_jax import sources as sources_lib
 from vesper_jax import tokenizer as tokenizer_lib
 from vesper_jax.sources import DataError
@@ -46,7 +47,7 @@ from vesper_jax.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1    # bump when the layout or the reading/splitting rules change: old caches then rebuild
 PIECE_CHARS = 16_384  # long documents are encoded in pieces of about this size, so both cores get work
-BATCH_CHARS = 1 << 22  # characters handed to one encode_batch call
+BATCH_CHARS = 1 << 20  # characters per encode_batch call: a build's peak memory grows with it, not the corpus
 _MAX_SKIPPED_IN_META = 100
 
 
@@ -103,7 +104,8 @@ def build_or_load_cache(data_config: ml_collections.ConfigDict, vocab_size: int,
     if not tokenizer_path.is_file():
       raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {tokenizer_path}')
   else:
-    tokenizer_path = _trained_bpe(vocab_size, reading, sources, options, cache_dir, progress)
+    tokenizer_path = _trained_bpe(vocab_size, data_config.bpe_sample_bytes, reading, sources, options,
+                                  cache_dir, progress)
   key = _hash({**reading, 'tokenizer_sha256': _tokenizer_sha256(tokenizer_path),
                'val_fraction': data_config.val_fraction, 'eos_token': data_config.eos_token})
   directory = cache_dir / 'tokens' / key[:24]
@@ -141,20 +143,40 @@ def _check_vocab(tokenizer_vocab: int, model_vocab: int, path: pathlib.Path) -> 
                      f'set model.vocab_size to at least {tokenizer_vocab}')
 
 
-def _trained_bpe(vocab_size: int, reading: dict, sources, options, cache_dir: pathlib.Path,
-                 progress: bool) -> pathlib.Path:
-  """The path of a byte-level BPE trained on these sources, training it first if it is not cached."""
-  bpe_key = _hash({**reading, 'vocab_size': vocab_size, 'trainer': tokenizer_lib.BPE_TRAINER_VERSION})
+def _trained_bpe(vocab_size: int, sample_bytes: int, reading: dict, sources, options,
+                 cache_dir: pathlib.Path, progress: bool) -> pathlib.Path:
+  """The path of a byte-level BPE trained on the first `sample_bytes` of the corpus's documents (all of
+  them when 0), training it first if it is not cached. One BPE serves every run on the same corpus."""
+  bpe_key = _hash({**reading, 'vocab_size': vocab_size, 'trainer': tokenizer_lib.BPE_TRAINER_VERSION,
+                   'sample_bytes': sample_bytes})
   bpe_path = cache_dir / 'tokenizers' / f'bpe{vocab_size}-{bpe_key[:24]}' / 'tokenizer.json'
   if bpe_path.exists():
     return bpe_path
-  logging.info('training a byte-level BPE with %d tokens on the corpus -> %s', vocab_size, bpe_path)
+  logging.info('training a byte-level BPE with %d tokens on %s of the corpus -> %s', vocab_size,
+               f'the first {sample_bytes:,} bytes' if sample_bytes else 'all', bpe_path)
+  total = sum(s.size() for s in sources)
+  bar = tqdm.tqdm(total=min(total, sample_bytes) if sample_bytes else total, unit='B', unit_scale=True,
+                  desc='BPE sample', disable=not progress)
+  with bar:
+    tokenizer_lib.train_bpe(_sample(sources, options, sample_bytes, bar), vocab_size, bpe_path,
+                            progress=progress)
+    bar.update(bar.total - bar.n)  # stripped documents are a little shorter than their files
+  return bpe_path
+
+
+def _sample(sources, options, sample_bytes: int, bar: tqdm.tqdm) -> Iterator[str]:
+  """Pieces of the corpus's documents, in order, up to the document that reaches `sample_bytes`."""
   # The tokenization pass reports bad input (once); this pass only needs to stop on it under 'fail'.
   quiet = sources_lib.ErrorLog(options.on_error, quiet=True)
-  texts = (piece for source in sources for document in sources_lib.read_documents(source, options, quiet)
-           for piece in split_long(document, PIECE_CHARS))
-  tokenizer_lib.train_bpe(texts, vocab_size, bpe_path, progress=progress)
-  return bpe_path
+  taken = 0
+  for source in sources:
+    for document in sources_lib.read_documents(source, options, quiet):
+      size = len(document.encode())
+      bar.update(min(size, bar.total - bar.n) if bar.total else size)
+      yield from split_long(document, PIECE_CHARS)
+      taken += size
+      if sample_bytes and taken >= sample_bytes:
+        return
 
 
 def split_long(text: str, max_chars: int) -> Iterator[str]:
@@ -225,9 +247,11 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
   try:
     tmp.mkdir()
     shutil.copyfile(tokenizer.path, tmp / 'tokenizer.json')
-    bar = tqdm.tqdm(unit='tok', unit_scale=True, desc='tokenizing', disable=not progress)
+    # Bytes of the sources read (compressed ones as stored), so the bar's rate and ETA hold for any corpus.
+    bar = tqdm.tqdm(total=sum(s.size() for s in sources), unit='B', unit_scale=True, desc='tokenizing',
+                    disable=not progress)
     with open(tmp / 'train.bin', 'wb') as train_file, open(tmp / 'val.bin', 'wb') as val_file, bar:
-      pieces = _pieces(sources, options, errors, val_fraction, counts, per_source)
+      pieces = _pieces(sources, options, errors, val_fraction, counts, per_source, bar.update)
       for batch in _batches(pieces, BATCH_CHARS):
         encoded = tokenizer.encode_batch([text for _, _, _, text in batch])
         out = {False: [], True: []}
@@ -240,7 +264,9 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
           n = sum(map(len, out[is_val]))
           np.fromiter(itertools.chain.from_iterable(out[is_val]), dtype=dtype, count=n).tofile(file)
           counts['val_tokens' if is_val else 'train_tokens'] += n
-          bar.update(n)
+        tokens = counts['train_tokens'] + counts['val_tokens']
+        bar.set_postfix_str(f'{tokens:,} tokens, {tokens / max(bar.format_dict["elapsed"], 1e-9):,.0f} tok/s',
+                            refresh=False)
       for file in (train_file, val_file):  # on disk before the rename, even if the machine goes down
         file.flush()
         os.fsync(file.fileno())
@@ -264,13 +290,13 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
     raise
 
 
-def _pieces(sources, options, errors, val_fraction: float, counts: dict,
-            per_source: list[dict]) -> Iterator[tuple[int, bool, bool, str]]:
+def _pieces(sources, options, errors, val_fraction: float, counts: dict, per_source: list[dict],
+            on_bytes: Callable[[int], Any]) -> Iterator[tuple[int, bool, bool, str]]:
   """(source index, is validation, last piece of its document, text) for every piece of every document,
   counting documents per split and per source as they are read."""
   index = 0
   for k, source in enumerate(sources):
-    for document in sources_lib.read_documents(source, options, errors):
+    for document in sources_lib.read_documents(source, options, errors, on_bytes):
       is_val = _is_val(index, val_fraction)
       counts['val_documents' if is_val else 'train_documents'] += 1
       per_source[k]['documents'] += 1
@@ -365,6 +391,67 @@ def _check_windows(cache: TokenCache, seq_len: int, val_fraction: float) -> None
     if (split == 'training' or val_fraction > 0) and len(tokens) < seq_len + 1:
       raise DataError(f'the {split} split of {cache.directory} has {len(tokens)} tokens, fewer than one '
                       f'window of data.seq_len + 1 = {seq_len + 1}: {fix}')
+
+
+# ------------------------------------------------------------------------------------- guards (issue 17)
+
+MAX_EPOCHS = 4                # a plan beyond this many passes over the train split is warned about
+MAX_VOCAB_FRACTION = 0.1      # a trained BPE above this fraction of the train tokens is refused
+MIN_VAL_TOKENS = 50_000       # a validation split below this is warned about
+SIZE_CONFIGS = ('tiny', 'small', 'medium', 'large')  # configs/ files named when one would fit
+
+
+def check_scale(cache: TokenCache, config: ml_collections.ConfigDict) -> list[str]:
+  """Checks the run's plan against its data, once, before training; returns the warnings it logged.
+
+  Refuses (DataError) a trained BPE (data.tokenizer = '') of model.vocab_size tokens above
+  MAX_VOCAB_FRACTION of the train split: most of its tokens would be seen a handful of times. Warns when
+  train.num_steps × train.batch_size × data.seq_len exceeds MAX_EPOCHS passes over the train split,
+  and when the validation split holds fewer than MIN_VAL_TOKENS tokens.
+  """
+  t, d = config.train, config.data
+  train_tokens, val_tokens = len(cache.train), len(cache.val)
+  vocab = config.model.vocab_size
+  if not d.tokenizer and vocab > MAX_VOCAB_FRACTION * train_tokens:
+    raise DataError(
+        f'a trained BPE of model.vocab_size={vocab:,} tokens is {vocab / train_tokens:.0%} of the '
+        f'{train_tokens:,}-token train split (at most {MAX_VOCAB_FRACTION:.0%}): most tokens would be seen a '
+        f'handful of times. Use more data (data.sources; configs/small.py and medium.py default to '
+        f'download:tinystories_train), model.vocab_size <= {int(MAX_VOCAB_FRACTION * train_tokens):,}, '
+        f'or a tokenizer.json (data.tokenizer)')
+  warnings = []
+  planned = t.num_steps * t.batch_size * d.seq_len
+  if planned > MAX_EPOCHS * train_tokens:
+    fits = [f'configs/{name}.py' for name, tokens in _size_config_budgets()
+            if tokens <= MAX_EPOCHS * train_tokens]
+    steps = MAX_EPOCHS * train_tokens // (t.batch_size * d.seq_len)
+    warnings.append(
+        f'train.num_steps={t.num_steps:,} × train.batch_size={t.batch_size} × data.seq_len={d.seq_len} = '
+        f'{planned:,} tokens is {planned / train_tokens:,.1f} epochs of the {train_tokens:,}-token train '
+        f'split (more than {MAX_EPOCHS}): the model will mostly memorise it. Fits this data: '
+        + (f'{", ".join(fits)}; ' if fits else '')
+        + f'--config.train.auto_scale=True (at most one epoch), --config.train.num_steps={steps:,} '
+        f'({MAX_EPOCHS} epochs), or more data (data.sources)')
+  if d.val_fraction > 0 and val_tokens < MIN_VAL_TOKENS:
+    needed = d.val_fraction * MIN_VAL_TOKENS / max(val_tokens, 1)
+    how = (f'--config.data.val_fraction={needed:.2g}' if needed <= 0.2 else
+           'a larger corpus (data.sources; this one is too small for such a split)')
+    warnings.append(
+        f'the validation split has {val_tokens:,} tokens (fewer than {MIN_VAL_TOKENS:,}): its evaluation '
+        f'noise is larger than most differences it could show. For about {MIN_VAL_TOKENS:,} use {how}')
+  for warning in warnings:
+    logging.warning('%s', warning)
+  return warnings
+
+
+def _size_config_budgets() -> list[tuple[str, int]]:
+  """(name, planned tokens) of each configs/ size file present (a source checkout has them)."""
+  budgets = []
+  for name in SIZE_CONFIGS:
+    if (config_lib.CONFIGS_DIR / f'{name}.py').is_file():
+      c = config_lib.load_config_file(name)
+      budgets.append((name, c.train.num_steps * c.train.batch_size * c.data.seq_len))
+  return budgets
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -2,8 +2,10 @@
 
 Reads data.sources, loads data.tokenizer (or trains a byte-level BPE of model.vocab_size tokens) and
 writes the token cache that `python -m vesper_jax.train` with the same config then opens in milliseconds.
-`--download=tinyshakespeare|tinystories|piaf` fetches that dataset first (sha256-checked; mirror:
+`--download=NAME` (a key of sources.DOWNLOADS) fetches that dataset first (sha256-checked; mirror:
 --config.data.download_base_url=URL) and prepares it; train with --config.data.sources=download:NAME.
+`--config=configs/medium.py` alone fetches and prepares what that config trains on: run it on a login
+node with network, then train on compute nodes that share data.cache_dir (nothing is fetched again).
 """
 
 import pathlib
@@ -67,8 +69,14 @@ def main(argv):
   cache, path = prepare(config, download)
   if download:
     cache_dir = sources.default_cache_dir(config.data.cache_dir)
-    checked = 'checked' if sources.DOWNLOADS[download].sha256 else 'recorded (not known in advance)'
-    print(f'{download}: {path}\n  sha256 {sources.recorded_sha256(download, cache_dir)} {checked}')
+    item = sources.DOWNLOADS[download]
+    checked = 'checked' if item.sha256 else 'recorded (not known in advance)'
+    recorded = sources.recorded_sha256(download, cache_dir)
+    if item.files:
+      print(f'{download}: {path} ({len(item.files)} files)\n  sha256 {checked}:\n    '
+            + recorded.replace('\n', '\n    '))
+    else:
+      print(f'{download}: {path}\n  sha256 {recorded} {checked}')
   print(summary(cache))
   if download:
     print(f'  train with  --config.data.sources={config.data.sources}')

@@ -2,27 +2,32 @@
 
 A source entry is a file, a glob, a directory (searched recursively), `builtin:pydoc` (the CPython
 documentation topics, so the quickstart needs no data and no network) or `download:NAME` (one of
-`DOWNLOADS`, fetched once into the cache dir and checked by sha256). Files are read by suffix, with an
-optional `.gz`:
+`DOWNLOADS`, fetched once into the cache dir and checked by sha256; a corpus of several files is a
+folder). Files are read by suffix, with an optional `.gz`:
   .txt/.md (and any unknown suffix named explicitly): one document per file, split on data.doc_separator;
   .jsonl: one record per line, a text field (data.text_keys) or a chat record rendered by `render_chat`;
-  .json: SQuAD format, one document per paragraph: the context, then each question with its first answer.
+  .json: SQuAD format, one document per paragraph: the context, then each question with its first answer;
+  .parquet (no .gz): one document per row of the first data.text_keys column present, streamed in record
+    batches through pyarrow (the optional extra `vesper_jax[parquet]`).
 Bad input is reported through `ErrorLog` under `data.on_error`: 'fail' raises `DataError` naming the
 file and line (or JSON path), 'skip' logs it, counts it and goes on.
 """
 
+import contextlib
 import dataclasses
 import glob
 import gzip
 import hashlib
 import http.client
+import io
 import json
 import os
 import pathlib
+import socket
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import ml_collections
@@ -34,6 +39,8 @@ from vesper_jax import tokenizer as tokenizer_lib
 TEXT_SUFFIXES = ('.txt', '.md', '.text')
 JSONL_SUFFIXES = ('.jsonl',)
 SQUAD_SUFFIXES = ('.json',)
+PARQUET_SUFFIXES = ('.parquet',)
+PARQUET_EXTRA = "pip install 'vesper_jax[parquet]'"  # how to get pyarrow, named where it is missing
 BUILTIN_PYDOC = 'builtin:pydoc'
 DOWNLOAD_PREFIX = 'download:'
 ON_ERROR_POLICIES = ('skip', 'fail')
@@ -48,11 +55,22 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Download:
-  """A public dataset that `download:NAME` / `prepare --download=NAME` fetches."""
-  url: str              # its public source
+  """A public dataset that `download:NAME` / `prepare --download=NAME` fetches.
+
+  A single file, or (with `files`) a corpus of several files fetched into the folder `filename`: the
+  file `url/NAME` of the public source, `<data.download_base_url>/<filename>/NAME` on a mirror. A mirror
+  is laid out as <cache_dir>/downloads is, so that folder served over HTTP (or read through a file://
+  URL) is one.
+  """
+  url: str              # its public source (with `files`: the folder that holds them)
   filename: str         # the name in the cache dir and on a mirror (data.download_base_url/filename)
   sha256: str | None    # None: not known in advance; the hash is recorded beside the file and printed
   description: str
+  files: tuple[tuple[str, str | None], ...] = ()  # (name, sha256 or None) of each file of a folder
+
+
+def _fineweb_edu(shards: int) -> tuple[tuple[str, None], ...]:
+  return tuple((f'{i:03d}_00000.parquet', None) for i in range(shards))
 
 
 DOWNLOADS = {
@@ -72,6 +90,13 @@ DOWNLOADS = {
         'https://raw.githubusercontent.com/psorianom/piaf-combo-huggingface/HEAD/data/piaf-v1.1.json',
         'piaf-v1.1.json', '7f5b670ba07fed1ae093d7ff6b3be5529dce189d65e14cf81535ebbc4fcce54c',
         'PIAF v1.1, French question answering in SQuAD format (1,518 paragraphs)'),
+    # configs/large.py: FineWeb-Edu (Penedo et al. 2024), the first 8 of the 14 parquet shards of its
+    # 10B-GPT-2-token sample (~2 GB and ~0.7B tokens each): about one pass for large's 5.2B-token plan.
+    'fineweb_edu_8': Download(
+        'https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT',
+        'fineweb-edu-10BT', None,
+        'FineWeb-Edu sample-10BT, shards 000-007: ~16 GB of parquet, ~5.7B GPT-2 tokens',
+        files=_fineweb_edu(8)),
 }
 
 
@@ -138,6 +163,15 @@ class Source:
     except OSError as e:  # reading it will report the problem under data.on_error
       return f'unreadable: {e}'
 
+  def size(self) -> int:
+    """Bytes that reading this source goes through (on disk: compressed for .gz and .parquet)."""
+    if self.kind == 'pydoc':
+      return sum(len(t.encode()) for t in _pydoc_topics().values())
+    try:
+      return os.path.getsize(self.path) if self.kind != 'missing' else 0
+    except OSError:
+      return 0
+
 
 def default_cache_dir(cache_dir: str) -> pathlib.Path:
   """data.cache_dir, else $XDG_CACHE_HOME/vesper_jax, else ~/.cache/vesper_jax."""
@@ -161,7 +195,7 @@ def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, dow
       raise ValueError(f'data.sources: unknown built-in {entry!r} (the only one is {BUILTIN_PYDOC})')
     elif entry.startswith(DOWNLOAD_PREFIX):
       path = download(entry[len(DOWNLOAD_PREFIX):], cache_dir, base_url=download_base_url, progress=progress)
-      sources.append(Source(_kind(path), str(path)))
+      sources.extend(_directory(str(path), errors) if path.is_dir() else [Source(_kind(path), str(path))])
     elif glob.has_magic(entry):
       matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
       if not matches:
@@ -176,6 +210,8 @@ def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, dow
     else:
       errors.report(entry, 'no such file or directory')
       sources.append(Source('missing', entry))
+  if any(s.kind == 'parquet' for s in sources):
+    _pyarrow(next(s.path for s in sources if s.kind == 'parquet'))  # before any work, not half-way
   return _once_each(sources)
 
 
@@ -184,7 +220,7 @@ def _once_each(sources: list[Source]) -> list[Source]:
   named twice, would otherwise be read (and trained on) several times."""
   seen, unique = set(), []
   for source in sources:
-    real = os.path.realpath(source.path) if source.kind in ('text', 'jsonl', 'squad') else source.path
+    real = os.path.realpath(source.path) if source.kind in _FILE_KINDS else source.path
     if (source.kind, real) in seen:
       logging.info('data.sources: %s is %s again; read once', source.path, real)
       continue
@@ -193,8 +229,13 @@ def _once_each(sources: list[Source]) -> list[Source]:
   return unique
 
 
+_FILE_KINDS = ('text', 'jsonl', 'squad', 'parquet')
+
+
 def _kind(path: str | os.PathLike) -> str:
   suffix = pathlib.Path(str(path).removesuffix('.gz')).suffix.lower()
+  if suffix in PARQUET_SUFFIXES:
+    return 'parquet'
   if suffix in JSONL_SUFFIXES:
     return 'jsonl'
   if suffix in SQUAD_SUFFIXES:
@@ -211,12 +252,12 @@ def _directory(root: str, errors: ErrorLog) -> list[Source]:
       suffix = pathlib.Path(name.removesuffix('.gz')).suffix.lower()
       if name.startswith('.'):
         continue
-      if suffix in TEXT_SUFFIXES + JSONL_SUFFIXES + SQUAD_SUFFIXES:
+      if suffix in TEXT_SUFFIXES + JSONL_SUFFIXES + SQUAD_SUFFIXES + PARQUET_SUFFIXES:
         found.append(Source(_kind(path), path))
       else:
         errors.ignore(path, f'unsupported file type {suffix or "(no suffix)"!r} in a source directory')
   if not found:
-    errors.report(root, 'directory has no .txt/.md/.jsonl/.json files')
+    errors.report(root, 'directory has no .txt/.md/.jsonl/.json/.parquet files')
     found.append(Source('missing', root))
   return found
 
@@ -224,22 +265,31 @@ def _directory(root: str, errors: ErrorLog) -> list[Source]:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def read_documents(source: Source, options: ReadOptions, errors: ErrorLog) -> Iterator[str]:
+def read_documents(source: Source, options: ReadOptions, errors: ErrorLog,
+                   on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
   """Yields the documents of one source (stripped, never empty); bad input goes to `errors`.
 
-  Text and JSONL files are streamed (a multi-GB corpus is never held in memory whole); a SQuAD JSON
-  file is parsed whole.
+  Text, JSONL and Parquet files are streamed (a multi-GB corpus is never held in memory whole); a SQuAD
+  JSON file is parsed whole. `on_bytes(n)` is called as n more bytes of the source (Source.size) are
+  read, for a progress bar.
   """
   if source.kind == 'missing':
     return  # already reported when the sources were resolved
   if source.kind == 'pydoc':
     topics = _pydoc_topics()
-    yield from (topics[k].strip() for k in sorted(topics) if topics[k].strip())
+    for k in sorted(topics):
+      if on_bytes:
+        on_bytes(len(topics[k].encode()))
+      if topics[k].strip():
+        yield topics[k].strip()
+    return
+  if source.kind == 'parquet':
+    yield from _parquet_documents(source.path, options, errors, on_bytes)
     return
   reader = {'text': _text_documents, 'jsonl': _jsonl_documents, 'squad': _squad_documents}[source.kind]
   count, reported = 0, len(errors.skipped)
   try:
-    with _open(source.path) as f:
+    with _open(source.path, on_bytes) as f:
       for document in reader(source.path, f, options, errors):
         count += 1
         yield document
@@ -256,8 +306,32 @@ def read_documents(source: Source, options: ReadOptions, errors: ErrorLog) -> It
 _BLOCK = 1 << 24  # bytes read at a time from text files
 
 
-def _open(path: str) -> BinaryIO:
-  return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+class _Counted(io.RawIOBase):
+  """A raw file that reports how many bytes are read from it (compressed bytes, under a .gz reader)."""
+
+  def __init__(self, raw: BinaryIO, on_bytes: Callable[[int], None]):
+    super().__init__()
+    self._raw, self._on_bytes = raw, on_bytes
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    n = self._raw.readinto(buffer)
+    if n:
+      self._on_bytes(n)
+    return n
+
+
+@contextlib.contextmanager
+def _open(path: str, on_bytes: Callable[[int], None] | None = None) -> Iterator[BinaryIO]:
+  with open(path, 'rb', buffering=0 if on_bytes else -1) as raw:
+    f = io.BufferedReader(_Counted(raw, on_bytes), buffer_size=1 << 20) if on_bytes else raw
+    if path.endswith('.gz'):
+      with gzip.GzipFile(fileobj=f, mode='rb') as unzipped:
+        yield unzipped
+    else:
+      yield f
 
 
 def _pydoc_topics() -> dict[str, str]:
@@ -409,57 +483,153 @@ def _squad_documents(path: str, f: BinaryIO, options: ReadOptions, errors: Error
         yield '\n\n'.join([context.strip()] + blocks)
 
 
+_PARQUET_ROWS = 1024  # rows per record batch: memory is bounded by a batch, not a row group or a file
+
+
+def _pyarrow(path: str):
+  """pyarrow.parquet, or a DataError naming the file and the extra that provides it."""
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (optional: only for .parquet)
+  except ImportError as e:
+    raise DataError(f'{path}: reading Parquet files needs pyarrow, an optional dependency: '
+                    f'{PARQUET_EXTRA}') from e
+  return pq
+
+
+def _parquet_documents(path: str, options: ReadOptions, errors: ErrorLog,
+                       on_bytes: Callable[[int], None] | None) -> Iterator[str]:
+  """One document per row of the first data.text_keys column the file has, read batch by batch."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  pq = _pyarrow(path)
+  if path.endswith('.gz'):
+    errors.report(path, 'a gzipped Parquet file cannot be streamed (Parquet compresses its own pages)')
+    return
+  count, reported, row = 0, len(errors.skipped), 0
+  try:
+    # buffer_size > 0: column chunks are read in slices, not whole (a row group can be gigabytes).
+    parquet = pq.ParquetFile(path, buffer_size=1 << 22)
+    schema = parquet.schema_arrow
+    column = next((k for k in options.text_keys if k in schema.names), None)
+    if column is None:
+      errors.report(path, f'no text column (data.text_keys={",".join(options.text_keys)}); '
+                          f'columns: {schema.names[:10]}')
+      return
+    if not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
+      errors.report(path, f'column {column!r} is {schema.field(column).type}, not a string')
+      return
+    size, rows = os.path.getsize(path), max(1, parquet.metadata.num_rows)
+    for batch in parquet.iter_batches(batch_size=_PARQUET_ROWS, columns=[column], use_threads=False):
+      for value in batch.column(0).to_pylist():
+        row += 1
+        if value is None:
+          errors.report(f'{path}: row {row}', f'{column!r} is null')
+        elif value.strip():
+          count += 1
+          yield value.strip()
+      if on_bytes:  # the file's share of this batch: row groups have no byte offsets per row
+        on_bytes(size * row // rows - size * (row - batch.num_rows) // rows)
+  except (pa.ArrowException, OSError) as e:
+    errors.report(path, f'cannot read ({e})' + (f' after row {row}' if row else ''))
+    return
+  if count == 0 and len(errors.skipped) == reported:
+    errors.report(path, f'empty source: no text in column {column!r}')
+
+
 # -------------------------------------------------------------------------------------------- downloads
 
 
 def download(name: str, cache_dir: pathlib.Path, *, base_url: str = '', progress: bool = True) -> pathlib.Path:
   """Fetches DOWNLOADS[name] into <cache_dir>/downloads once, checked by sha256; returns its path.
 
+  What is already there is used as it is, with no network: a single file, or the folder of a corpus of
+  several files once its manifest (<filename>.sha256, written when every file is in) exists. An
+  interrupted folder keeps the files it completed; the next call fetches only the others.
+
   Args:
     name: a key of DOWNLOADS.
     cache_dir: the vesper_jax cache directory.
-    base_url: '' for the public source, else a mirror serving `<base_url>/<filename>`.
+    base_url: '' for the public source, else a mirror serving `<base_url>/<filename>` (and
+      `<base_url>/<filename>/<file>` for a folder): an http(s):// or file:// URL.
     progress: show a progress bar.
   """
   if name not in DOWNLOADS:
     raise ValueError(f'unknown download {name!r}: expected one of {sorted(DOWNLOADS)}')
   item = DOWNLOADS[name]
-  path = pathlib.Path(cache_dir) / 'downloads' / item.filename
-  if path.exists():  # only a file whose hash was checked (or recorded) is ever renamed into place
+  root = pathlib.Path(cache_dir) / 'downloads'
+  path, manifest = root / item.filename, root / f'{item.filename}.sha256'
+  mirror = f'{base_url.rstrip("/")}/{item.filename}' if base_url else ''
+  if not item.files:
+    if not path.exists():  # only a file whose hash was checked (or recorded) is ever renamed into place
+      _fetch(name, mirror or item.url, path, item.sha256, manifest if item.sha256 is None else None, progress)
     return path
-  url = f'{base_url.rstrip("/")}/{item.filename}' if base_url else item.url
+  if path.is_dir() and manifest.exists():
+    return path
+  path.mkdir(parents=True, exist_ok=True)
+  records = []
+  for i, (file, sha256) in enumerate(item.files):
+    record = path / f'.{file}.sha256'  # hidden: a source directory skips it
+    if not ((path / file).exists() and record.exists()):
+      _fetch(f'{name} ({i + 1}/{len(item.files)})', f'{mirror or item.url}/{file}', path / file, sha256,
+             record, progress)
+    records.append(record.read_text())
+  tmp = manifest.with_name(f'.{manifest.name}.tmp-{os.getpid()}')
+  tmp.write_text(''.join(records))
+  os.replace(tmp, manifest)
+  return path
+
+
+def _fetch(label: str, url: str, path: pathlib.Path, sha256: str | None, record: pathlib.Path | None,
+           progress: bool) -> None:
+  """Downloads `url` to `path` through a temporary file, checked against sha256 (if known); the hash is
+  written to `record` (if given) before the file is renamed into place."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'{path.name}.part-{os.getpid()}')
+  _remove_stale_parts(path)
+  tmp = path.with_name(f'.{path.name}.part-{socket.gethostname()}-{os.getpid()}')
   digest = hashlib.sha256()
-  logging.info('downloading %s from %s', name, url)
+  logging.info('downloading %s from %s', label, url)
   try:
     with urllib.request.urlopen(url, timeout=60) as response, open(tmp, 'wb') as out:
       total = int(response.headers.get('Content-Length') or 0) or None
-      with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc=f'download {name}',
+      with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc=f'download {label}',
                      disable=not progress) as bar:
         while block := response.read(1 << 20):
           digest.update(block)
           out.write(block)
           bar.update(len(block))
     got = digest.hexdigest()
-    if item.sha256 is not None and got != item.sha256:
-      raise DataError(f'download {name} from {url}: sha256 mismatch (expected {item.sha256}, got {got}); '
+    if sha256 is not None and got != sha256:
+      raise DataError(f'download {label} from {url}: sha256 mismatch (expected {sha256}, got {got}); '
                       'the file was discarded')
-    if item.sha256 is None:
-      (path.parent / f'{item.filename}.sha256').write_text(f'{got}  {item.filename}\n')
-      logging.warning('download %s: sha256 not known in advance; recorded %s in %s.sha256',
-                      name, got, path)
+    if sha256 is None:
+      logging.warning('download %s: sha256 not known in advance; recorded %s in %s', label, got, record)
+    if record is not None:
+      record.write_text(f'{got}  {path.name}\n')
     os.replace(tmp, path)
   except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-    raise DataError(f'download {name} from {url} failed: {e}') from e
+    raise DataError(f'download {label} from {url} failed: {e}. Without network here: run `python -m '
+                    'vesper_jax.prepare` with the same config where there is network and share its '
+                    'data.cache_dir, or copy <cache_dir>/downloads to a folder and set '
+                    'data.download_base_url=file:///that/folder') from e
   finally:
     tmp.unlink(missing_ok=True)
-  return path
+
+
+def _remove_stale_parts(path: pathlib.Path) -> None:
+  """Deletes partial downloads of `path` left by dead processes on this host."""
+  for part in path.parent.glob(f'.{path.name}.part-{socket.gethostname()}-*'):
+    try:
+      os.kill(int(part.name.rsplit('-', 1)[-1]), 0)
+    except ProcessLookupError:
+      part.unlink(missing_ok=True)
+    except (ValueError, PermissionError):
+      pass
 
 
 def recorded_sha256(name: str, cache_dir: pathlib.Path) -> str:
-  """The sha256 a download was checked against, or the one recorded for it when none was known."""
+  """The sha256 a download was checked against, or the one recorded for it when none was known (for a
+  folder: one `sha256  file` line per file)."""
   item = DOWNLOADS[name]
   if item.sha256 is not None:
     return item.sha256
-  return (pathlib.Path(cache_dir) / 'downloads' / f'{item.filename}.sha256').read_text().split()[0]
+  recorded = (pathlib.Path(cache_dir) / 'downloads' / f'{item.filename}.sha256').read_text()
+  return recorded.strip() if item.files else recorded.split()[0]

@@ -279,6 +279,7 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data_lib.TokenCache, m
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.train.num_steps = auto_scale_steps(config, len(cache.train))
+  data_lib.check_scale(cache, config)  # refuses a BPE too large for the corpus; warns on epochs, val size
   return cache, config
 
 

@@ -5,16 +5,21 @@ Helpers (import them: `from conftest import tiny_model_config`):
   tiny_model_config(**changes)   the tiny config's ModelConfig, with changes
   tiny_model(**changes)          (that config, its initialised parameters), cached
   max_rel(a, b)                  largest per-leaf max|a − b| / max|b| of two trees
+  random_adapters(params)        params with random adapter B (and d), so the adapters change the output
+  naive_greedy(...)              greedy tokens without a KV cache (the reference for decoding)
   decode_stepwise(...)           logits of a prompt then one token per call through the KV cache
   short_run_config(cache_dir)    a seconds-long training run (config.short_run plus the tests' sizes)
   make_workdir(path)             a workdir as training leaves it (untrained), for generate/chat/export
-Fixtures: shared_data (../shared/data or skip), inference_workdir (one make_workdir per session),
-base_workdir (a briefly pretrained base for the fine-tuning tests, one per session).
+Fixtures: shared_data (../shared/data or skip), serve (loopback HTTP servers for download tests),
+inference_workdir (one make_workdir per session), base_workdir (a briefly pretrained base for the
+fine-tuning tests, one per session).
 """
 
 import functools
+import http.server
 import os
 import pathlib
+import threading
 
 # Must be set before jax is imported anywhere: simulate 8 CPU devices so sharding tests can run.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -32,6 +37,40 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f'real corpora not found at {SHARED_DATA} (see README: Tests)')
   return SHARED_DATA
+
+
+class ServedURL(str):
+  """The base URL of a loopback HTTP server; `.requested` lists the paths asked of it so far."""
+  requested: list[str]
+
+
+@pytest.fixture
+def serve():
+  """serve(directory) -> the ServedURL of a loopback HTTP server for it (shut down after the test)."""
+  servers = []
+
+  def start(directory) -> ServedURL:
+    requested = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+      def log_message(self, *args):
+        pass
+
+      def do_GET(self):
+        requested.append(self.path)
+        super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    servers.append(server)
+    url = ServedURL(f'http://127.0.0.1:{server.server_address[1]}')
+    url.requested = requested
+    return url
+
+  yield start
+  for server in servers:
+    server.shutdown()
+    server.server_close()
 
 
 def load_config(name: str):
@@ -66,6 +105,35 @@ def max_rel(a_tree, b_tree) -> float:
   return max(jax.tree.leaves(errs))
 
 
+def random_adapters(params, seed: int = 0, scale: float = 0.05):
+  """params with every adapter's B (and FlyLoRA's d) drawn at random, so the adapters do something."""
+  import jax
+  from vesper_jax.pytree import flatten, unflatten
+  flat = flatten(params)
+  keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
+  for k, v in flat.items():
+    key = next(keys)
+    if k[-1] == 'lora_b':
+      flat[k] = scale * jax.random.normal(key, v.shape)
+    elif k[-1] == 'expert_bias':
+      flat[k] = 0.1 * jax.random.normal(key, v.shape)
+  return unflatten(flat)
+
+
+def naive_greedy(config, params, prompt: list[int], n: int) -> list[int]:
+  """Greedy decoding without a cache: every new token recomputes the whole sequence from scratch."""
+  import jax
+  import numpy as np
+  from vesper_jax.model import VesperLM
+  forward = jax.jit(lambda p, t: VesperLM(config).apply({'params': p}, t))
+  buf = np.zeros((1, len(prompt) + n), np.int32)  # one shape, one compilation
+  buf[0, :len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + n):
+    # Causal: the zeros after position t cannot change the logits at t - 1.
+    buf[0, t] = int(np.argmax(np.asarray(forward(params, buf))[0, t - 1]))
+  return buf[0, len(prompt):].tolist()
+
+
 def decode_stepwise(config, params, tokens_BT, prompt_len: int):
   """Logits of tokens_BT computed as decoding does: the first prompt_len tokens in one call through the
   KV cache, then one token per call. Comparable with the full forward pass's logits."""
@@ -90,7 +158,8 @@ def decode_stepwise(config, params, tokens_BT, prompt_len: int):
 
 def short_run_config(cache_dir, **overrides):
   """A seconds-long tiny training run: vocab 512, 32-token windows, batch 8, 5 steps, a warmup of 2,
-  a log line every step, 2 evaluation batches, evaluation and checkpoint only at the start/end.
+  a log line every step, 512 validation targets (two batches of windows) per evaluation, evaluation and
+  checkpoint only at the start/end.
 
   Built on `config.short_run(config, 5, evaluations=0)` (what the experiments use); the cadences are
   then pinned (eval_every, checkpoint.every_steps = 1000) so a test that overrides train.num_steps still
@@ -107,7 +176,7 @@ def short_run_config(cache_dir, **overrides):
   config.data.cache_dir = str(cache_dir)
   config.train.batch_size = 8
   config.train.eval_every = 1000
-  config.train.eval_batches = 2
+  config.train.eval_tokens = 2 * 8 * 32
   config.opt.warmup_steps = 2
   config.checkpoint.every_steps = 1000
   config.logging.every_steps = 1
@@ -150,7 +219,7 @@ def inference_workdir(tmp_path_factory) -> pathlib.Path:
 
 def base_run_config(root: pathlib.Path, **overrides):
   """short_run_config over a 2×2 mesh (a partitioned optimizer state, sharded), caching under root/cache."""
-  return short_run_config(root / 'cache', **{'train.eval_batches': 1, 'train.mesh_data': 2,
+  return short_run_config(root / 'cache', **{'train.eval_tokens': 8 * 32, 'train.mesh_data': 2,
                                              'train.mesh_fsdp': 2, 'logging.every_steps': 5,
                                              **overrides})
 

@@ -1,6 +1,7 @@
 """The chat entry point (chat.py): piped conversations, commands, and the history cut to the context
 window."""
 
+import io
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 from conftest import REPO
 from vesper_jax import chat
 from vesper_jax.model import ModelConfig
-from vesper_jax.sampling import GREEDY
+from vesper_jax.sampling import GREEDY, SamplingConfig
 
 
 def _chat(workdir, *args: str, stdin: bytes) -> tuple[str, str]:
@@ -59,3 +60,47 @@ def test_chat_history_is_truncated_to_the_context_window():
   assert chat.format_prompt([('a', 'b')], 'c') == 'User: a\nAssistant: b\nUser: c\nAssistant:'
   session.reset()
   assert session.history == []
+
+
+class _Session:
+  """Stands in for ChatSession in run_repl: a two-line reply, and the seed each reply would use."""
+
+  def __init__(self):
+    self.seeds, self.history = [], []
+
+  def reset(self):
+    self.history = []
+
+  def reply(self, message, on_text=None):
+    on_text('first line\nsecond line')
+    return 'first line\nsecond line'
+
+
+def test_piped_multiline_reply_stays_one_turn():
+  out = io.StringIO()
+  chat.run_repl(_Session(), io.StringIO('hello\n/exit\n'), out)
+  lines = out.getvalue().splitlines()
+  assert lines == ['Assistant: first line', f'{chat.CONTINUATION}second line']
+
+
+def test_reset_does_not_repeat_the_sampling_seed(monkeypatch):
+  seeds = []
+
+  def fake_generate_text(params, config, tokenizer, prompts, **kwargs):
+    seeds.append(kwargs['seed'])
+    return ['reply']
+
+  monkeypatch.setattr(chat.generate, 'generate_text', fake_generate_text)
+
+  class Tok:
+    eos_id = 0
+
+    def encode(self, text):
+      return [1] * len(text.split())
+
+  session = chat.ChatSession(None, ModelConfig(max_seq_len=256), Tok(), max_new_tokens=8,
+                             settings=SamplingConfig(), seed=10)
+  session.reply('hi')
+  session.reset()
+  session.reply('hi')
+  assert seeds == [10, 11]

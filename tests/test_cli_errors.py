@@ -10,19 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_config
-from vesper_jax import config as base_config
-from vesper_jax import train
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp('cli_errors')
-  config = base_config.short_run(load_config('tiny'), 2, evaluations=0)
-  config.model.vocab_size, config.data.seq_len, config.train.batch_size = 512, 32, 8
-  config.data.cache_dir = str(root / 'cache')
-  train.train_and_evaluate(config, root / 'run')
-  return root / 'run'
+from conftest import REPO
 
 
 def _cases(run, tmp):
@@ -73,8 +61,8 @@ def test_at_least_thirty_cases(tmp_path):
 
 
 @pytest.mark.parametrize('index', range(30))
-def test_bad_invocation_is_one_line(index, workdir, tmp_path):
-  entry, args, status, needle = _cases(workdir, tmp_path)[index]
+def test_bad_invocation_is_one_line(index, inference_workdir, tmp_path):
+  entry, args, status, needle = _cases(inference_workdir, tmp_path)[index]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-m', f'vesper_jax.{entry}', *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)

@@ -1,9 +1,7 @@
 """Data: readers, bad input, downloads, the token cache, batches and the prefetcher (SPEC §6, issue 3)."""
 
-import functools
 import gzip
 import hashlib
-import http.server
 import json
 import os
 import pathlib
@@ -21,7 +19,7 @@ from tokenizers import models, pre_tokenizers
 from vesper_jax import config as config_lib
 from vesper_jax import data, sources
 from vesper_jax import tokenizer as tokenizer_lib
-from vesper_jax.sources import DataError, ErrorLog, ReadOptions, Source
+from vesper_jax.sources import DataError, ErrorLog, ReadOptions
 from vesper_jax.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -37,14 +35,15 @@ def data_config(tmp_path, **overrides):
   return cfg
 
 
-def read_all(path, kind=None, policy='skip', **overrides):
-  """(documents, ErrorLog) of one file read with the base config's options."""
+def read_all(path, policy='skip', **overrides):
+  """(documents, ErrorLog) of one source (a file, or builtin:pydoc) read with the base config's options."""
   cfg = config_lib.get_config().data
   for key, value in overrides.items():
     setattr(cfg, key, value)
   errors = ErrorLog(policy)
-  documents = list(sources.read_documents(Source(kind or sources._kind(path), str(path)),
-                                          ReadOptions.from_config(cfg), errors))
+  found = sources.resolve_sources(str(path), errors, cache_dir=pathlib.Path('/nonexistent'),
+                                  download_base_url='')
+  documents = [d for s in found for d in sources.read_documents(s, ReadOptions.from_config(cfg), errors)]
   return documents, errors
 
 
@@ -111,7 +110,7 @@ def test_corrupt_gzip_is_reported(tmp_path):
 
 def test_builtin_pydoc_is_one_document_per_topic():
   from pydoc_data import topics
-  documents, _ = read_all('builtin:pydoc', kind='pydoc')
+  documents, _ = read_all('builtin:pydoc')
   assert len(documents) == sum(1 for t in topics.topics.values() if t.strip()) > 50
   assert documents[0] == topics.topics[sorted(topics.topics)[0]].strip()
 
@@ -159,6 +158,37 @@ def test_directories_globs_and_gzip(tmp_path):
   globbed = sources.resolve_sources(f'{root}/*.txt, {root}/**/*.jsonl', errors, cache_dir=tmp_path,
                                     download_base_url='')
   assert [pathlib.Path(s.path).name for s in globbed] == ['a.txt', 'b.jsonl']
+
+
+def test_squad_question_without_answers_is_a_bad_record(tmp_path):
+  path = tmp_path / 'q.json'
+  path.write_text(json.dumps({'data': [{'paragraphs': [{'context': 'Paris est en France.', 'qas': [
+      {'question': 'Où est Paris ?', 'answers': [{'text': 'en France'}]},
+      {'question': 'Sans réponse ?'},
+      {'question': 'Impossible ?', 'answers': [], 'is_impossible': True}]}]}]}))
+  docs, errors = read_all(path)
+  assert len(docs) == 1 and 'Où est Paris' in docs[0] and 'Sans réponse' not in docs[0]
+  assert errors.skipped == [f'{path}: $.data[0].paragraphs[0].qas[1] has no answer (and is not marked '
+                            '"is_impossible")']
+  with pytest.raises(DataError, match=r'qas\[1\]'):
+    read_all(path, policy='fail')
+
+
+def test_recursive_glob_through_a_symlinked_directory_reads_each_file_once(tmp_path):
+  (tmp_path / 'real').mkdir()
+  (tmp_path / 'real' / 'a.txt').write_text('one document')
+  os.symlink(tmp_path / 'real', tmp_path / 'real' / 'loop')  # a symlink back into itself
+  os.symlink(tmp_path / 'real', tmp_path / 'alias')
+  found = sources.resolve_sources(f'{tmp_path}/**/*.txt', ErrorLog('skip'), cache_dir=tmp_path, download_base_url='')
+  assert len(found) == 1 and os.path.realpath(found[0].path) == str(tmp_path / 'real' / 'a.txt')
+
+
+@pytest.mark.parametrize('name,content', [('bin.txt', b'\xff\xfe\x00garbage\xff'), ('list.json', b'[1, 2]')])
+def test_a_bad_file_counts_one_skip(name, content, tmp_path):
+  path = tmp_path / name
+  path.write_bytes(content)
+  _, errors = read_all(path)
+  assert len(errors.skipped) == 1, errors.skipped
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -361,6 +391,7 @@ def test_second_open_does_no_tokenization(tmp_path, monkeypatch):
   cfg = data_config(tmp_path)  # builtin:pydoc, trained BPE
   first = data.build_or_load_cache(cfg, 1024, progress=False)
   assert first.built
+  first_document = read_all('builtin:pydoc')[0][0]
   monkeypatch.setattr(Tokenizer, 'encode_batch', lambda *a: pytest.fail('tokenized on a cache hit'))
   monkeypatch.setattr(tokenizer_lib, 'train_bpe', lambda *a, **k: pytest.fail('trained on a cache hit'))
   monkeypatch.setattr(sources, 'read_documents', lambda *a: pytest.fail('read documents on a cache hit'))
@@ -370,8 +401,14 @@ def test_second_open_does_no_tokenization(tmp_path, monkeypatch):
   second = data.build_or_load_cache(cfg, 1024, progress=False)
   assert not second.built and second.directory == first.directory
   monkeypatch.setattr(Tokenizer, 'load', original_load)
-  assert second.tokenizer.sha256() == first.tokenizer.sha256() == second.meta['tokenizer_sha256']
+  # The tokenizer the second open hands out is the BPE the first build trained (hashed here from the
+  # trained file's bytes, not through the cache), and it is the one that made the cached tokens.
+  trained, = (tmp_path / 'cache' / 'tokenizers').rglob('tokenizer.json')
+  assert second.meta['tokenizer_sha256'] == hashlib.sha256(trained.read_bytes()).hexdigest()
+  assert second.tokenizer.sha256() == second.meta['tokenizer_sha256']
   assert second.tokenizer.path == str(second.directory / 'tokenizer.json')
+  ids = second.tokenizer.encode(first_document) + [second.tokenizer.eos_id]
+  assert len(ids) > 10 and second.train[:len(ids)].tolist() == ids
   np.testing.assert_array_equal(second.train, first.train)
   np.testing.assert_array_equal(second.val, first.val)
 
@@ -481,8 +518,9 @@ def test_corpus_smaller_than_one_window_is_a_clear_error(tmp_path):
     data.build_or_load_cache(data_config(tmp_path, sources=str(tiny), val_fraction=0.0), 512, progress=False)
   with pytest.raises(DataError, match='fewer than one window'):
     data.get_batch(np.arange(10), seed=0, step=0, batch_size=2, seq_len=10)
-  with pytest.raises(DataError, match='fewer than one window'):
-    data.eval_batch(np.arange(10), index=0, batch_size=2, seq_len=10)
+  # Evaluation scores partial windows too: only a split with no target at all is an error.
+  with pytest.raises(DataError, match='1 tokens hold no next-token target'):
+    data.eval_batch(np.arange(1), index=0, batch_size=2, seq_len=10)
 
 
 def test_real_cache_batches_stay_below_the_vocabulary(tmp_path):
@@ -493,7 +531,7 @@ def test_real_cache_batches_stay_below_the_vocabulary(tmp_path):
   for step in range(5):
     batch = data.get_batch(cache.train, seed=1, step=step, batch_size=8, seq_len=128)
     assert batch.shape == (8, 129) and batch.dtype == np.int32 and batch.min() >= 0 and batch.max() < vocab
-  assert data.eval_batch(cache.val, index=0, batch_size=4, seq_len=128).max() < vocab
+  assert data.eval_batch(cache.val, index=0, batch_size=4, seq_len=128)[0].max() < vocab
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -534,17 +572,25 @@ def test_get_batch_reads_the_memmap_only_at_its_rows(tmp_path):
   np.testing.assert_array_equal(batch, data.get_batch(tokens, seed=5, step=2, batch_size=4, seq_len=16)[2:])
 
 
-def test_eval_batches_walk_the_windows_in_order_and_wrap():
-  tokens = np.arange(1001)  # 100 windows of 10 (+1) tokens
-  assert data.num_eval_windows(tokens, 10) == 100
-  first = data.eval_batch(tokens, index=0, batch_size=8, seq_len=10)
+def test_eval_batches_walk_the_windows_in_order_and_pad_the_last():
+  tokens = np.arange(1001)  # 1000 targets: 100 windows of 10 (+1) tokens
+  assert data.num_eval_batches(tokens, seq_len=10, batch_size=8) == 13
+  first, weights = data.eval_batch(tokens, index=0, batch_size=8, seq_len=10)
   np.testing.assert_array_equal(first[:, 0], np.arange(8) * 10)
   np.testing.assert_array_equal(first[0], np.arange(11))
-  wrapped = data.eval_batch(tokens, index=12, batch_size=8, seq_len=10)  # windows 96..103 -> 96..99, 0..3
-  np.testing.assert_array_equal(wrapped[:, 0], [960, 970, 980, 990, 0, 10, 20, 30])
-  halves = [data.eval_batch(tokens, index=3, batch_size=8, seq_len=10, process_index=p, process_count=2)
-            for p in range(2)]
-  np.testing.assert_array_equal(np.concatenate(halves), data.eval_batch(tokens, index=3, batch_size=8, seq_len=10))
+  assert weights.shape == (8, 10) and weights.min() == 1.0
+  last, weights = data.eval_batch(tokens, index=12, batch_size=8, seq_len=10)  # windows 96..103
+  np.testing.assert_array_equal(last[:4, 0], [960, 970, 980, 990])
+  np.testing.assert_array_equal(weights.sum(axis=1), [10, 10, 10, 10, 0, 0, 0, 0])  # 100..103 only pad
+  assert not last[4:, 1:].any()  # past the split's end: id 0
+  # A budget of 25 targets: two full windows and half of the third.
+  assert data.num_eval_batches(tokens, seq_len=10, batch_size=8, max_tokens=25) == 1
+  _, weights = data.eval_batch(tokens, index=0, batch_size=8, seq_len=10, max_tokens=25)
+  np.testing.assert_array_equal(weights.sum(axis=1), [10, 10, 5, 0, 0, 0, 0, 0])
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+  return [t for t in threading.enumerate() if t.name == 'prefetch']
 
 
 def test_prefetcher_yields_in_order_on_another_thread():
@@ -558,7 +604,7 @@ def test_prefetcher_yields_in_order_on_another_thread():
     got = [next(prefetcher) for _ in range(4)]
   assert got == [25, 36, 49, 64]
   assert threads == {'prefetch'}
-  assert not prefetcher._thread.is_alive()
+  assert not _prefetch_threads()
 
 
 def test_prefetcher_reraises_in_the_consumer():
@@ -571,7 +617,7 @@ def test_prefetcher_reraises_in_the_consumer():
   assert [next(prefetcher) for _ in range(3)] == [0, 1, 2]
   with pytest.raises(ValueError, match='boom at step 3'):
     next(prefetcher)
-  assert not prefetcher._thread.is_alive()
+  assert not _prefetch_threads()
 
 
 def test_prefetcher_close_stops_a_thread_blocked_on_a_full_queue():
@@ -579,36 +625,13 @@ def test_prefetcher_close_stops_a_thread_blocked_on_a_full_queue():
   prefetcher = data.Prefetcher(lambda step: calls.append(step) or step, start_step=0, depth=1)
   time.sleep(0.3)  # the worker fills the queue and blocks
   prefetcher.close()
-  assert not prefetcher._thread.is_alive()
+  assert not _prefetch_threads()
   assert len(calls) <= 3
   with pytest.raises(StopIteration):
     next(prefetcher)
 
 
 # -------------------------------------------------------------------------------------------- downloads
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-  def log_message(self, *args):
-    pass
-
-
-@pytest.fixture
-def serve():
-  """serve(directory) -> base URL of a loopback HTTP server for it (shut down after the test)."""
-  servers = []
-
-  def start(directory):
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0),
-                                             functools.partial(_QuietHandler, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    servers.append(server)
-    return f'http://127.0.0.1:{server.server_address[1]}'
-
-  yield start
-  for server in servers:
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_over_http_checks_sha256(shared_data, tmp_path, serve):
@@ -676,7 +699,8 @@ def test_prepare_cli_reports_bad_input_without_a_traceback(tmp_path):
              '--config.data.on_error=fail', f'--config.data.cache_dir={tmp_path}']
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
-  assert f'prepare: {bad}:2: malformed JSON' in result.stderr and 'Traceback' not in result.stderr
+  assert f'vesper_jax.prepare: error: {bad}:2: malformed JSON' in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 def test_relative_and_absolute_paths_share_a_cache(tmp_path, monkeypatch):

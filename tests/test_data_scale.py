@@ -1,15 +1,12 @@
 """Data at the size configs' scale (issue 17): corpora fetched from a (loopback) mirror, folders of
 shards, a BPE trained on a bounded sample, the guards before training, and bounded memory."""
 
-import functools
-import http.server
 import json
 import os
 import pathlib
 import random
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -30,37 +27,6 @@ def stories(n: int, seed: int = 0, words=WORDS) -> str:
   return '\n<|endoftext|>\n'.join(
       ' '.join(' '.join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + '.'
                for _ in range(rng.randint(3, 8))) for _ in range(n))
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-  requested: list  # set per server
-
-  def log_message(self, *args):
-    pass
-
-  def do_GET(self):
-    self.requested.append(self.path)
-    super().do_GET()
-
-
-@pytest.fixture
-def serve():
-  """serve(directory) -> (base URL of a loopback HTTP server for it, the list of paths requested)."""
-  servers = []
-
-  def start(directory):
-    requested = []
-    handler = type('Handler', (_Handler,), {'requested': requested})
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0),
-                                             functools.partial(handler, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    servers.append(server)
-    return f'http://127.0.0.1:{server.server_address[1]}', requested
-
-  yield start
-  for server in servers:
-    server.shutdown()
-    server.server_close()
 
 
 def fineweb_mirror(root: pathlib.Path, rows_per_shard: int = 40) -> pathlib.Path:
@@ -94,7 +60,8 @@ def test_medium_trains_from_a_mirror_download_bpe_on_a_sample_cache_two_steps(tm
   mirror = tmp_path / 'mirror'
   mirror.mkdir()
   (mirror / 'TinyStories-train.txt').write_text(stories(1500))
-  base_url, requested = serve(mirror)
+  base_url = serve(mirror)
+  requested = base_url.requested  # paths asked of the mirror
   config = shrunk('medium', tmp_path / 'cache', base_url)
   assert config.data.sources == 'download:tinystories_train'
   summary = train.train_and_evaluate(config, tmp_path / 'run')
@@ -111,7 +78,8 @@ def test_medium_trains_from_a_mirror_download_bpe_on_a_sample_cache_two_steps(tm
 
 
 def test_large_trains_on_parquet_shards_from_a_mirror(tmp_path, serve):
-  base_url, requested = serve(fineweb_mirror(tmp_path / 'mirror'))
+  base_url = serve(fineweb_mirror(tmp_path / 'mirror'))
+  requested = base_url.requested  # paths asked of the mirror
   config = shrunk('large', tmp_path / 'cache', base_url)
   assert config.data.sources == 'download:fineweb_edu_8'
   summary = train.train_and_evaluate(config, tmp_path / 'run')
@@ -126,7 +94,8 @@ def test_large_trains_on_parquet_shards_from_a_mirror(tmp_path, serve):
 
 
 def test_folder_download_resumes_and_works_offline(tmp_path, serve):
-  base_url, requested = serve(fineweb_mirror(tmp_path / 'mirror'))
+  base_url = serve(fineweb_mirror(tmp_path / 'mirror'))
+  requested = base_url.requested  # paths asked of the mirror
   cache_dir = tmp_path / 'cache'
   folder = sources.download('fineweb_edu_8', cache_dir, base_url=base_url, progress=False)
   assert folder == cache_dir / 'downloads' / 'fineweb-edu-10BT' and len(requested) == 8

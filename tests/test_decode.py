@@ -7,25 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import naive_greedy, tiny_model
 from vesper_jax import decode
-from vesper_jax.model import ModelConfig, VesperLM
 from vesper_jax.sampling import GREEDY, SamplingConfig
 
 NEW_TOKENS = 64
-
-
-def _naive_greedy(config: ModelConfig, params, prompt: list[int], n: int) -> list[int]:
-  """Greedy decoding without a cache: every token recomputes the whole sequence from scratch."""
-  model = VesperLM(config)
-  length = len(prompt) + n
-  forward = jax.jit(lambda p, t: model.apply({'params': p}, t))
-  buf = np.zeros((1, length), np.int32)
-  buf[0, :len(prompt)] = prompt
-  for t in range(len(prompt), length):
-    # Causal: the zeros after position t cannot change the logits at t - 1.
-    buf[0, t] = int(np.argmax(np.asarray(forward(params, buf))[0, t - 1]))
-  return buf[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize('chunk_size', [1, 16])
@@ -35,7 +21,7 @@ def test_kv_cache_greedy_equals_full_recompute(num_kv_heads, chunk_size):
   prompt = [5, 17, 300, 42, 7, 7, 1000]
   got = decode.generate(params, config, [prompt], max_new_tokens=NEW_TOKENS, sampling=GREEDY,
                         chunk_size=chunk_size)[0]
-  assert got == _naive_greedy(config, params, prompt, NEW_TOKENS)
+  assert got == naive_greedy(config, params, prompt, NEW_TOKENS)
   assert len(set(got)) > 5  # a random model still produces varied tokens: the comparison means something
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, short_run_config
 from vesper_jax import config as base_config
 from vesper_jax import data, evaluate, export, train
 
@@ -57,11 +57,9 @@ def test_score_is_the_weighted_mean_of_step_outputs():
 def trained(tmp_path_factory):
   """A 20-step tiny run whose validation split is larger than the eval budget of one case below."""
   root = tmp_path_factory.mktemp('evaluate')
-  config = base_config.short_run(load_config('tiny'), 20, evaluations=0)
-  config.model.vocab_size = 512
-  config.data.seq_len = 32
-  config.data.cache_dir = str(root / 'cache')
-  config.train.batch_size = 8
+  # The base config's evaluation budget (the whole split here), not the short run's 512 targets.
+  config = short_run_config(root / 'cache', **{'train.num_steps': 20,
+                                                'train.eval_tokens': base_config.get_config().train.eval_tokens})
   summary = train.train_and_evaluate(config, root / 'run')
   return root, config, summary
 

@@ -1,5 +1,6 @@
-"""Safetensors export: exact round trips, refusals that name the tensor, and the Hugging Face Llama layout
-checked against an independent numpy implementation of transformers' Llama forward pass."""
+"""Safetensors export (export.py): exact round trips, refusals that name the tensor, adapter files, the
+one naming rule, the Hugging Face Llama layout checked against an independent numpy implementation of
+transformers' Llama forward pass, and the entry point."""
 
 import json
 import os
@@ -13,13 +14,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO, load_config
-from vesper_jax import export
+from conftest import REPO, make_workdir, random_adapters, tiny_model_config
+from vesper_jax import checkpoint, export, flylora
 from vesper_jax.model import ModelConfig, VesperLM, init_params
 
-
-def _tiny(**overrides) -> ModelConfig:
-  return ModelConfig(**load_config('tiny').model).replace(**overrides)
 
 
 def _params(config: ModelConfig, seed: int = 0):
@@ -48,7 +46,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_round_trip_is_bit_exact(variant, tmp_path):
-  config = _tiny(**VARIANTS[variant])
+  config = tiny_model_config(**VARIANTS[variant])
   params = _params(config)
   path = tmp_path / 'model.safetensors'
   export.save_safetensors(params, config, path)
@@ -58,7 +56,7 @@ def test_round_trip_is_bit_exact(variant, tmp_path):
 
 
 def test_names_and_orientation_follow_the_spec(tmp_path):
-  config = _tiny()  # 2 layers, d_model 128, d_ff 384, vocab 4096
+  config = tiny_model_config()  # 2 layers, d_model 128, d_ff 384, vocab 4096
   params = _params(config)
   path = tmp_path / 'model.safetensors'
   export.save_safetensors(params, config, path)
@@ -79,13 +77,103 @@ def test_names_and_orientation_follow_the_spec(tmp_path):
     assert f.metadata()['format'] == 'vesper_jax'
 
 
-def test_flylora_names_match_the_adapter_export(tmp_path):
-  config = _tiny(lora_targets='q,gate')
-  export.save_safetensors(_params(config), config, tmp_path / 'm.safetensors')
-  tensors = load_file(tmp_path / 'm.safetensors')
-  assert tensors['layers.0.attention.q_proj.lora_a'].shape == (32, 128)   # Aᵀ [r, in]
-  assert tensors['layers.0.ffn.gate_proj.lora_b'].shape == (384, 32)      # Bᵀ [out, r]
-  assert tensors['layers.1.ffn.gate_proj.expert_bias'].shape == (32,)
+def test_vesper_name_is_one_rule_for_model_and_adapter_tensors():
+  assert export.vesper_name(('layers_3', 'attention', 'q_proj', 'kernel')) == 'layers.3.attention.q_proj.weight'
+  assert export.vesper_name(('layers_12', 'ffn_norm', 'scale')) == 'layers.12.ffn_norm.weight'
+  assert export.vesper_name(('layers_0', 'ffn', 'up_proj', 'bias')) == 'layers.0.ffn.up_proj.bias'
+  assert export.vesper_name(('embeddings', 'embedding')) == 'embeddings.weight'
+  assert export.vesper_name(('lm_head', 'kernel')) == 'lm_head.weight'
+  assert export.vesper_name(('layers_3', 'ffn', 'up_proj', 'lora_b')) == 'layers.3.ffn.up_proj.lora_b'
+
+
+def test_model_file_and_adapter_file_share_names_and_values(tmp_path):
+  config = tiny_model_config(lora_targets='q,gate')
+  params = random_adapters(_params(config))
+  export.save_safetensors(params, config, tmp_path / 'm.safetensors')
+  shapes = export.export_adapters(params, config, tmp_path / 'a.safetensors')
+  model_tensors, adapter_tensors = load_file(tmp_path / 'm.safetensors'), load_file(tmp_path / 'a.safetensors')
+  assert shapes == {k: v.shape for k, v in adapter_tensors.items()}
+  assert set(adapter_tensors) == {f'layers.{i}.{m}.{t}' for i in range(2)
+                                  for m in ('attention.q_proj', 'ffn.gate_proj')
+                                  for t in ('lora_a', 'lora_b', 'expert_bias')}
+  # The adapter file is exactly the adapter part of the model file: same names, same values.
+  assert {k for k in model_tensors if k.split('.')[-1] in flylora.ADAPTER_LEAVES} == set(adapter_tensors)
+  for name, value in adapter_tensors.items():
+    np.testing.assert_array_equal(value, model_tensors[name], err_msg=name)
+  assert adapter_tensors['layers.0.attention.q_proj.lora_a'].shape == (32, 128)   # Aᵀ [r, in]
+  assert adapter_tensors['layers.0.ffn.gate_proj.lora_b'].shape == (384, 32)      # Bᵀ [out, r]
+  np.testing.assert_array_equal(adapter_tensors['layers.0.ffn.gate_proj.lora_b'],
+                                np.asarray(params['layers_0']['ffn']['gate_proj']['lora_b']).T)
+  assert adapter_tensors['layers.1.ffn.gate_proj.expert_bias'].shape == (32,)
+  with safe_open(str(tmp_path / 'a.safetensors'), framework='numpy') as f:
+    assert f.metadata()['format'] == export.ADAPTER_FORMAT
+  with pytest.raises(ValueError, match='no adapters'):
+    export.export_adapters(_params(tiny_model_config()), tiny_model_config(), tmp_path / 'none.safetensors')
+
+
+def _adapted(config: ModelConfig):
+  """(the plain base's params, the adapted model's params over that base with random adapters)."""
+  base = init_params(config.replace(lora_targets=''), jax.random.key(0))
+  return base, random_adapters(flylora.graft_base(init_params(config, jax.random.key(100)), base))
+
+
+@pytest.mark.parametrize('mode', ['flylora', 'lora'])
+def test_adapters_export_and_load_back_onto_a_base(tmp_path, mode):
+  cfg = tiny_model_config(lora_targets='q,down', lora_rank=8, lora_k=2, lora_mode=mode, lora_seed=5, vocab_size=300)
+  base, params = _adapted(cfg)
+  path = str(tmp_path / 'adapters.safetensors')
+  shapes = export.export_adapters(params, cfg, path)
+  per_layer = {'lora_a', 'lora_b'} | ({'expert_bias'} if mode == 'flylora' else set())
+  assert set(shapes) == {f'layers.{i}.{m}.{t}' for i in range(2)
+                         for m in ('attention.q_proj', 'ffn.down_proj') for t in per_layer}
+  assert shapes['layers.1.ffn.down_proj.lora_a'] == (8, cfg.d_ff)     # Aᵀ: [r, in]
+  assert shapes['layers.1.ffn.down_proj.lora_b'] == (cfg.d_model, 8)  # Bᵀ: [out, r]
+
+  loaded, loaded_cfg = export.load_adapters(path, base, cfg.replace(lora_targets='', lora_mode='lora',
+                                                                    lora_rank=4, lora_seed=0))
+  assert loaded_cfg == cfg  # the file's lora_* settings, the base's other fields
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, cfg.vocab_size)
+  np.testing.assert_array_equal(np.asarray(VesperLM(loaded_cfg).apply({'params': loaded}, tokens)),
+                                np.asarray(VesperLM(cfg).apply({'params': params}, tokens)))
+
+
+def test_load_adapters_refuses_mismatches_by_name(tmp_path):
+  cfg = tiny_model_config(lora_targets='up', lora_rank=8, lora_k=2, vocab_size=300)
+  base, params = _adapted(cfg)
+  path = str(tmp_path / 'a.safetensors')
+  export.export_adapters(params, cfg, path)
+  with safe_open(path, framework='numpy') as f:
+    meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+  def rewrite(name, metadata=meta, **changes):
+    t = dict(tensors)
+    t.update(changes)
+    t.pop(name, None)
+    p = str(tmp_path / 'bad.safetensors')
+    save_file(t, p, metadata=metadata)
+    return p
+
+  plain_cfg = cfg.replace(lora_targets='')
+  with pytest.raises(ValueError, match=r'missing tensor layers\.1\.ffn\.up_proj\.lora_b'):
+    export.load_adapters(rewrite('layers.1.ffn.up_proj.lora_b'), base, plain_cfg)
+  with pytest.raises(ValueError, match=r'layers\.0\.ffn\.up_proj\.lora_a is float32\[3, 3\]'):
+    export.load_adapters(rewrite('', **{'layers.0.ffn.up_proj.lora_a': np.zeros((3, 3), np.float32)}),
+                         base, plain_cfg)
+  with pytest.raises(ValueError, match=r'unexpected tensor layers\.0\.ffn\.gate_proj\.lora_a'):
+    export.load_adapters(rewrite('', **{'layers.0.ffn.gate_proj.lora_a': np.zeros((8, 128), np.float32)}),
+                         base, plain_cfg)
+  with pytest.raises(ValueError, match=r"adapter metadata lacks \['lora_rank'\]"):
+    export.load_adapters(rewrite('', metadata={k: v for k, v in meta.items() if k != 'lora_rank'}),
+                         base, plain_cfg)
+  with pytest.raises(ValueError, match='model.lora_k=2 must be in'):  # the settings are validated
+    export.load_adapters(rewrite('', metadata={**meta, 'lora_rank': '1'}), base, plain_cfg)
+  with pytest.raises(ValueError, match='already has adapters'):
+    export.load_adapters(path, params, cfg)
+  plain = str(tmp_path / 'plain.safetensors')
+  save_file({'x': np.zeros(2, np.float32)}, plain)
+  with pytest.raises(ValueError, match='not a vesper_jax adapter file'):
+    export.load_adapters(plain, base, plain_cfg)
 
 
 def _rewrite(path, change):
@@ -109,7 +197,7 @@ def _rewrite(path, change):
     (lambda t: t.__setitem__('extra.weight', np.zeros(3, np.float32)), ['unexpected tensor extra.weight']),
 ])
 def test_load_refuses_a_mismatch_naming_the_tensor(change, messages, tmp_path):
-  config = _tiny()
+  config = tiny_model_config()
   path = tmp_path / 'model.safetensors'
   export.save_safetensors(_params(config), config, path)
   _rewrite(path, change)
@@ -120,15 +208,15 @@ def test_load_refuses_a_mismatch_naming_the_tensor(change, messages, tmp_path):
 
 
 def test_load_refuses_a_file_for_another_config(tmp_path):
-  export.save_safetensors(_params(_tiny()), _tiny(), tmp_path / 'm.safetensors')
+  export.save_safetensors(_params(tiny_model_config()), tiny_model_config(), tmp_path / 'm.safetensors')
   with pytest.raises(ValueError, match=r'layers.0.ffn.gate_proj.weight is float32\[384, 128\], expected '
                                        r'float32\[256, 128\]'):
-    export.load_safetensors(tmp_path / 'm.safetensors', _tiny(d_ff=256))
+    export.load_safetensors(tmp_path / 'm.safetensors', tiny_model_config(d_ff=256))
 
 
 def test_config_from_a_file_with_an_unknown_field_names_the_file(tmp_path):
   path = tmp_path / 'm.safetensors'
-  export.save_safetensors(_params(_tiny()), _tiny(), path)
+  export.save_safetensors(_params(tiny_model_config()), tiny_model_config(), path)
   with safe_open(str(path), framework='numpy') as f:
     metadata = f.metadata()
   metadata['model_config'] = json.dumps({**json.loads(metadata['model_config']), 'qk_norm': True})
@@ -185,7 +273,7 @@ def _llama_forward(tensors: dict, hf: dict, tokens: np.ndarray) -> np.ndarray:
          vocab_size=1000, rope_theta=500.0),
 ])
 def test_hf_export_matches_a_numpy_llama(overrides, tmp_path):
-  config = _tiny(**overrides)
+  config = tiny_model_config(**overrides)
   params = _params(config)
   export.export_hf(params, config, tmp_path, eos_id=0)
   hf = json.loads((tmp_path / 'config.json').read_text())
@@ -225,7 +313,7 @@ def test_hf_export_matches_a_numpy_llama(overrides, tmp_path):
     (dict(norm='rmsnorm', activation='silu', lora_targets='q'), "model.lora_targets='q'"),
 ])
 def test_hf_export_refuses_what_llama_cannot_express(overrides, option, tmp_path):
-  config = _tiny(**overrides)
+  config = tiny_model_config(**overrides)
   with pytest.raises(ValueError, match='cannot export to --format=hf') as error:
     export.export_hf(_params(config), config, tmp_path / 'out')
   assert option in str(error.value)
@@ -241,8 +329,6 @@ def _export_cli(*args):
 
 
 def test_export_cli_from_a_workdir(tmp_path):
-  from test_generate import make_workdir
-  from vesper_jax import checkpoint
   workdir = make_workdir(tmp_path / 'run', norm='rmsnorm', activation='silu')
   result = _export_cli(f'--workdir={workdir}', f'--out={tmp_path / "vesper"}', '--format=vesper')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -257,4 +343,6 @@ def test_export_cli_from_a_workdir(tmp_path):
 
   layernorm = make_workdir(tmp_path / 'run_ln')
   result = _export_cli(f'--workdir={layernorm}', f'--out={tmp_path / "hf2"}', '--format=hf')
-  assert result.returncode == 1 and "model.norm='layernorm'" in result.stderr
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert "vesper_jax.export: error: cannot export to --format=hf: model.norm='layernorm'" in result.stderr
+  assert not (tmp_path / 'hf2').exists()

@@ -1,4 +1,8 @@
-"""FlyLoRA (SPEC §5): sparse A, routing, gradients, expert biases, merge, freezing, adapter files."""
+"""FlyLoRA (flylora.py, SPEC §5): sparse A, routing, gradients, expert biases, merge, freezing, and the
+rule at work in a fine-tuning run. Adapter files are tested in test_export.py, loading a base in
+test_finetune.py."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,35 +10,20 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config, short_run_config
+from conftest import base_run_config, decode_stepwise, load_config, random_adapters, tiny_model_config
 from vesper_jax import flylora as F
 from vesper_jax import model as M
 from vesper_jax import optim
+from vesper_jax.pytree import flatten, unflatten
 
 ALL = 'q,k,v,o,gate,up,down'
-
-
-def _tiny(**overrides) -> M.ModelConfig:
-  return M.ModelConfig(**load_config('tiny').model).replace(vocab_size=300, **overrides)
+_tiny = functools.partial(tiny_model_config, vocab_size=300)  # a small vocabulary: the adapters are the subject
 
 
 def _adapted(cfg: M.ModelConfig, seed: int = 0):
   """(base params, adapted params with the base grafted in) for cfg and its plain twin."""
   base = M.init_params(cfg.replace(lora_targets=''), jax.random.key(seed))
   return base, F.graft_base(M.init_params(cfg, jax.random.key(seed + 100)), base)
-
-
-def _randomize_adapters(params, seed: int = 0, scale: float = 0.05):
-  """Non-zero B (and d) so the adapters actually do something."""
-  flat = F._flat(params)
-  keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
-  for k, v in flat.items():
-    key = next(keys)
-    if k[-1] == 'lora_b':
-      flat[k] = scale * jax.random.normal(key, v.shape)
-    elif k[-1] == 'expert_bias':
-      flat[k] = 0.1 * jax.random.normal(key, v.shape)
-  return F._unflat(flat)
 
 
 def _tokens(cfg, shape=(2, 16), seed=3):
@@ -45,10 +34,10 @@ def _tokens(cfg, shape=(2, 16), seed=3):
 
 def test_sparse_a_has_exactly_p_nonzeros_per_column_and_follows_the_seed():
   cfg = _tiny(lora_targets='gate,down', lora_rank=16, lora_k=4, lora_rho=0.3)
-  a = F._flat(M.init_params(cfg, jax.random.key(0)))
+  a = flatten(M.init_params(cfg, jax.random.key(0)))
   # The params RNG plays no part: another init key gives the same A; another lora_seed a different one.
-  b = F._flat(M.init_params(cfg, jax.random.key(7)))
-  c = F._flat(M.init_params(cfg.replace(lora_seed=1), jax.random.key(0)))
+  b = flatten(M.init_params(cfg, jax.random.key(7)))
+  c = flatten(M.init_params(cfg.replace(lora_seed=1), jax.random.key(0)))
   gate, down = ('layers_1', 'ffn', 'gate_proj', 'lora_a'), ('layers_1', 'ffn', 'down_proj', 'lora_a')
   for key, in_features in ((gate, cfg.d_model), (down, cfg.d_ff)):
     A = np.asarray(a[key])
@@ -60,7 +49,7 @@ def test_sparse_a_has_exactly_p_nonzeros_per_column_and_follows_the_seed():
     # Values N(0, 1/r²): the sample std of the non-zeros is near 1/r.
     assert abs(A[A != 0].std() * 16 - 1.0) < 0.15
   # Remat (a lifted transform) does not change the layer's path, so not its A either.
-  remat = F._flat(M.init_params(cfg.replace(remat=True), jax.random.key(0)))
+  remat = flatten(M.init_params(cfg.replace(remat=True), jax.random.key(0)))
   np.testing.assert_array_equal(np.asarray(remat[gate]), np.asarray(a[gate]))
   # Every layer gets its own A.
   assert not np.array_equal(np.asarray(a[gate]), np.asarray(a[('layers_0', 'ffn', 'gate_proj', 'lora_a')]))
@@ -88,17 +77,16 @@ def test_adapted_logits_equal_base_logits_exactly_at_init(overrides):
   adapted = M.VesperLM(cfg).apply({'params': params}, tokens)
   np.testing.assert_array_equal(np.asarray(adapted), np.asarray(plain))  # B = 0: bitwise
   # ... and the adapter is live: a non-zero B changes them.
-  moved = M.VesperLM(cfg).apply({'params': _randomize_adapters(params)}, tokens)
+  moved = M.VesperLM(cfg).apply({'params': random_adapters(params)}, tokens)
   assert not np.allclose(np.asarray(moved), np.asarray(plain), atol=1e-4)
 
 
 def test_kv_cache_decoding_with_adapters_equals_full_forward():
-  from test_model import _decode_stepwise
   cfg = _tiny(lora_targets=ALL, lora_rank=8, lora_k=3)
-  params = _randomize_adapters(_adapted(cfg)[1])
+  params = random_adapters(_adapted(cfg)[1])
   tokens = _tokens(cfg, (2, 12))
   full = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens))
-  stepwise = np.asarray(_decode_stepwise(cfg, params, tokens, prompt_len=5))
+  stepwise = np.asarray(decode_stepwise(cfg, params, tokens, prompt_len=5))
   np.testing.assert_allclose(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
@@ -220,7 +208,7 @@ def test_model_sows_counts_for_every_adapted_layer_and_sums_micro_batches():
   tokens = _tokens(cfg, (4, 8))
   apply = jax.jit(lambda p, t: M.VesperLM(cfg).apply({'params': p}, t, mutable=[F.COUNTS])[1][F.COUNTS])
   whole = apply(params, tokens)
-  paths = {'/'.join(k[:-1]) for k in F._flat(whole)}
+  paths = {'/'.join(k[:-1]) for k in flatten(whole)}
   assert paths == {f'layers_{i}/{m}' for i in range(2) for m in ('attention/q_proj', 'ffn/up_proj')}
   for c in jax.tree.leaves(whole):
     assert int(c.sum()) == 4 * 8 * cfg.lora_k
@@ -236,12 +224,12 @@ def test_model_sows_counts_for_every_adapted_layer_and_sums_micro_batches():
 def test_merge_with_k_equal_r_reproduces_the_adapted_logits(mode):
   cfg = _tiny(lora_targets=ALL, lora_rank=8, lora_k=8, lora_mode=mode)
   _, params = _adapted(cfg)
-  params = _randomize_adapters(params)
+  params = random_adapters(params)
   tokens = _tokens(cfg)
   adapted = M.VesperLM(cfg).apply({'params': params}, tokens)
   merged, plain_cfg = F.merge(params, cfg)
   assert plain_cfg.lora_targets == ''
-  assert not any(k[-1] in F.ADAPTER_LEAVES for k in F._flat(merged))
+  assert not any(k[-1] in F.ADAPTER_LEAVES for k in flatten(merged))
   out = M.VesperLM(plain_cfg).apply({'params': merged}, tokens)
   assert np.abs(np.asarray(out) - np.asarray(adapted)).max() <= 1e-5
   base = M.VesperLM(plain_cfg).apply({'params': F.base_params(params)}, tokens)
@@ -261,7 +249,7 @@ def test_optimizer_updates_only_b_and_keeps_no_state_for_frozen_params():
   cfg = _tiny(lora_targets='gate,up')
   _, params = _adapted(cfg)
   mask = F.trainable_mask(params, cfg)
-  flat_mask = F._flat(mask)
+  flat_mask = flatten(mask)
   assert {k[-1] for k, m in flat_mask.items() if m} == {'lora_b'}
   n_trainable = M.param_counts(params, mask)['trainable']
   assert n_trainable == 2 * 2 * cfg.lora_rank * cfg.d_ff  # 2 layers × (gate, up) × r × O
@@ -279,12 +267,12 @@ def test_optimizer_updates_only_b_and_keeps_no_state_for_frozen_params():
   grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
   updates, _ = tx.update(grads, state, params)
   # Reference: the same AdamW on the B leaves alone.
-  bs = {k: v for k, v in F._flat(params).items() if k[-1] == 'lora_b'}
-  ref_tx = optim.make_optimizer(opt_config, 10, F._unflat(bs))
-  ref, _ = ref_tx.update(F._unflat({k: grads_k for k, grads_k in F._flat(grads).items() if k in bs}),
-                         ref_tx.init(F._unflat(bs)), F._unflat(bs))
-  flat_ref = F._flat(ref)
-  for k, u in F._flat(updates).items():
+  bs = {k: v for k, v in flatten(params).items() if k[-1] == 'lora_b'}
+  ref_tx = optim.make_optimizer(opt_config, 10, unflatten(bs))
+  ref, _ = ref_tx.update(unflatten({k: grads_k for k, grads_k in flatten(grads).items() if k in bs}),
+                         ref_tx.init(unflatten(bs)), unflatten(bs))
+  flat_ref = flatten(ref)
+  for k, u in flatten(updates).items():
     if k in bs:
       np.testing.assert_allclose(np.asarray(u), np.asarray(flat_ref[k]), rtol=1e-6)
       assert np.abs(np.asarray(u)).sum() > 0
@@ -307,63 +295,7 @@ def test_param_report_counts_against_lora_and_full_finetuning():
   assert report['reduction_vs_full'] == pytest.approx(1 - 4 * R * Ff / base_total)
 
 
-# ------------------------------------------------------------------------------------------ files
-
-@pytest.mark.parametrize('mode', ['flylora', 'lora'])
-def test_adapters_export_and_load_back_onto_a_base(tmp_path, mode):
-  cfg = _tiny(lora_targets='q,down', lora_rank=8, lora_k=2, lora_mode=mode, lora_seed=5)
-  base, params = _adapted(cfg)
-  params = _randomize_adapters(params)
-  path = str(tmp_path / 'adapters.safetensors')
-  shapes = F.export_adapters(params, cfg, path)
-  per_layer = {'lora_a', 'lora_b'} | ({'expert_bias'} if mode == 'flylora' else set())
-  assert set(shapes) == {f'layers.{i}.{m}.{t}' for i in range(2)
-                         for m in ('attention.q_proj', 'ffn.down_proj') for t in per_layer}
-  assert shapes['layers.1.ffn.down_proj.lora_a'] == (8, cfg.d_ff)     # Aᵀ: [r, in]
-  assert shapes['layers.1.ffn.down_proj.lora_b'] == (cfg.d_model, 8)  # Bᵀ: [out, r]
-
-  loaded, loaded_cfg = F.load_adapters(path, base, cfg.replace(lora_targets='', lora_mode='lora',
-                                                               lora_rank=4, lora_seed=0))
-  assert loaded_cfg == cfg
-  jax.tree.map(np.testing.assert_array_equal, loaded, params)
-  tokens = _tokens(cfg)
-  np.testing.assert_array_equal(np.asarray(M.VesperLM(loaded_cfg).apply({'params': loaded}, tokens)),
-                                np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens)))
-
-
-def test_load_adapters_refuses_mismatches_by_name(tmp_path):
-  from safetensors import safe_open
-  from safetensors.numpy import save_file
-  cfg = _tiny(lora_targets='up', lora_rank=8, lora_k=2)
-  base, params = _adapted(cfg)
-  path = str(tmp_path / 'a.safetensors')
-  F.export_adapters(params, cfg, path)
-  with safe_open(path, framework='numpy') as f:
-    meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-
-  def rewrite(name, **changes):
-    t = dict(tensors)
-    t.update(changes)
-    t.pop(name, None)
-    p = str(tmp_path / 'bad.safetensors')
-    save_file(t, p, metadata=meta)
-    return p
-
-  with pytest.raises(ValueError, match=r'missing tensor layers\.1\.ffn\.up_proj\.lora_b'):
-    F.load_adapters(rewrite('layers.1.ffn.up_proj.lora_b'), base, cfg.replace(lora_targets=''))
-  with pytest.raises(ValueError, match=r'layers\.0\.ffn\.up_proj\.lora_a is float32\[3, 3\]'):
-    F.load_adapters(rewrite('', **{'layers.0.ffn.up_proj.lora_a': np.zeros((3, 3), np.float32)}),
-                    base, cfg.replace(lora_targets=''))
-  with pytest.raises(ValueError, match=r'unexpected tensor layers\.0\.ffn\.gate_proj\.lora_a'):
-    F.load_adapters(rewrite('', **{'layers.0.ffn.gate_proj.lora_a': np.zeros((8, 128), np.float32)}),
-                    base, cfg.replace(lora_targets=''))
-  with pytest.raises(ValueError, match='already has adapters'):
-    F.load_adapters(path, params, cfg)
-  plain = str(tmp_path / 'plain.safetensors')
-  save_file({'x': np.zeros(2, np.float32)}, plain)
-  with pytest.raises(ValueError, match='not a vesper_jax adapter file'):
-    F.load_adapters(plain, base, cfg.replace(lora_targets=''))
-
+# ------------------------------------------------------------------------------------------ config
 
 def test_config_errors_name_the_key():
   with pytest.raises(ValueError, match='model.lora_targets.*unknown'):
@@ -376,27 +308,11 @@ def test_config_errors_name_the_key():
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 
-def _train_config(root, **overrides):
-  """A seconds-long tiny run over a 2×2 mesh (the partitioned optimizer state, sharded)."""
-  return short_run_config(root / 'cache', **{'train.eval_batches': 1, 'train.mesh_data': 2,
-                                             'train.mesh_fsdp': 2, 'logging.every_steps': 5,
-                                             **overrides})
-
-
-@pytest.fixture(scope='module')
-def base_workdir(tmp_path_factory):
-  """A briefly pretrained tiny base model (its workdir), shared by the fine-tuning tests."""
-  from vesper_jax import train
-  root = tmp_path_factory.mktemp('flylora')
-  train.train_and_evaluate(_train_config(root), root / 'base')
-  return root
-
-
 def _finetune_config(root, **overrides):
-  return _train_config(root, **{'model.lora_targets': 'gate,up', 'model.lora_rank': 16,
-                                'model.lora_k': 4, 'train.init_from': str(root / 'base'),
-                                'data.tokenizer': str(root / 'base' / 'tokenizer.json'),
-                                'train.grad_accum_steps': 2, 'opt.learning_rate': 1e-2, **overrides})
+  return base_run_config(root, **{'model.lora_targets': 'gate,up', 'model.lora_rank': 16,
+                                  'model.lora_k': 4, 'train.init_from': str(root / 'base'),
+                                  'data.tokenizer': str(root / 'base' / 'tokenizer.json'),
+                                  'train.grad_accum_steps': 2, 'opt.learning_rate': 1e-2, **overrides})
 
 
 def test_finetuning_trains_only_the_adapters_and_moves_d_by_the_rule(base_workdir):
@@ -416,16 +332,16 @@ def test_finetuning_trains_only_the_adapters_and_moves_d_by_the_rule(base_workdi
                          process_index=0, process_count=1)
   start = F.graft_base(M.init_params(cfg, jax.random.key(0)), base)  # B = 0, d = 0, the seed's A
   _, sown = M.VesperLM(cfg).apply({'params': start}, batch[:, :-1], mutable=[F.COUNTS])
-  for path, c in F._flat(sown[F.COUNTS]).items():
+  for path, c in flatten(sown[F.COUNTS]).items():
     c = np.asarray(c, np.float64)
     assert c.sum() == 8 * 32 * 4  # every token of the step (both micro-batches) picks k = 4 ranks
-    d = np.asarray(F._flat(after1)[path[:-1] + ('expert_bias',)])
+    d = np.asarray(flatten(after1)[path[:-1] + ('expert_bias',)])
     np.testing.assert_array_equal(d, (u * np.sign(c.mean() - c)).astype(np.float32))
 
   # Resume to step 20 (restores the partitioned optimizer state).
   train.train_and_evaluate(_finetune_config(root, **{'train.num_steps': 20}), workdir)
   _, after20 = checkpoint.load_params(workdir)
-  flat, flat_start, flat_base = F._flat(after20), F._flat(start), F._flat(base)
+  flat, flat_start, flat_base = flatten(after20), flatten(start), flatten(base)
   for key, value in flat_base.items():  # every base parameter, bit for bit
     np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(value), err_msg='/'.join(key))
   n_modules = 0
@@ -440,7 +356,7 @@ def test_finetuning_trains_only_the_adapters_and_moves_d_by_the_rule(base_workdi
       steps = np.asarray(value, np.float64) / u
       np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
       assert np.abs(steps).max() <= 20 + 1e-3 and np.abs(steps).max() >= 2
-      assert not np.array_equal(np.asarray(value), np.asarray(F._flat(after1)[key]))
+      assert not np.array_equal(np.asarray(value), np.asarray(flatten(after1)[key]))
   assert n_modules == 4
 
   # The saved optimizer state: Adam's two moments for B and a few counters, nothing for the base.
@@ -449,26 +365,3 @@ def test_finetuning_trains_only_the_adapters_and_moves_d_by_the_rule(base_workdi
   manager.close()
   n_b = 4 * 16 * cfg.d_ff
   assert 2 * n_b <= optim.count_state(saved['opt_state']) <= 2 * n_b + 8
-
-
-def test_full_finetuning_and_safetensors_bases(base_workdir, tmp_path):
-  from vesper_jax import checkpoint, export
-  root = base_workdir
-  base_cfg, base, _ = checkpoint.load_for_inference(root / 'base')
-  path = tmp_path / 'base.safetensors'
-  export.save_safetensors(base, base_cfg, path)
-  cfg = base_cfg.replace(lora_targets='q,o', lora_rank=8, lora_k=2)
-  jax.tree.map(np.testing.assert_array_equal, F.load_base(str(path), cfg), base)
-  jax.tree.map(np.testing.assert_array_equal, F.load_base(str(root / 'base'), cfg), base)
-  with pytest.raises(ValueError, match='model.d_ff=384, this config 512'):
-    F.load_base(str(root / 'base'), cfg.replace(d_ff=512))
-
-
-def test_init_from_refuses_another_tokenizer(base_workdir, tmp_path):
-  root = base_workdir
-  config = _finetune_config(root, **{'data.tokenizer': ''})
-  with pytest.raises(ValueError, match='set data.tokenizer=.*base/tokenizer.json'):
-    F.check_init_from(config)
-  config = _finetune_config(root, **{'train.init_from': str(tmp_path / 'nowhere')})
-  with pytest.raises(FileNotFoundError, match='train.init_from=.*nowhere'):
-    F.check_init_from(config)

@@ -1,16 +1,15 @@
-"""VesperLM: causality, RoPE, KV-cache decoding, parameter counts (SPEC §3)."""
+"""VesperLM (model.py): causality, RoPE, KV-cache decoding, parameter counts, the compute dtype and
+cast_for_inference, and the weight-defining fields that decide resumes and fine-tuning bases (SPEC §3)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import decode_stepwise, load_config, naive_greedy, tiny_model, tiny_model_config
+from vesper_jax import decode
 from vesper_jax import model as M
-
-
-def _tiny(**overrides) -> M.ModelConfig:
-  return M.ModelConfig(**load_config('tiny').model).replace(**overrides)
+from vesper_jax.sampling import GREEDY
 
 
 def _params(cfg: M.ModelConfig, seed: int = 0):
@@ -19,7 +18,7 @@ def _params(cfg: M.ModelConfig, seed: int = 0):
 
 @pytest.mark.parametrize('overrides', [{}, {'num_kv_heads': 2, 'norm': 'rmsnorm', 'use_bias': True}])
 def test_future_tokens_never_change_past_logits(overrides):
-  cfg = _tiny(**overrides)
+  cfg = tiny_model_config(**overrides)
   params = _params(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   t = 9
@@ -56,42 +55,21 @@ def test_rope_rotates_split_halves():
   np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
-def _decode_stepwise(cfg, params, tokens, prompt_len):
-  B, T = tokens.shape
-  dec = M.VesperLM(cfg.replace(decode=True))
-  cache = M.init_cache(cfg, B, T + 4)
-  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-  step = jax.jit(lambda c, tok, pos: dec.apply({'params': params, 'cache': c}, tok, positions_BT=pos,
-                                               mutable=['cache']))
-  logits, variables = step(cache, tokens[:, :prompt_len], positions[:, :prompt_len])
-  outs = [logits]
-  for t in range(prompt_len, T):
-    logits, variables = step(variables['cache'], tokens[:, t:t + 1], positions[:, t:t + 1])
-    outs.append(logits)
-  return jnp.concatenate(outs, axis=1)
-
-
 @pytest.mark.parametrize('num_kv_heads', [None, 2, 1])
 def test_kv_cache_decoding_equals_full_forward(num_kv_heads):
-  cfg = _tiny(num_kv_heads=num_kv_heads)
+  cfg = tiny_model_config(num_kv_heads=num_kv_heads)
   params = _params(cfg)
   tokens = jax.random.randint(jax.random.key(2), (2, 20), 0, cfg.vocab_size)
   full = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens))
-  stepwise = np.asarray(_decode_stepwise(cfg, params, tokens, prompt_len=7))
+  stepwise = np.asarray(decode_stepwise(cfg, params, tokens, prompt_len=7))
   np.testing.assert_allclose(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_greedy_tokens_equal_full_forward():
-  cfg = _tiny(num_kv_heads=2)
+  cfg = tiny_model_config(num_kv_heads=2)
   params = _params(cfg, seed=3)
-  apply = jax.jit(M.VesperLM(cfg).apply)
   prompt = jax.random.randint(jax.random.key(4), (1, 5), 0, cfg.vocab_size)
-  # Naive greedy: recompute the whole sequence for every new token.
-  seq = prompt
-  for _ in range(12):
-    nxt = jnp.argmax(apply({'params': params}, seq)[:, -1], axis=-1)
-    seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
-  # Cached greedy.
+  # Cached greedy, with the model's own cache API (decode.py's generate is tested in test_decode.py).
   dec = M.VesperLM(cfg.replace(decode=True))
   cache = M.init_cache(cfg, 1, 32)
   step = jax.jit(lambda c, tok, pos: dec.apply({'params': params, 'cache': c}, tok, positions_BT=pos,
@@ -101,11 +79,12 @@ def test_kv_cache_greedy_tokens_equal_full_forward():
   for i in range(11):
     logits, v = step(v['cache'], jnp.array([[out[-1]]]), jnp.array([[5 + i]]))
     out.append(int(jnp.argmax(logits[0, -1])))
-  assert out == [int(t) for t in seq[0, 5:]]
+  assert out == naive_greedy(cfg, params, prompt[0].tolist(), 12)
+  assert len(set(out)) > 3
 
 
 def test_padded_vocabulary_and_logit_shape():
-  cfg = _tiny(vocab_size=1000)
+  cfg = tiny_model_config(vocab_size=1000)
   assert cfg.padded_vocab_size == 1024
   params = _params(cfg)
   assert params['embeddings']['embedding'].shape == (1024, cfg.d_model)
@@ -114,26 +93,69 @@ def test_padded_vocabulary_and_logit_shape():
 
 
 def test_tied_embeddings_have_no_head():
-  cfg = _tiny(tie_embeddings=True)
+  cfg = tiny_model_config(tie_embeddings=True)
   params = _params(cfg)
   assert 'lm_head' not in params
   counts = M.param_counts(params)
   assert counts['embedding'] == cfg.padded_vocab_size * cfg.d_model
 
 
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+  """The operand dtypes of every dot_general in a jaxpr, nested jaxprs included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for value in eqn.params.values():
+      inner = getattr(value, 'jaxpr', value)
+      if hasattr(inner, 'eqns'):
+        out += _dot_operand_dtypes(inner)
+  return out
+
+
 def test_bfloat16_compute_keeps_float32_params():
-  cfg = _tiny(dtype='bfloat16')
+  cfg = tiny_model_config(dtype='bfloat16')
   params = _params(cfg)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-  logits = M.VesperLM(cfg).apply({'params': params}, jnp.ones((1, 8), jnp.int32))
-  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  # Every matmul really runs in bfloat16: 7 projections and 2 attention products per layer, and the head.
+  dots = _dot_operand_dtypes(jax.make_jaxpr(
+      lambda p, t: M.VesperLM(cfg).apply({'params': p}, t))(params, tokens).jaxpr)
+  assert len(dots) == 9 * cfg.num_layers + 1
+  assert all(d == ('bfloat16', 'bfloat16') for d in dots), dots
+  f32_dots = _dot_operand_dtypes(jax.make_jaxpr(
+      lambda p, t: M.VesperLM(cfg.replace(dtype='float32')).apply({'params': p}, t))(params, tokens).jaxpr)
+  assert all(d == ('float32', 'float32') for d in f32_dots)
+  # The logits come back in float32, close to the float32 model's but not equal to them.
+  logits = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens))
+  want = np.asarray(M.VesperLM(cfg.replace(dtype='float32')).apply({'params': params}, tokens))
+  assert logits.dtype == np.float32
+  assert 1e-4 < np.abs(logits - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_cast_for_inference_stores_the_weights_in_bfloat16():
+  config, params = tiny_model()
+  config16, params16 = M.cast_for_inference(config, params, 'bfloat16')
+  assert config16 == config.replace(dtype='bfloat16')
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # the originals are untouched
+  tokens = jnp.asarray([[1, 2, 3, 4, 5, 6, 7, 8]])
+  logits16 = np.asarray(M.VesperLM(config16).apply({'params': params16}, tokens))
+  # bfloat16 compute already rounds each weight to bfloat16 as it reads it: storing them so changes
+  # nothing but the bytes, so the logits equal those of bfloat16 compute over float32 weights, bit for bit.
+  np.testing.assert_array_equal(logits16, np.asarray(M.VesperLM(config16).apply({'params': params}, tokens)))
+  assert np.abs(logits16 - np.asarray(M.VesperLM(config).apply({'params': params}, tokens))).max() > 1e-4
+  # And decoding runs on the cast tree (a bfloat16 KV cache) with the same tokens.
+  out16 = decode.generate(params16, config16, [[1, 2, 3]], max_new_tokens=8, sampling=GREEDY)
+  assert out16 == decode.generate(params, config16, [[1, 2, 3]], max_new_tokens=8, sampling=GREEDY)
+  assert len(out16[0]) == 8
 
 
 def test_bad_config_is_refused_with_the_key():
   with pytest.raises(ValueError, match='num_kv_heads'):
-    _tiny(num_kv_heads=3)
+    tiny_model_config(num_kv_heads=3)
   with pytest.raises(ValueError, match='activation'):
-    _tiny(activation='relu')
+    tiny_model_config(activation='relu')
 
 
 def test_param_counts_of_the_four_configs(capsys):
@@ -155,10 +177,34 @@ def test_param_counts_of_the_four_configs(capsys):
 
 
 def test_last_only_logits_equal_the_last_row_of_the_full_forward():
-  cfg = _tiny(num_kv_heads=2)
+  cfg = tiny_model_config(num_kv_heads=2)
   params = _params(cfg)
   tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, cfg.vocab_size)
   full = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens))
   last = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens, last_only=True))
   assert last.shape == (2, 1, cfg.vocab_size)
   np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ weight-defining fields
+
+def test_runtime_and_weight_fields_partition_the_config():
+  import dataclasses
+  names = {f.name for f in dataclasses.fields(M.ModelConfig)}
+  assert set(M.RUNTIME_FIELDS) | set(M.WEIGHT_FIELDS) == names
+  assert not set(M.RUNTIME_FIELDS) & set(M.WEIGHT_FIELDS)
+  assert {'dtype', 'remat', 'attention_impl', 'max_seq_len'} <= set(M.RUNTIME_FIELDS)
+  assert {'d_model', 'activation', 'norm', 'vocab_size', 'rope_theta', 'lora_rank'} <= set(M.WEIGHT_FIELDS)
+  assert set(M.ADAPTER_FIELDS) == {f for f in M.WEIGHT_FIELDS if f.startswith('lora_')}
+  assert 'lora_bias_rate' not in M.ADAPTER_FIELDS  # a training-rate setting, not a weight
+
+
+def test_weight_changes_names_only_what_changes_the_weights():
+  cfg = tiny_model_config()
+  assert M.weight_changes(cfg, cfg.replace(dtype='bfloat16', remat=True, attention_impl='xla',
+                                           max_seq_len=512)) == []
+  assert M.weight_changes(cfg, cfg.replace(d_model=256, activation='silu')) == [
+      ('d_model', 128, 256), ('activation', 'era', 'silu')]
+  adapted = cfg.replace(lora_targets='q', lora_rank=8, lora_k=2)
+  assert M.weight_changes(cfg, adapted, fields=M.ADAPTER_FIELDS) == [
+      ('lora_targets', '', 'q'), ('lora_rank', 32, 8), ('lora_k', 8, 2)]

@@ -1,6 +1,5 @@
 """Every notebook under notebooks/ runs top to bottom without an error."""
 
-import os
 import pathlib
 
 import pytest

@@ -1,6 +1,7 @@
 """Weight-only int8/int4 quantization: error bounds, int4 packing, KV-cache decoding on the quantized tree,
 and quantized safetensors files (bit-exact round trips, refusals between float and quantized files)."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -11,17 +12,15 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import REPO, load_config
-from test_generate import make_workdir
+from conftest import REPO, make_workdir, naive_greedy, tiny_model_config
 from vesper_jax import decode, export, finetune, quantize
-from vesper_jax.model import ModelConfig, VesperLM, cast_for_inference, init_params
+from vesper_jax.model import VesperLM, cast_for_inference, init_params
 from vesper_jax.sampling import GREEDY
 
 SCHEMES = [('int8', False), ('int4', False), ('int4', True)]
 
 
-def _tiny(**overrides) -> ModelConfig:
-  return ModelConfig(**load_config('tiny').model).replace(vocab_size=512, **overrides)
+_tiny = functools.partial(tiny_model_config, vocab_size=512)
 
 
 def _weights(shape, seed=0) -> jax.Array:
@@ -129,17 +128,6 @@ def test_quantized_logits_stay_close_to_float(float_model, scheme, head):
   assert 0 < rel < (0.02 if scheme == 'int8' else 0.2), rel
 
 
-def _naive_greedy(config: ModelConfig, params, prompt: list[int], n: int) -> list[int]:
-  """Greedy decoding without a cache: every token recomputes the whole sequence."""
-  forward = jax.jit(lambda p, t: VesperLM(config).apply({'params': p}, t))
-  buf = np.zeros((1, len(prompt) + n), np.int32)  # one shape, one compilation
-  buf[0, :len(prompt)] = prompt
-  for t in range(len(prompt), len(prompt) + n):
-    # Causal: the zeros after position t cannot change the logits at t - 1.
-    buf[0, t] = int(np.argmax(np.asarray(forward(params, buf))[0, t - 1]))
-  return buf[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize('chunk_size', [1, 8])
 @pytest.mark.parametrize('scheme,head', SCHEMES)
 def test_quantized_kv_cache_greedy_equals_full_forward(float_model, scheme, head, chunk_size):
@@ -148,7 +136,7 @@ def test_quantized_kv_cache_greedy_equals_full_forward(float_model, scheme, head
   prompt = [5, 17, 300, 42, 7, 7, 100]
   got = decode.generate(qparams, qconfig, [prompt], max_new_tokens=16, sampling=GREEDY,
                         chunk_size=chunk_size)[0]
-  assert got == _naive_greedy(qconfig, qparams, prompt, 16)
+  assert got == naive_greedy(qconfig, qparams, prompt, 16)
   assert len(set(got)) > 4  # a random model still produces varied tokens: the comparison means something
 
 

@@ -107,7 +107,17 @@ def test_fused_top_k_top_p_matches_numpy(k, p, ties):
 def test_ordered_bits_preserve_float_order():
   x = np.array([[-np.inf, -3e38, -2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 2.0, 3e38, np.inf]], np.float32)
   keys = np.asarray(sampling._ordered_bits(jnp.asarray(x)))[0].astype(np.int64)
-  assert (np.diff(keys) > 0).all()
+  np.testing.assert_array_equal(np.diff(keys) > 0, [True] * 5 + [False] + [True] * 5)
+  assert keys[5] == keys[6]  # -0.0 == 0.0, as comparisons (and lax.top_k, sort) have it
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_negative_zero_ties_with_zero(method):
+  """Compiled as a whole (jit), where a compiler could fold a `x + 0.0` away: both zeros are kept."""
+  logits = jnp.asarray([[0.0, -0.0, -1.0, -2.0], [-0.0, 0.0, -3.0, 1.0]], jnp.float32)
+  kept = lambda k: _kept(jax.jit(lambda x: sampling.top_k_filter(x, k, method))(logits))
+  np.testing.assert_array_equal(kept(1)[0], [True, True, False, False])
+  np.testing.assert_array_equal(kept(2)[1], [True, True, False, True])
 
 
 @pytest.mark.parametrize('penalty', [1.0, 1.3, 0.7])
@@ -137,6 +147,12 @@ def test_sample_logits_draws_from_the_filtered_distribution(method):
   freq = np.bincount(tokens, minlength=logits.shape[1]) / n
   np.testing.assert_allclose(freq, want, atol=0.015)
   assert freq[want == 0].sum() == 0  # filtered tokens are never drawn
+
+
+@pytest.mark.parametrize('field', ['temperature', 'top_p', 'repetition_penalty'])
+def test_non_finite_sampling_settings_are_refused(field):
+  with pytest.raises(ValueError, match=f'{field}=nan must be a finite number'):
+    sampling.SamplingConfig(**{field: float('nan')})
 
 
 def test_sampling_config_rejects_bad_values():

@@ -3,12 +3,13 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import tokenizers
-from tokenizers import models
+from tokenizers import models, pre_tokenizers, processors, trainers
 
 from vesper_jax import tokenizer as tokenizer_lib
-from vesper_jax.tokenizer import Tokenizer
+from vesper_jax.tokenizer import Tokenizer, train_bpe
 
 BARTHEZ = 'tokenizers/barthez_fr/tokenizer.json'
 
@@ -63,7 +64,7 @@ def test_tokenizer_without_eos_is_refused(tmp_path):
   raw = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
   path = tmp_path / 'no_eos.json'
   raw.save(str(path))
-  with pytest.raises(ValueError, match=f'{path}: the tokenizer has none of the end-of-sequence tokens'):
+  with pytest.raises(ValueError, match=f'{path}: cannot tell which token ends a text: .*data.eos_token'):
     Tokenizer.load(path)
 
 
@@ -118,4 +119,67 @@ def test_saved_bpe_is_valid_json_with_the_special_token(shared_data, tmp_path):
   tokenizer_lib.train_bpe(iter(_stories(shared_data, 50)), 400, tmp_path / 'tokenizer.json')
   saved = json.loads((tmp_path / 'tokenizer.json').read_text())
   assert saved['added_tokens'][0]['content'] == '<|endoftext|>' and saved['added_tokens'][0]['special']
-  assert saved['pre_tokenizer']['type'] == 'ByteLevel' and saved['decoder']['type'] == 'ByteLevel'
+  # Long runs without whitespace are cut before the byte-level split (a bounded pre-token length).
+  assert saved['pre_tokenizer']['type'] == 'Sequence'
+  assert [p['type'] for p in saved['pre_tokenizer']['pretokenizers']] == ['Split', 'ByteLevel']
+  assert saved['decoder']['type'] == 'ByteLevel'
+
+
+# ------------------------------------------------------------------------------ special tokens, edge cases
+
+def _bpe_with_specials(path, specials, post_processor=None):
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(['hello world, hello tokenizer'] * 20, trainer)
+  if post_processor is not None:
+    tok.post_processor = post_processor
+  tok.save(str(path))
+  return path
+
+
+def test_eos_is_the_tokenizers_own_special_token(tmp_path):
+  # A byte-level BPE whose end token is <EOT>, id 0, marked special: no built-in name matches it.
+  path = _bpe_with_specials(tmp_path / 'eot.json', ['<EOT>'])
+  assert Tokenizer.load(path).eos_id == 0
+  # Several specials: the one the post-processor appends to a sequence ends a text.
+  template = processors.TemplateProcessing(single='<S> $A <E>', special_tokens=[('<S>', 1), ('<E>', 2)])
+  path = _bpe_with_specials(tmp_path / 'tpl.json', ['<PAD>', '<S>', '<E>'], template)
+  assert Tokenizer.load(path).eos_id == 2
+
+
+def test_eos_named_by_config_or_refused_listing_the_specials(tmp_path):
+  path = _bpe_with_specials(tmp_path / 'two.json', ['<A>', '<B>'])
+  with pytest.raises(ValueError, match=r"special tokens \['<A>', '<B>'\].*data.eos_token"):
+    Tokenizer.load(path)
+  assert Tokenizer.load(path, eos_token='<B>').eos_id == 1
+  with pytest.raises(ValueError, match="data.eos_token='<C>' is not in the tokenizer"):
+    Tokenizer.load(path, eos_token='<C>')
+
+
+def test_unreadable_tokenizer_is_one_error_naming_it(tmp_path, monkeypatch):
+  path = _bpe_with_specials(tmp_path / 't.json', ['<|endoftext|>'])
+  real = type(path).read_text
+
+  def failing(self, *args, **kwargs):
+    if self == path:
+      raise PermissionError(13, 'Permission denied')
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(type(path), 'read_text', failing)
+  with pytest.raises(ValueError, match=f'{path}: cannot read the tokenizer file .*Permission denied'):
+    Tokenizer.load(path)
+
+
+def test_text_without_whitespace_is_cut_into_bounded_pre_tokens(tmp_path):
+  """BPE training is quadratic in the pre-token length: 2 MB of text without whitespace took about ten
+  minutes before long runs were cut. Checked through the cut itself (timed tests drift)."""
+  rng = np.random.default_rng(0)
+  blob = ''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), size=20_000))
+  tok = train_bpe([blob], 512, tmp_path / 'bpe.json')
+  pieces = [p for p, _ in tokenizers.Tokenizer.from_file(str(tmp_path / 'bpe.json')).pre_tokenizer
+            .pre_tokenize_str(blob)]
+  assert ''.join(pieces) == blob  # lowercase ASCII is its own byte-level character
+  assert max(len(p) for p in pieces) == tokenizer_lib.MAX_PRETOKEN_CHARS
+  assert tok.decode(tok.encode(blob[:1000])) == blob[:1000]

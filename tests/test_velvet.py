@@ -1,5 +1,6 @@
-"""Velvet (SPEC §8): equals optax.adamw with its flags off, scalings by hand, the time-varying-β1 bias
-correction against float64 numpy, sparse masks, the flat layout, and the config branch in optim."""
+"""Velvet (velvet.py, SPEC §8): equals optax.adamw with its flags off, scalings by hand, the
+time-varying-β1 bias correction against float64 numpy, sparse masks and the flat layout. (The config
+branch that builds it is tested in test_optim.py.)"""
 
 import math
 
@@ -9,16 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config
+from conftest import load_config, max_rel, tiny_model
 from vesper_jax import losses
 from vesper_jax import model as M
 from vesper_jax import optim
 from vesper_jax import velvet as V
-
-
-def _tiny_model():
-  cfg = M.ModelConfig(**load_config('tiny').model).replace(vocab_size=512)
-  return cfg, M.init_params(cfg, jax.random.key(0))
 
 
 def _train(tx, cfg, params, steps, seed=0):
@@ -47,17 +43,10 @@ def _train(tx, cfg, params, steps, seed=0):
   return params, opt_state, float(loss)
 
 
-def _max_rel(a_tree, b_tree) -> float:
-  """Largest per-leaf max|a − b| / max|b|."""
-  errs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)),
-                      a_tree, b_tree)
-  return max(jax.tree.leaves(errs))
-
-
 # ------------------------------------------------------------------------------------------- AdamW
 
 def test_flags_off_equals_optax_adamw_over_50_steps():
-  cfg, params = _tiny_model()
+  cfg, params = tiny_model(vocab_size=512)
   opt_cfg = load_config('tiny').opt
   opt_cfg.warmup_steps = 5  # the first step has lr = schedule(0) = 0: an off-by-one count would show
   schedule = optim.learning_rate_schedule(opt_cfg, 50)
@@ -67,13 +56,13 @@ def test_flags_off_equals_optax_adamw_over_50_steps():
   tx = V.velvet(schedule, entropy_adaptive=False, perplexity_guided=False, **hp)
   p_vel, s_vel, loss_vel = _train(tx, cfg, params, 50)
   assert loss_adam < 6.0  # it trained (ln 512 = 6.24)
-  assert _max_rel(p_vel, p_adam) <= 1e-6
+  assert max_rel(p_vel, p_adam) <= 1e-6
   adam_mu = s_adam[0].mu
-  assert _max_rel(s_vel.mu, adam_mu) <= 1e-6
-  assert _max_rel(s_vel.nu, s_adam[0].nu) <= 1e-6
+  assert max_rel(s_vel.mu, adam_mu) <= 1e-6
+  assert max_rel(s_vel.nu, s_adam[0].nu) <= 1e-6
   # The decay mask held: the AdamW run itself must differ from an unmasked one (else the check is void).
   p_nomask, _, _ = _train(optax.adamw(schedule, **{**hp, 'mask': None}), cfg, params, 50)
-  assert _max_rel(p_nomask, p_adam) > 1e-4
+  assert max_rel(p_nomask, p_adam) > 1e-4
 
 
 # ------------------------------------------------------------------------------------------- scalings
@@ -242,7 +231,7 @@ def test_sparse_aware_masked_elements_frozen_and_moments_zero(as_function):
 # ------------------------------------------------------------------------------------------- layout
 
 def test_flat_layout_roundtrip_and_same_update_as_the_tree():
-  cfg, params = _tiny_model()
+  cfg, params = tiny_model(vocab_size=512)
   mask = optim.decay_mask(params, decay_embeddings=False)
   layout = V.flat_layout(params, mask)
   flat = layout.flatten(params)
@@ -256,39 +245,12 @@ def test_flat_layout_roundtrip_and_same_update_as_the_tree():
   flat_tx = V.velvet(1e-2, weight_decay=0.1, mask=layout.decay_mask())
   u_tree, _ = _one_step(tree_tx, params, grads, loss=3.0, entropy=0.4)
   u_flat, _ = _one_step(flat_tx, flat, layout.flatten(grads), loss=3.0, entropy=0.4)
-  assert _max_rel(layout.unflatten(u_flat), u_tree) <= 1e-6
+  assert max_rel(layout.unflatten(u_flat), u_tree) <= 1e-6
   # The decay groups matter: the no-decay buffer (norms) saw no decay.
   zero = jax.tree.map(jnp.zeros_like, flat)
   u0, _ = _one_step(flat_tx, flat, zero, loss=3.0, entropy=0.4)
   assert float(jnp.max(jnp.abs(u0['float32/no_decay']))) == 0.0
   assert float(jnp.max(jnp.abs(u0['float32/decay']))) > 0.0
-
-
-# ------------------------------------------------------------------------------------------- config
-
-def test_make_optimizer_velvet_branch_decay_mask_and_scalings_for_logging():
-  cfg, params = _tiny_model()
-  opt_cfg = load_config('tiny').opt
-  opt_cfg.name = 'velvet'
-  opt_cfg.warmup_steps = 0
-  tx = optim.make_optimizer(opt_cfg, 10, params)
-  state = tx.init(params)
-  assert V.velvet_scalings(optim.make_optimizer(load_config('tiny').opt, 10, params).init(params)) == {}
-  zero = jax.tree.map(jnp.zeros_like, params)
-  updates, state = tx.update(zero, state, params, loss=3.0, entropy=0.3)
-  # Zero gradients: only weight decay moves anything, and never on norms.
-  assert float(jnp.max(jnp.abs(updates['final_norm']['scale']))) == 0.0
-  assert float(jnp.max(jnp.abs(updates['layers_0']['ffn']['up_proj']['kernel']))) > 0.0
-  assert float(jnp.max(jnp.abs(updates['embeddings']['embedding']))) == 0.0  # decay_embeddings False
-  logged = V.velvet_scalings(state)
-  assert set(logged) == {'s_entropy', 's_perplexity', 'beta1', 'beta1_product'}
-  np.testing.assert_allclose([logged['s_entropy'], logged['s_perplexity'], logged['beta1']],
-                             [0.6, 40 / math.exp(3.0), opt_cfg.beta1_max], rtol=1e-6)
-  # Every Velvet key of the config is read: changing one changes the optimizer.
-  opt_cfg.entropy_target = 0.25
-  _, state2 = optim.make_optimizer(opt_cfg, 10, params).update(zero, tx.init(params), params, loss=3.0,
-                                                               entropy=0.3)
-  assert float(V.velvet_scalings(state2)['s_entropy']) == pytest.approx(1.2)
 
 
 def test_bad_kernel_name_is_refused():

@@ -10,18 +10,12 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import max_rel
 from vesper_jax import losses
 from vesper_jax import model as M
 from vesper_jax import optim
 from vesper_jax import velvet as V
 from vesper_jax.kernels import velvet_pallas as VP
-
-
-def _max_rel(a_tree, b_tree) -> float:
-  """Largest per-leaf max|a − b| / max|b|."""
-  errs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)),
-                      a_tree, b_tree)
-  return max(jax.tree.leaves(errs))
 
 
 def _odd_model():
@@ -54,9 +48,9 @@ def test_pallas_equals_xla_on_a_whole_model_tree_with_odd_sizes():
     # Both paths get the same gradients, so the comparison sees the kernel alone (no chaotic drift).
     u_x, s_x = update_xla(g, s_x, p, loss=loss, entropy=entropy / math.log(cfg.vocab_size))
     u_k, s_k = update_pallas(g, s_k, p, loss=loss, entropy=entropy / math.log(cfg.vocab_size))
-    assert _max_rel(u_k, u_x) <= 1e-6
+    assert max_rel(u_k, u_x) <= 1e-6
     p = optax.apply_updates(p, u_x)
-  assert _max_rel(s_k.mu, s_x.mu) <= 1e-6 and _max_rel(s_k.nu, s_x.nu) <= 1e-6
+  assert max_rel(s_k.mu, s_x.mu) <= 1e-6 and max_rel(s_k.nu, s_x.nu) <= 1e-6
   assert float(s_k.beta1) == float(s_x.beta1) and float(s_k.s_entropy) == float(s_x.s_entropy)
 
 

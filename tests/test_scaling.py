@@ -61,4 +61,7 @@ def test_peak_flops_by_device_kind():
   assert scaling.peak_flops('NVIDIA A100-SXM4-40GB') == 312e12
   assert scaling.peak_flops('NVIDIA H200') == 989e12
   assert scaling.peak_flops('TPU v4') == 275e12
+  # Whole words, not substrings: an L40S is not an L4, and JAX names a v5e 'TPU v5 lite'.
+  assert scaling.peak_flops('NVIDIA L40S') == 362e12 and scaling.peak_flops('NVIDIA L4') == 121e12
+  assert scaling.peak_flops('TPU v5 lite') == 197e12
   assert scaling.peak_flops('cpu') is None  # unknown: no MFU is reported

@@ -199,8 +199,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     raise ValueError(f'train.eval_tokens={t.eval_tokens} must be >= 0 (0 = the whole split)')
   if d.bpe_sample_bytes < 0:
     raise ValueError(f'data.bpe_sample_bytes={d.bpe_sample_bytes} must be >= 0 (0 = the whole corpus)')
-  if t.eval_tokens < 0:
-    raise ValueError(f'train.eval_tokens={t.eval_tokens} must be >= 0 (0 = the whole split)')
   if t.num_steps < 1 and not t.auto_scale:
     raise ValueError(f'train.num_steps={t.num_steps} must be at least 1')
   if t.batch_size % t.grad_accum_steps:

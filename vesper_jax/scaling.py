@@ -6,6 +6,7 @@ Also the FLOPs arithmetic of a training step (FLOPs per token, peak FLOP/s, mode
 """
 
 import math
+import re
 from typing import Protocol
 
 TOKENS_PER_PARAM = 20.0
@@ -68,15 +69,18 @@ def flops_per_token(config: _Shape, non_embedding_params: int, seq_len: int) -> 
   return 6.0 * matmul_params + 12.0 * config.num_layers * config.d_model * seq_len
 
 
-# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind; MFU is reported only where known.
-PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'TPU v5e': 197e12,
-              'TPU v4': 275e12}
+# Dense bf16 peak FLOP/s per device, by jax's device_kind; MFU is reported only where the kind is known.
+# Matched as whole words ('NVIDIA H100 80GB HBM3' has H100; 'NVIDIA L40S' is not an 'L4').
+PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12,
+              'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v4': 275e12}
 
 
 def peak_flops(device_kind: str) -> float | None:
   """The dense bf16 peak of one device of this kind, or None when unknown (a CPU, say)."""
+  words = re.split(r'[\s_-]+', device_kind)  # 'NVIDIA A100-SXM4-80GB' -> [..., 'A100', 'SXM4', ...]
   for kind, flops in PEAK_FLOPS.items():
-    if kind in device_kind:
+    kind_words = kind.split()
+    if any(words[i:i + len(kind_words)] == kind_words for i in range(len(words))):
       return flops
   return None
 

@@ -5,6 +5,7 @@ Exit status 2 for usage errors (a flag's type or range, an unknown flag or confi
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,17 @@ def _cases(run, tmp):
   empty.mkdir(exist_ok=True)
   bad_json = tmp / 'bad.json'
   bad_json.write_text('{not json')
+  broken_export = tmp / 'broken_export'  # an export whose weights file is torn
+  broken_export.mkdir(exist_ok=True)
+  (broken_export / 'model.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
+  shutil.copyfile(run / 'tokenizer.json', broken_export / 'tokenizer.json')
+  bad_tokenizer = tmp / 'bad_tokenizer'  # a workdir whose tokenizer.json is not one
+  shutil.copytree(run, bad_tokenizer, dirs_exist_ok=True)
+  (bad_tokenizer / 'tokenizer.json').write_text('{"version": "nope"}')
+  torn = tmp / 'torn'  # a workdir whose every checkpoint has lost half of each data file
+  shutil.copytree(run, torn, dirs_exist_ok=True)
+  for f in torn.glob('checkpoints/*/default/d/*'):
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
   # (entry point, arguments, exit status, text the message must contain)
   return [
       ('train', [f'--config={tiny}', '--config.train.num_steps=abc'], 2, 'config.train.num_steps'),
@@ -53,14 +65,24 @@ def _cases(run, tmp):
       ('scale', ['--tokens=abc'], 2, 'tokens'),
       ('generate', [f'--workdir={run}', 'stray'], 2, 'stray'),
       ('train', [f'--config={bad_json}'], 1, str(bad_json)),
+      ('evaluate', [f'--workdir={broken_export}'], 1, str(broken_export / 'model.safetensors')),
+      ('generate', [f'--workdir={bad_tokenizer}'], 1, str(bad_tokenizer / 'tokenizer.json')),
+      ('generate', [f'--workdir={torn}'], 1, str(torn / 'checkpoints')),
+      ('train', [f'--config={tiny}', f'--config.train.init_from={broken_export / "model.safetensors"}',
+                 f'--config.data.tokenizer={run / "tokenizer.json"}', '--config.model.vocab_size=512',
+                 f'--config.data.cache_dir={tmp / "cache"}', f'--workdir={tmp / "ft"}'], 1,
+       str(broken_export / 'model.safetensors')),
   ]
 
 
-def test_at_least_thirty_cases(tmp_path):
-  assert len(_cases(tmp_path, tmp_path)) >= 30
+NUM_CASES = 34
 
 
-@pytest.mark.parametrize('index', range(30))
+def test_at_least_thirty_cases(inference_workdir, tmp_path):
+  assert len(_cases(inference_workdir, tmp_path)) == NUM_CASES >= 30
+
+
+@pytest.mark.parametrize('index', range(NUM_CASES))
 def test_bad_invocation_is_one_line(index, inference_workdir, tmp_path):
   entry, args, status, needle = _cases(inference_workdir, tmp_path)[index]
   env = dict(os.environ, JAX_PLATFORMS='cpu')

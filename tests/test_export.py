@@ -346,3 +346,18 @@ def test_export_cli_from_a_workdir(tmp_path):
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   assert "vesper_jax.export: error: cannot export to --format=hf: model.norm='layernorm'" in result.stderr
   assert not (tmp_path / 'hf2').exists()
+
+
+def test_written_files_follow_the_umask_and_broken_files_are_named(tmp_path):
+  params = init_params(tiny_model_config(), jax.random.key(0))
+  old = os.umask(0o022)
+  try:
+    export.save_safetensors(params, tiny_model_config(), tmp_path / 'm.safetensors')
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / 'm.safetensors').st_mode & 0o777 == 0o644  # safetensors alone writes 0600
+  whole = (tmp_path / 'm.safetensors').read_bytes()
+  for name, content in (('empty', b''), ('torn', whole[:len(whole) // 2]), ('flipped', b'\xff' + whole[1:])):
+    (tmp_path / f'{name}.safetensors').write_bytes(content)
+    with pytest.raises(ValueError, match=f'{tmp_path / name}.safetensors: not a readable safetensors file'):
+      export.load_safetensors(tmp_path / f'{name}.safetensors', tiny_model_config())

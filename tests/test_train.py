@@ -164,9 +164,11 @@ def test_consecutive_nonfinite_steps_stop_the_run(cache_dir, tmp_path, monkeypat
   monkeypatch.setattr(train, '_loss', lambda *a: jax.tree.map(lambda x: x * jnp.nan, real_loss(*a)))
   config = short_run_config(cache_dir, **{'train.num_steps': 20, 'checkpoint.every_steps': 2,
                                  'train.max_nonfinite_steps': 3})
-  with pytest.raises(train.NonFiniteError, match='3 consecutive'):
+  with pytest.raises(train.NonFiniteError, match='3 consecutive') as error:
     train.train_and_evaluate(config, tmp_path)
   step, after = checkpoint.load_params(tmp_path)
+  # One line for the person: which checkpoint to go back to (skipped updates left the state as it was).
+  assert f'Last checkpoint: step {step} in {tmp_path}' in str(error.value) and '\n' not in str(error.value)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]

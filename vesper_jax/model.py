@@ -3,7 +3,14 @@
     h = x + Attention(Norm(x));  y = h + FeedForward(Norm(h));  final Norm;  lm_head
 
 Shape suffixes used below: B batch, T query length, S key length (the KV cache in decode mode),
-N query heads, K key/value heads, H head dim, D d_model, F d_ff, V (padded) vocabulary.
+N query heads, K key/value heads, H head dim, D d_model, F d_ff, V (padded) vocabulary, M tokens (B·T,
+flattened).
+
+The projections run on flattened [M, D] tokens rather than [B, T, D]. The result is the same, but each
+weight gradient is then a dot with one contracting axis, which XLA:CPU runs on the operands as they lie.
+With two contracting axes (B and T) it first copied the output gradient into a transposed layout, and
+that copy absorbed (and recomputed) the elementwise backward ops that produced it (SiLU, softmax): the
+largest entries of a CPU train-step profile, about a quarter of the step (experiments/bench_train.py).
 
 Parameters are float32; `ModelConfig.dtype` is the compute dtype (bfloat16 on GPU). Module names follow
 the export naming of SPEC §11 (`layers_{i}/attention/q_proj`, `layers_{i}/ffn/gate_proj`, ...), so export
@@ -137,11 +144,12 @@ class Attention(nn.Module):
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                attention_mask_BT: jax.Array | None) -> jax.Array:
     c = self.config
-    B, T, _ = x_BTD.shape
+    B, T, D = x_BTD.shape
     N, K, H = c.num_heads, c.kv_heads, c.head_dim
-    q_BTNH = _dense(c, N * H, 'q_proj')(x_BTD).reshape(B, T, N, H)
-    k_BTKH = _dense(c, K * H, 'k_proj')(x_BTD).reshape(B, T, K, H)
-    v_BTKH = _dense(c, K * H, 'v_proj')(x_BTD).reshape(B, T, K, H)
+    x_MD = x_BTD.reshape(B * T, D)  # flattened tokens: see the module docstring
+    q_BTNH = _dense(c, N * H, 'q_proj')(x_MD).reshape(B, T, N, H)
+    k_BTKH = _dense(c, K * H, 'k_proj')(x_MD).reshape(B, T, K, H)
+    v_BTKH = _dense(c, K * H, 'v_proj')(x_MD).reshape(B, T, K, H)
     q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_theta)
     k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_theta)
 
@@ -154,7 +162,8 @@ class Attention(nn.Module):
       mask = None if attention_mask_BT is None else attention_mask_BT.astype(bool)[:, None, None, :]
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True,
                                               implementation=c.attention_impl)
-    return _dense(c, c.d_model, 'o_proj', out_proj=True)(out_BTNH.reshape(B, T, N * H))
+    out_MD = _dense(c, c.d_model, 'o_proj', out_proj=True)(out_BTNH.reshape(B * T, N * H))
+    return out_MD.reshape(B, T, c.d_model)
 
   def _update_cache(self, k_BTKH, v_BTKH, attention_mask_BT):
     """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
@@ -191,15 +200,16 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     c = self.config
-    gate_BTF = _dense(c, c.d_ff, 'gate_proj')(x_BTD)
-    up_BTF = _dense(c, c.d_ff, 'up_proj')(x_BTD)
+    x_MD = x_BTD.reshape(-1, x_BTD.shape[-1])  # flattened tokens: see the module docstring
+    gate_MF = _dense(c, c.d_ff, 'gate_proj')(x_MD)
+    up_MF = _dense(c, c.d_ff, 'up_proj')(x_MD)
     if c.activation == 'era':
-      act_BTF = era(gate_BTF, c.era_temperature, c.era_entropy_weight, c.era_detach_entropy)
+      act_MF = era(gate_MF, c.era_temperature, c.era_entropy_weight, c.era_detach_entropy)
     elif c.activation == 'silu':
-      act_BTF = jax.nn.silu(gate_BTF)
+      act_MF = jax.nn.silu(gate_MF)
     else:
-      act_BTF = jax.nn.gelu(gate_BTF)
-    return _dense(c, c.d_model, 'down_proj', out_proj=True)(act_BTF * up_BTF)
+      act_MF = jax.nn.gelu(gate_MF)
+    return _dense(c, c.d_model, 'down_proj', out_proj=True)(act_MF * up_MF).reshape(x_BTD.shape)
 
 
 class Block(nn.Module):
@@ -247,14 +257,15 @@ class VesperLM(nn.Module):
     if last_only:
       x_BTD = x_BTD[:, -1:]
     x_BTD = _norm(c, 'final_norm')(x_BTD)
+    x_MD = x_BTD.reshape(-1, c.d_model)  # flattened tokens: see the module docstring
     if c.tie_embeddings:
-      logits_BTV = embed.attend(x_BTD)
+      logits_MV = embed.attend(x_MD)
     else:
-      logits_BTV = nn.Dense(c.padded_vocab_size, use_bias=c.use_bias, dtype=c.compute_dtype,
-                            param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
-                            name='lm_head')(x_BTD)
+      logits_MV = nn.Dense(c.padded_vocab_size, use_bias=c.use_bias, dtype=c.compute_dtype,
+                           param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
+                           name='lm_head')(x_MD)
     # The loss and the samplers work in float32; the padded classes are never real tokens.
-    return logits_BTV[..., :c.vocab_size].astype(jnp.float32)
+    return logits_MV.reshape(*x_BTD.shape[:2], -1)[..., :c.vocab_size].astype(jnp.float32)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> PyTree:

@@ -162,3 +162,16 @@ def test_last_only_logits_equal_the_last_row_of_the_full_forward():
   last = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens, last_only=True))
   assert last.shape == (2, 1, cfg.vocab_size)
   np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('overrides', [{}, {'tie_embeddings': True}, {'use_bias': True, 'vocab_size': 1000}])
+def test_hidden_states_through_head_weights_are_the_logits(overrides):
+  # The fused loss (losses.head_cross_entropy_and_entropy) applies the head itself from these two.
+  cfg = _tiny(**overrides)
+  params = _params(cfg)
+  tokens = jax.random.randint(jax.random.key(7), (2, 9), 0, cfg.vocab_size)
+  logits = M.VesperLM(cfg).apply({'params': params}, tokens)
+  x = M.VesperLM(cfg).apply({'params': params}, tokens, return_hidden=True)
+  kernel, bias = M.VesperLM(cfg).head_weights(params)
+  assert kernel.shape == (cfg.d_model, cfg.vocab_size) and (bias is None) == (not cfg.use_bias)
+  np.testing.assert_allclose(x @ kernel + (0 if bias is None else bias), logits, atol=1e-5, rtol=1e-5)

@@ -231,7 +231,8 @@ class VesperLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               attention_mask_BT: jax.Array | None = None, last_only: bool = False) -> jax.Array:
+               attention_mask_BT: jax.Array | None = None, last_only: bool = False,
+               return_hidden: bool = False) -> jax.Array:
     """Args:
       tokens_BT: int token ids.
       positions_BT: RoPE positions; default 0..T-1. Required in decode mode (the cache does not know
@@ -239,8 +240,11 @@ class VesperLM(nn.Module):
       attention_mask_BT: 1 for real tokens, 0 for padding (never attended to); default all real.
       last_only: compute logits for the last position only (prefill needs no others: skipping them
         saves the head's T×D×V matmul).
+      return_hidden: return the final-normed hidden states instead of the logits, for a loss that
+        applies the head itself (losses.head_cross_entropy_and_entropy, with `head_weights`).
     Returns:
-      logits_BTV, float32, V = config.vocab_size; T = 1 when last_only.
+      logits_BTV, float32, V = config.vocab_size; T = 1 when last_only. With return_hidden: x_BTD in
+      the compute dtype.
     """
     c = self.config
     B, T = tokens_BT.shape
@@ -257,6 +261,8 @@ class VesperLM(nn.Module):
     if last_only:
       x_BTD = x_BTD[:, -1:]
     x_BTD = _norm(c, 'final_norm')(x_BTD)
+    if return_hidden and not self.is_initializing():  # init still creates the head's parameters
+      return x_BTD
     x_MD = x_BTD.reshape(-1, c.d_model)  # flattened tokens: see the module docstring
     if c.tie_embeddings:
       logits_MV = embed.attend(x_MD)
@@ -266,6 +272,15 @@ class VesperLM(nn.Module):
                            name='lm_head')(x_MD)
     # The loss and the samplers work in float32; the padded classes are never real tokens.
     return logits_MV.reshape(*x_BTD.shape[:2], -1)[..., :c.vocab_size].astype(jnp.float32)
+
+  def head_weights(self, params: PyTree) -> tuple[jax.Array, jax.Array | None]:
+    """The head as (kernel_DV, bias_V or None), cut to the real vocabulary: the logits are
+    x_BTD·kernel_DV + bias_V for x_BTD = `apply(..., return_hidden=True)`. Needs no `apply`."""
+    c, V = self.config, self.config.vocab_size
+    if c.tie_embeddings:
+      return params['embeddings']['embedding'][:V].T, None
+    head = params['lm_head']
+    return head['kernel'][:, :V], (head['bias'][:V] if c.use_bias else None)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> PyTree:

@@ -60,10 +60,16 @@ class TrainState:
 
 def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: VesperLM):
   """Mean next-token cross-entropy; aux: the predictive entropy and FlyLoRA's rank counts ({} if none)."""
+  variables, inputs_BT, targets_BT = {'params': params, **model_state}, tokens_BT1[:, :-1], tokens_BT1[:, 1:]
   # FlyLoRA layers sow how often each rank was selected, for the expert-bias rule (flylora.py).
-  logits_BTV, sown = model.apply({'params': params, **model_state}, tokens_BT1[:, :-1],
-                                 mutable=[flylora.COUNTS])
-  loss, entropy = losses.cross_entropy_and_entropy(logits_BTV, tokens_BT1[:, 1:])
+  if jax.default_backend() == 'cpu':
+    # On CPU the loss applies the head itself, in chunks, and never holds the [B, T, V] logits
+    # (losses.py says why). Elsewhere this is unmeasured, so the logits path stays.
+    x_BTD, sown = model.apply(variables, inputs_BT, return_hidden=True, mutable=[flylora.COUNTS])
+    loss, entropy = losses.head_cross_entropy_and_entropy(x_BTD, *model.head_weights(params), targets_BT)
+  else:
+    logits_BTV, sown = model.apply(variables, inputs_BT, mutable=[flylora.COUNTS])
+    loss, entropy = losses.cross_entropy_and_entropy(logits_BTV, targets_BT)
   return loss, (entropy, sown.get(flylora.COUNTS, {}))
 
 

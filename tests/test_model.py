@@ -1,5 +1,7 @@
 """VesperLM: causality, RoPE, KV-cache decoding, parameter counts (SPEC §3)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +164,32 @@ def test_last_only_logits_equal_the_last_row_of_the_full_forward():
   last = np.asarray(M.VesperLM(cfg).apply({'params': params}, tokens, last_only=True))
   assert last.shape == (2, 1, cfg.vocab_size)
   np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('num_kv_heads,padded', [(None, False), (2, True), (1, True)])
+def test_cpu_attention_equals_dot_product_attention(num_kv_heads, padded):
+  # The CPU formulation has a hand-written backward: check its output and all three gradients against
+  # jax.nn.dot_product_attention's XLA version, with grouped-query heads and padded keys.
+  B, T, N, H = 2, 12, 4, 8
+  K = num_kv_heads or N
+  keys = jax.random.split(jax.random.key(6), 5)
+  q = jax.random.normal(keys[0], (B, T, N, H))
+  k, v = jax.random.normal(keys[1], (B, T, K, H)), jax.random.normal(keys[2], (B, T, K, H))
+  weights = jax.random.normal(keys[3], (B, T, N, H))  # a loss that weighs every output differently
+  mask = (jax.random.uniform(keys[4], (B, T)) < 0.7).at[:, 0].set(True) if padded else None
+
+  def loss(attention, *qkv):
+    return jnp.sum(attention(*qkv) * weights)
+
+  def reference(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
+                                        is_causal=True, implementation='xla')
+
+  ours = lambda q, k, v: M.causal_attention_cpu(q, k, v, mask)
+  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-6)
+  for got, want in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
+                       jax.grad(functools.partial(loss, reference), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize('overrides', [{}, {'tie_embeddings': True}, {'use_bias': True, 'vocab_size': 1000}])

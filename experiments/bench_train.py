@@ -2,15 +2,23 @@
 
   python experiments/bench_train.py --configs=tiny,small --steps=10            # CPU
   python experiments/bench_train.py --configs=medium --optimizers=adamw,velvet # GPU (bf16 from the config)
+  python experiments/bench_train.py --configs=small --batch_size=8 --torch     # CPU, with the PyTorch anchor
 
 Times `train.build(...)`'s jitted step on random tokens (data loading is not the bottleneck being
 measured), after a compile-and-warmup step; prints a table and writes JSON.
+
+`--torch` adds the same model and step written in PyTorch (eager and `torch.compile`), timed in the
+same process with the steps interleaved (one JAX step, one eager step, one compiled step, repeated), so
+that a machine shared with other work slows all three alike; each row then reports the median step.
+PyTorch is not a dependency of this project: install it beside it to use the flag (the row is skipped,
+with the reason printed, when it is missing or the config has no PyTorch counterpart).
 """
 
 import json
+import math
 import os
 import pathlib
-import sys
+import statistics
 import time
 
 from absl import app
@@ -34,10 +42,13 @@ _BATCH = flags.DEFINE_integer('batch_size', 0, 'Override train.batch_size (0 = t
 _SEQ = flags.DEFINE_integer('seq_len', 0, 'Override data.seq_len (0 = the config\'s).')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Override model.dtype (e.g. float32 on CPU).')
 _ATTENTION = flags.DEFINE_string('attention_impl', '', "Override model.attention_impl ('xla', 'cudnn').")
+_ACTIVATION = flags.DEFINE_string('activation', '', "Override model.activation ('era', 'silu', 'gelu').")
+_TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model and step in PyTorch (eager and '
+                           'torch.compile), interleaved with the JAX step; needs torch installed.')
 _OUT = flags.DEFINE_string('out', '', 'JSON path (default: $OUT/bench_train.json or experiments/results/).')
 
 
-def bench(name: str, optimizer: str) -> dict:
+def load(name: str, optimizer: str):
   config = base_config.load_config_file(name)
   config.opt.name = optimizer
   if _BATCH.value:
@@ -48,50 +59,261 @@ def bench(name: str, optimizer: str) -> dict:
     config.model.dtype = _DTYPE.value
   if _ATTENTION.value:
     config.model.attention_impl = _ATTENTION.value
+  if _ACTIVATION.value:
+    config.model.activation = _ACTIVATION.value
   train.validate_config(config)
+  return config
+
+
+def jax_step(config):
+  """(step, first_step_s): `step()` runs one real train step and waits for it."""
   mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
   parts = train.build(config, mesh)
-  state = parts.init_fn(jax.random.key(0))
   B, T = config.train.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
   batches = [sharding.global_batch({'tokens': rng.integers(0, config.model.vocab_size, (B, T + 1),
                                                            dtype=np.int32)}, parts.batch_sharding)
              for _ in range(2)]
+  holder = {'state': parts.init_fn(jax.random.key(0)), 'i': 0}
+
+  def step():
+    holder['state'], metrics = parts.step_fn(holder['state'], batches[holder['i'] % 2])
+    holder['i'] += 1
+    jax.block_until_ready((holder['state'], metrics))
+    return metrics
+
   t0 = time.perf_counter()
-  state, metrics = parts.step_fn(state, batches[0])
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
+  step()
+  return step, time.perf_counter() - t0, parts, mesh
+
+
+def bench(name: str, optimizer: str) -> dict:
+  config = load(name, optimizer)
+  step, compile_s, parts, mesh = jax_step(config)
   t0 = time.perf_counter()
-  for i in range(_STEPS.value):
-    state, metrics = parts.step_fn(state, batches[i % 2])
-  jax.block_until_ready((state, metrics))
+  for _ in range(_STEPS.value):
+    metrics = step()
   step_s = (time.perf_counter() - t0) / _STEPS.value
+  return _row(config, name, 'vesper_jax', step_s, compile_s, float(metrics['loss']), parts, mesh)
+
+
+def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=None) -> dict:
   counts = abstract_param_counts(ModelConfig(**config.model))
+  B, T = config.train.batch_size, config.data.seq_len
   tokens_per_s = B * T / step_s
-  peak = scaling.peak_flops(jax.devices()[0].device_kind)
-  flops_per_s = scaling.flops_per_token(parts.model.config, counts['non_embedding'], T) * tokens_per_s
-  mfu = scaling.mfu(flops_per_s, peak, mesh.size) if peak else None
-  return {'config': name, 'optimizer': optimizer, 'attention': config.model.attention_impl or 'auto',
-          'device': jax.devices()[0].device_kind,
-          'devices': mesh.size, 'dtype': config.model.dtype, 'batch_size': B, 'seq_len': T,
-          'params': counts['total'], 'step_ms': 1e3 * step_s, 'tokens_per_s': tokens_per_s, 'mfu': mfu,
-          'first_step_s': compile_s, 'loss': float(metrics['loss'])}
+  mfu = None
+  if parts is not None:
+    peak = scaling.peak_flops(jax.devices()[0].device_kind)
+    if peak:
+      flops_per_s = scaling.flops_per_token(parts.model.config, counts['non_embedding'], T) * tokens_per_s
+      mfu = scaling.mfu(flops_per_s, peak, mesh.size)
+  return {'config': name, 'framework': framework, 'optimizer': config.opt.name,
+          'activation': config.model.activation,
+          'attention': (config.model.attention_impl or 'auto') if framework == 'vesper_jax' else 'sdpa',
+          'device': jax.devices()[0].device_kind if framework == 'vesper_jax' else 'cpu',
+          'devices': mesh.size if mesh is not None else 1, 'dtype': config.model.dtype,
+          'batch_size': B, 'seq_len': T, 'params': counts['total'], 'step_ms': 1e3 * step_s,
+          'tokens_per_s': tokens_per_s, 'mfu': mfu, 'first_step_s': first_step_s, 'loss': loss}
+
+
+# ----------------------------------------------------------------------------------- the PyTorch anchor
+
+def torch_skip_reason(config) -> str | None:
+  """Why this config has no PyTorch counterpart here (None when it has one)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return 'torch is not installed (pip install torch beside the project)'
+  m = config.model
+  if m.lora_targets:
+    return 'FlyLoRA adapters have no PyTorch counterpart here'
+  if m.dtype != 'float32':
+    return f'model.dtype={m.dtype}: the PyTorch anchor is float32 only'
+  if config.opt.name != 'adamw':
+    return f'opt.name={config.opt.name}: the PyTorch anchor uses torch.optim.AdamW'
+  if jax.default_backend() != 'cpu' or config.train.grad_accum_steps != 1:
+    return 'the PyTorch anchor runs on CPU, one micro-batch per step'
+  return None
+
+
+def torch_step(config, compiled: bool):
+  """(step, first_step_s): the model and step of `config` in PyTorch, on random tokens.
+
+  The same computation as the JAX step: embedding, pre-norm blocks with split-half RoPE, causal
+  (grouped-query) attention and the gated FFN (ERA, SiLU or tanh-GELU), final norm, head over the padded
+  vocabulary, float32 cross-entropy over the real one; then global-norm clipping and AdamW with weight
+  decay on matrices only (the embeddings and head too iff opt.decay_embeddings). Not done here: the
+  learning-rate schedule (a scalar), the non-finite check and the entropy metric the JAX step also
+  computes.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+
+  m, o = ModelConfig(**config.model), config.opt
+  B, T = config.train.batch_size, config.data.seq_len
+  D, N, K, H, V = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.vocab_size
+  torch.manual_seed(0)
+
+  def norm():
+    if m.norm == 'rmsnorm':
+      return nn.RMSNorm(D, eps=m.norm_eps)
+    return nn.LayerNorm(D, eps=m.norm_eps, bias=m.use_bias)
+
+  half = H // 2
+  angles_TH = (torch.arange(T, dtype=torch.float32)[:, None]
+               * (1.0 / m.rope_theta ** (torch.arange(half, dtype=torch.float32) / half)))
+  cos_TH, sin_TH = angles_TH.cos(), angles_TH.sin()
+
+  def rope(x_BNTH):
+    x1, x2 = x_BNTH[..., :half], x_BNTH[..., half:]
+    return torch.cat([x1 * cos_TH - x2 * sin_TH, x2 * cos_TH + x1 * sin_TH], dim=-1)
+
+  def activation(x):
+    if m.activation == 'silu':
+      return F.silu(x)
+    if m.activation == 'gelu':
+      return F.gelu(x, approximate='tanh')  # jax.nn.gelu's default
+    z = x / m.era_temperature
+    g = torch.sigmoid(z)
+    y = x * g
+    if m.era_entropy_weight == 0.0:
+      return y
+    h = (F.softplus(z) - z * g).mean(dim=-1, keepdim=True) / math.log(2.0)
+    if m.era_detach_entropy:
+      h = h.detach()
+    return y * (1.0 + m.era_entropy_weight * h)
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.attention_norm, self.ffn_norm = norm(), norm()
+      self.q, self.o = nn.Linear(D, N * H, bias=m.use_bias), nn.Linear(N * H, D, bias=m.use_bias)
+      self.k, self.v = nn.Linear(D, K * H, bias=m.use_bias), nn.Linear(D, K * H, bias=m.use_bias)
+      self.gate, self.up = nn.Linear(D, m.d_ff, bias=m.use_bias), nn.Linear(D, m.d_ff, bias=m.use_bias)
+      self.down = nn.Linear(m.d_ff, D, bias=m.use_bias)
+
+    def forward(self, x):
+      h = self.attention_norm(x)
+      q = rope(self.q(h).view(B, T, N, H).transpose(1, 2))
+      k = rope(self.k(h).view(B, T, K, H).transpose(1, 2))
+      v = self.v(h).view(B, T, K, H).transpose(1, 2)
+      a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != N)
+      x = x + self.o(a.transpose(1, 2).reshape(B, T, N * H))
+      h = self.ffn_norm(x)
+      return x + self.down(activation(self.gate(h)) * self.up(h))
+
+  class LM(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embeddings = nn.Embedding(m.padded_vocab_size, D)
+      nn.init.normal_(self.embeddings.weight, std=0.02)  # as VesperLM (N(0, 1) would start far off)
+      self.layers = nn.ModuleList(Block() for _ in range(m.num_layers))
+      self.final_norm = norm()
+      self.lm_head = None if m.tie_embeddings else nn.Linear(D, m.padded_vocab_size, bias=m.use_bias)
+
+    def forward(self, inputs_BT, targets_BT):
+      x = self.embeddings(inputs_BT)
+      for layer in self.layers:
+        x = layer(x)
+      x = self.final_norm(x)
+      logits = x @ self.embeddings.weight.T if self.lm_head is None else self.lm_head(x)
+      return F.cross_entropy(logits[..., :V].reshape(B * T, V), targets_BT.reshape(B * T))
+
+  model = LM()
+  # Same model, same parameters: a count that differs means the two have drifted apart.
+  n_params = sum(p.numel() for p in model.parameters())
+  if n_params != abstract_param_counts(m)['total']:
+    raise RuntimeError(f'PyTorch model has {n_params:,} parameters, VesperLM '
+                       f"{abstract_param_counts(m)['total']:,}: the anchor no longer matches the model")
+  embedding_names = ('embeddings.', 'lm_head.')
+  decayed = [p for n, p in model.named_parameters()
+             if p.ndim >= 2 and (o.decay_embeddings or not n.startswith(embedding_names))]
+  others = [p for n, p in model.named_parameters()
+            if not (p.ndim >= 2 and (o.decay_embeddings or not n.startswith(embedding_names)))]
+  optimizer = torch.optim.AdamW([{'params': decayed, 'weight_decay': o.weight_decay},
+                                 {'params': others, 'weight_decay': 0.0}],
+                                lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps)
+
+  def train_step(inputs_BT, targets_BT):
+    loss = model(inputs_BT, targets_BT)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if o.grad_clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+    optimizer.step()
+    return loss
+
+  if compiled:
+    train_step = torch.compile(train_step)
+  tokens = torch.from_numpy(np.random.default_rng(0).integers(0, V, (B, T + 1))).long()
+  inputs_BT, targets_BT = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+  def step():
+    return train_step(inputs_BT, targets_BT).item()
+
+  t0 = time.perf_counter()
+  step()
+  first_step_s = time.perf_counter() - t0
+  step()  # torch.compile may compile a second graph on the second call (the optimizer's state exists)
+  return step, first_step_s
+
+
+def bench_with_torch(name: str, optimizer: str) -> list[dict]:
+  """The JAX step and its PyTorch counterparts, interleaved step by step; medians of per-step times."""
+  config = load(name, optimizer)
+  jstep, jax_first_s, parts, mesh = jax_step(config)
+  reason = torch_skip_reason(config)
+  if reason is not None:
+    print(f'{name}: PyTorch anchor skipped: {reason}', flush=True)
+    runners = {'vesper_jax': (jstep, jax_first_s)}
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    print(f'{name}: PyTorch {torch.__version__}, {torch.get_num_threads()} threads', flush=True)
+    runners = {'vesper_jax': (jstep, jax_first_s), 'torch eager': torch_step(config, compiled=False),
+               'torch.compile': torch_step(config, compiled=True)}
+  times = {k: [] for k in runners}
+  losses = {}
+  for _ in range(_STEPS.value):
+    for framework, (step, _) in runners.items():
+      t0 = time.perf_counter()
+      loss = step()
+      times[framework].append(time.perf_counter() - t0)
+      losses[framework] = float(loss['loss']) if framework == 'vesper_jax' else loss
+  rows = []
+  for framework, (_, first_s) in runners.items():
+    row = _row(config, name, framework, statistics.median(times[framework]), first_s, losses[framework],
+               *((parts, mesh) if framework == 'vesper_jax' else ()))
+    row['step_ms_min'] = 1e3 * min(times[framework])
+    rows.append(row)
+  return rows
 
 
 def main(argv):
   del argv
-  rows = [bench(n, o) for n in _CONFIGS.value for o in _OPTIMIZERS.value]
+  rows = []
+  for n in _CONFIGS.value:
+    for o in _OPTIMIZERS.value:
+      rows += bench_with_torch(n, o) if _TORCH.value else [bench(n, o)]
   out = pathlib.Path(_OUT.value or (pathlib.Path(os.environ['OUT']) / 'bench_train.json' if 'OUT' in os.environ
                                     else REPO / 'experiments' / 'results' / 'bench_train.json'))
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(rows, indent=2))
-  print(f"\n| config | optimizer | attention | device | dtype | batch×seq | params | step ms | tokens/s | MFU |")
-  print('|---|---|---|---|---|---|---|---|---|---|')
+  print(f'\n| config | framework | optimizer | activation | attention | device | dtype | batch×seq | params '
+        f'| step ms | tokens/s | first step s | MFU |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
-    print(f"| {r['config']} | {r['optimizer']} | {r['attention']} | {r['devices']}× {r['device']} | {r['dtype']} | "
-          f"{r['batch_size']}×{r['seq_len']} | {r['params']:,} | {r['step_ms']:.1f} | "
-          f"{r['tokens_per_s']:,.0f} | {mfu} |")
+    print(f"| {r['config']} | {r['framework']} | {r['optimizer']} | {r['activation']} | {r['attention']} | "
+          f"{r['devices']}× {r['device']} | {r['dtype']} | {r['batch_size']}×{r['seq_len']} | "
+          f"{r['params']:,} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['first_step_s']:.1f} | {mfu} |")
+  # vesper_jax against each anchor of the same config (measured in this run).
+  for r in rows:
+    if r['framework'] == 'vesper_jax':
+      continue
+    jax_row = next(j for j in rows if j['framework'] == 'vesper_jax' and j['config'] == r['config']
+                   and j['optimizer'] == r['optimizer'])
+    print(f"{r['config']}: vesper_jax / {r['framework']} = {jax_row['tokens_per_s'] / r['tokens_per_s']:.2f}×")
   print(f'wrote {out}')
 
 

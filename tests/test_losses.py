@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from vesper_jax import losses
 
@@ -43,3 +44,53 @@ def test_uniform_logits_give_ln_v_and_all_padding_gives_zero_not_nan():
   np.testing.assert_allclose([float(loss), float(entropy)], [np.log(64)] * 2, rtol=1e-6)
   loss, entropy = jax.jit(losses.cross_entropy_and_entropy)(logits, targets, np.zeros((2, 4)))
   assert (float(loss), float(entropy)) == (0.0, 0.0)
+
+
+def test_gradient_matches_float64_finite_differences():
+  # The loss has a hand-written backward (one elementwise pass over the logits): check it against
+  # central differences of the float64 reference, through both outputs and with padded positions.
+  rng = np.random.default_rng(1)
+  logits = (rng.normal(size=(2, 3, 11)) * 3).astype(np.float32)
+  targets = rng.integers(0, 11, size=(2, 3))
+  weights = np.array([[1, 1, 0], [1, 0, 1]], np.float32)
+  mix = lambda loss, entropy: loss + 0.37 * entropy  # Velvet reads both: both gradients must be right
+
+  grad = jax.grad(lambda z: mix(*losses.cross_entropy_and_entropy(z, targets, weights)))(logits)
+  want = np.zeros(logits.shape)
+  z64, eps = logits.astype(np.float64), 1e-6
+  for i in np.ndindex(*logits.shape):
+    up, down = z64.copy(), z64.copy()
+    up[i] += eps
+    down[i] -= eps
+    want[i] = (mix(*_numpy_reference(up, targets, weights))
+               - mix(*_numpy_reference(down, targets, weights))) / (2 * eps)
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-6)
+  assert not np.asarray(grad)[weights == 0].any()  # padded positions get no gradient
+
+
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_fused_head_equals_logits_then_loss(monkeypatch, with_bias):
+  # The head applied inside the loss, in chunks, with the gradients computed in the forward pass: same
+  # loss, entropy and gradients (hidden states, kernel, bias) as materialising the logits first.
+  monkeypatch.setattr(losses, 'HEAD_CHUNK_TOKENS', 6)  # 3 rows × 2 positions: 4 chunks of T = 8
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 8, 16)).astype(np.float32)
+  kernel = (rng.normal(size=(16, 50)) * 0.5).astype(np.float32)
+  bias = rng.normal(size=(50,)).astype(np.float32) if with_bias else None
+  targets = rng.integers(0, 50, size=(3, 8))
+  weights = (rng.random((3, 8)) < 0.7).astype(np.float32)
+
+  def unfused(x, kernel, bias):
+    return losses.cross_entropy_and_entropy(x @ kernel + (0 if bias is None else bias), targets, weights)
+
+  def fused(x, kernel, bias):
+    return losses.head_cross_entropy_and_entropy(x, kernel, bias, targets, weights)
+
+  np.testing.assert_allclose(jax.jit(fused)(x, kernel, bias), unfused(x, kernel, bias), rtol=1e-6)
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+  got = jax.grad(lambda *a: 3.0 * fused(*a)[0], argnums)(x, kernel, bias)
+  want = jax.grad(lambda *a: 3.0 * unfused(*a)[0], argnums)(x, kernel, bias)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  # The entropy is a signal, not an objective: it carries no gradient.
+  assert not np.asarray(jax.grad(lambda x: fused(x, kernel, bias)[1])(x)).any()

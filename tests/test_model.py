@@ -1,6 +1,8 @@
 """VesperLM (model.py): causality, RoPE, KV-cache decoding, parameter counts, the compute dtype and
 cast_for_inference, and the weight-defining fields that decide resumes and fine-tuning bases (SPEC §3)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +210,42 @@ def test_weight_changes_names_only_what_changes_the_weights():
   adapted = cfg.replace(lora_targets='q', lora_rank=8, lora_k=2)
   assert M.weight_changes(cfg, adapted, fields=M.ADAPTER_FIELDS) == [
       ('lora_targets', '', 'q'), ('lora_rank', 32, 8), ('lora_k', 8, 2)]
+
+
+@pytest.mark.parametrize('num_kv_heads,padded', [(None, False), (2, True), (1, True)])
+def test_cpu_attention_equals_dot_product_attention(num_kv_heads, padded):
+  # The CPU formulation has a hand-written backward: check its output and all three gradients against
+  # jax.nn.dot_product_attention's XLA version, with grouped-query heads and padded keys.
+  B, T, N, H = 2, 12, 4, 8
+  K = num_kv_heads or N
+  keys = jax.random.split(jax.random.key(6), 5)
+  q = jax.random.normal(keys[0], (B, T, N, H))
+  k, v = jax.random.normal(keys[1], (B, T, K, H)), jax.random.normal(keys[2], (B, T, K, H))
+  weights = jax.random.normal(keys[3], (B, T, N, H))  # a loss that weighs every output differently
+  mask = (jax.random.uniform(keys[4], (B, T)) < 0.7).at[:, 0].set(True) if padded else None
+
+  def loss(attention, *qkv):
+    return jnp.sum(attention(*qkv) * weights)
+
+  def reference(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
+                                        is_causal=True, implementation='xla')
+
+  ours = lambda q, k, v: M.causal_attention_cpu(q, k, v, mask)
+  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-6)
+  for got, want in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
+                       jax.grad(functools.partial(loss, reference), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides', [{}, {'tie_embeddings': True}, {'use_bias': True, 'vocab_size': 1000}])
+def test_hidden_states_through_head_weights_are_the_logits(overrides):
+  # The fused loss (losses.head_cross_entropy_and_entropy) applies the head itself from these two.
+  cfg = tiny_model_config(**overrides)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(7), (2, 9), 0, cfg.vocab_size)
+  logits = M.VesperLM(cfg).apply({'params': params}, tokens)
+  x = M.VesperLM(cfg).apply({'params': params}, tokens, return_hidden=True)
+  kernel, bias = M.VesperLM(cfg).head_weights(params)
+  assert kernel.shape == (cfg.d_model, cfg.vocab_size) and (bias is None) == (not cfg.use_bias)
+  np.testing.assert_allclose(x @ kernel + (0 if bias is None else bias), logits, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,7 @@
 """Next-token cross-entropy and the predictive entropy, computed together in one pass over the logits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -8,7 +10,7 @@ def cross_entropy_and_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                               weights_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Mean next-token cross-entropy and mean predictive entropy (both nats, float32).
 
-  Both share one log-softmax, so Velvet's entropy signal costs no second pass over the vocabulary.
+  Both share one softmax, so Velvet's entropy signal costs no second pass over the vocabulary.
 
   Args:
     logits_BTV: logits for the next token at every position.
@@ -17,11 +19,174 @@ def cross_entropy_and_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
   Returns:
     (loss, entropy): scalars.
   """
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  ent_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
+  nll_BT, ent_BT = _nll_and_entropy(logits_BTV.astype(jnp.float32), targets_BT)
   if weights_BT is None:
     weights_BT = jnp.ones_like(nll_BT)
   weights_BT = weights_BT.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
   return jnp.sum(nll_BT * weights_BT) / denom, jnp.sum(ent_BT * weights_BT) / denom
+
+
+# The per-token terms carry a hand-written gradient. Autodiff of log_softmax + take_along_axis + the
+# entropy sum kept log p and p over [B, T, V] as separate tensors and scattered the targets' gradient
+# into a zero [B, T, V] tensor; the rule below is one elementwise pass over the logits instead:
+#   d nll / d z = p − onehot(target)        d ent / d z = −p · (log p + ent)
+
+@jax.custom_vjp
+def _nll_and_entropy(z_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  nll_BT, ent_BT, _ = _forward(z_BTV, targets_BT)
+  return nll_BT, ent_BT
+
+
+def _forward(z_BTV, targets_BT):
+  m_BT1 = jnp.max(z_BTV, axis=-1, keepdims=True)
+  shifted_BTV = z_BTV - m_BT1  # ≤ 0: exp never overflows
+  e_BTV = jnp.exp(shifted_BTV)
+  s_BT = jnp.sum(e_BTV, axis=-1)
+  log_s_BT = jnp.log(s_BT)
+  # ent = −Σ p·log p = log s − Σ p·(z − m): written with the shifted logits so that no large lse
+  # cancels against E_p[z].
+  ent_BT = log_s_BT - jnp.sum(e_BTV * shifted_BTV, axis=-1) / s_BT
+  lse_BT = log_s_BT + m_BT1[..., 0]
+  nll_BT = lse_BT - jnp.take_along_axis(z_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return nll_BT, ent_BT, lse_BT
+
+
+def _nll_and_entropy_fwd(z_BTV, targets_BT):
+  nll_BT, ent_BT, lse_BT = _forward(z_BTV, targets_BT)
+  return (nll_BT, ent_BT), (z_BTV, targets_BT, lse_BT, ent_BT)
+
+
+def _nll_and_entropy_bwd(residuals, cotangents):
+  z_BTV, targets_BT, lse_BT, ent_BT = residuals
+  g_nll_BT, g_ent_BT = cotangents
+  logp_BTV = z_BTV - lse_BT[..., None]
+  p_BTV = jnp.exp(logp_BTV)
+  onehot_BTV = jnp.arange(z_BTV.shape[-1], dtype=targets_BT.dtype) == targets_BT[..., None]
+  dz_BTV = (g_nll_BT[..., None] * (p_BTV - onehot_BTV)
+            - g_ent_BT[..., None] * p_BTV * (logp_BTV + ent_BT[..., None]))
+  return dz_BTV, None  # integer targets: no gradient
+
+
+_nll_and_entropy.defvjp(_nll_and_entropy_fwd, _nll_and_entropy_bwd)
+
+
+# ------------------------------------------------------------------------------ the head, fused in
+
+HEAD_CHUNK_TOKENS = 256  # tokens per chunk: a 256 × 16,384 float32 chunk of logits is 16 MiB
+
+
+def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_V: jax.Array | None,
+                                   targets_BT: jax.Array, weights_BT: jax.Array | None = None
+                                   ) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy_and_entropy(x·kernel + bias, ...)` without ever holding the [B, T, V] logits.
+
+  The head runs over chunks of about HEAD_CHUNK_TOKENS tokens (whole rows of the batch, so a batch
+  split over devices stays split), and under `jax.grad` each chunk's gradients are computed as soon
+  as its softmax is known. On CPU this removes four [B, T, V] float32 tensors per step (logits,
+  softmax, and their gradients): each cost a full pass through memory, and XLA:CPU allocates its
+  temporaries afresh for every step, so each one's pages were also faulted in again every step.
+
+  The entropy is returned under stop_gradient: it is a signal (Velvet reads it), not an objective.
+  The logits are computed as `VesperLM`'s head computes them: operands in x's dtype, then float32.
+
+  Args:
+    x_BTD: the final-normed hidden states (`VesperLM(..., return_hidden=True)`).
+    kernel_DV, bias_V: the head cut to the real vocabulary (`VesperLM.head_weights`); bias may be None.
+    targets_BT: int target ids.
+    weights_BT: 1 for real targets, 0 for padding; the means are over real targets only.
+  Returns:
+    (loss, entropy): scalars, float32 nats.
+  """
+  B, T, _ = x_BTD.shape
+  if weights_BT is None:
+    weights_BT = jnp.ones((B, T), jnp.float32)
+  # Chunks are [B, C] slices of the sequence axis: the largest C dividing T with B·C ≤ the budget.
+  chunk_len = max([c for c in range(1, T + 1) if T % c == 0 and B * c <= HEAD_CHUNK_TOKENS] or [1])
+  loss, entropy = _fused_head(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT.astype(jnp.float32),
+                              chunk_len)
+  return loss, jax.lax.stop_gradient(entropy)
+
+
+def _to_chunks(a_BT, chunk_len):
+  """[B, T, ...] -> [T / C, B·C, ...]: chunk i holds positions [i·C, (i + 1)·C) of every row."""
+  B, T = a_BT.shape[:2]
+  a = a_BT.reshape(B, T // chunk_len, chunk_len, *a_BT.shape[2:]).swapaxes(0, 1)
+  return a.reshape(T // chunk_len, B * chunk_len, *a_BT.shape[2:])
+
+
+def _from_chunks(a_NM, B):
+  n, M = a_NM.shape[:2]
+  a = a_NM.reshape(n, B, M // B, *a_NM.shape[2:]).swapaxes(0, 1)
+  return a.reshape(B, n * (M // B), *a_NM.shape[2:])
+
+
+def _chunk_logits(x_MD, kernel_DV, bias_V):
+  logits_MV = jnp.dot(x_MD, kernel_DV.astype(x_MD.dtype))
+  if bias_V is not None:
+    logits_MV = logits_MV + bias_V.astype(x_MD.dtype)
+  return logits_MV.astype(jnp.float32)
+
+
+def _chunk_softmax_terms(z_MV, targets_M):
+  """Per token: nll, entropy, and the pieces of the softmax its gradient needs (see _forward)."""
+  shifted_MV = z_MV - jnp.max(z_MV, axis=-1, keepdims=True)
+  e_MV = jnp.exp(shifted_MV)
+  s_M = jnp.sum(e_MV, axis=-1)
+  log_s_M = jnp.log(s_M)
+  ent_M = log_s_M - jnp.sum(e_MV * shifted_MV, axis=-1) / s_M
+  nll_M = log_s_M - jnp.take_along_axis(shifted_MV, targets_M[:, None], axis=-1)[:, 0]
+  return nll_M, ent_M, e_MV, s_M
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_head(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len):
+  (loss, entropy), _ = _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
+                                       with_grads=False)
+  return loss, entropy
+
+
+def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, with_grads=True):
+  B = x_BTD.shape[0]
+  denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
+
+  def body(carry, chunk):
+    x_MD, targets_M, weights_M = chunk
+    nll_M, ent_M, e_MV, s_M = _chunk_softmax_terms(_chunk_logits(x_MD, kernel_DV, bias_V), targets_M)
+    loss_sum, ent_sum, dkernel_DV, dbias_V = carry
+    loss_sum += jnp.sum(nll_M * weights_M)
+    ent_sum += jnp.sum(ent_M * weights_M)
+    if not with_grads:
+      return (loss_sum, ent_sum, dkernel_DV, dbias_V), None
+    # d loss / d logits = (softmax − onehot(target)) · weight / denom, for the upstream cotangent 1;
+    # the backward pass scales by the real one (a scalar).
+    onehot_MV = jnp.arange(e_MV.shape[-1], dtype=targets_M.dtype) == targets_M[:, None]
+    dz_MV = ((e_MV / s_M[:, None] - onehot_MV) * (weights_M / denom)[:, None]).astype(x_MD.dtype)
+    dx_MD = jax.lax.dot_general(dz_MV, kernel_DV.astype(x_MD.dtype), (((1,), (1,)), ((), ())))
+    dkernel_DV += jax.lax.dot_general(x_MD, dz_MV, (((0,), (0,)), ((), ()))).astype(jnp.float32)
+    if dbias_V is not None:
+      dbias_V += jnp.sum(dz_MV.astype(jnp.float32), axis=0)
+    return (loss_sum, ent_sum, dkernel_DV, dbias_V), dx_MD
+
+  zeros = lambda a: None if a is None or not with_grads else jnp.zeros(a.shape, jnp.float32)
+  carry = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(kernel_DV), zeros(bias_V))
+  chunks = (_to_chunks(x_BTD, chunk_len), _to_chunks(targets_BT, chunk_len),
+            _to_chunks(weights_BT, chunk_len))
+  (loss_sum, ent_sum, dkernel_DV, dbias_V), dx_NMD = jax.lax.scan(body, carry, chunks)
+  outputs = (loss_sum / denom, ent_sum / denom)
+  if not with_grads:
+    return outputs, None
+  grads = (_from_chunks(dx_NMD, B), dkernel_DV.astype(kernel_DV.dtype),
+           None if bias_V is None else dbias_V.astype(bias_V.dtype))
+  return outputs, grads
+
+
+def _fused_head_bwd(chunk_len, grads, cotangents):
+  del chunk_len
+  g_loss, _ = cotangents  # the entropy leaves under stop_gradient: its cotangent is zero
+  dx_BTD, dkernel_DV, dbias_V = grads
+  scale = lambda g: None if g is None else (g_loss * g).astype(g.dtype)
+  return scale(dx_BTD), scale(dkernel_DV), scale(dbias_V), None, None
+
+
+_fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)

@@ -11,7 +11,14 @@ each letter with one meaning everywhere (model, flylora, decode, train, losses):
     D  d_model            F  d_ff (FFN hidden units)        V  vocabulary (padded where stated)
     I  in features        O  out features of a projection   R  adapter rank (FlyLoRA / LoRA)
     E  ranks selected per token (FlyLoRA's top-k)           P  (padded) prompt length
-    C  tokens per decode chunk                              1  an axis of size one
+    C  tokens per decode chunk                              M  tokens, flattened (B·T)
+    1  an axis of size one
+
+The projections run on flattened [M, D] tokens rather than [B, T, D]. The result is the same, but each
+weight gradient is then a dot with one contracting axis, which XLA:CPU runs on the operands as they lie.
+With two contracting axes (B and T) it first copied the output gradient into a transposed layout, and
+that copy absorbed (and recomputed) the elementwise backward ops that produced it (SiLU, softmax): the
+largest entries of a CPU train-step profile, about a quarter of the step (experiments/bench_train.py).
 
 Parameters are float32; `ModelConfig.dtype` is the compute dtype (bfloat16 on GPU). Module names follow
 the export naming of SPEC §11 (`layers_{i}/attention/q_proj`, `layers_{i}/ffn/gate_proj`, ...), so export
@@ -170,6 +177,82 @@ def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False
                   param_dtype=jnp.float32, kernel_init=nn.initializers.normal(std), name=name)
 
 
+# ------------------------------------------------------------------------------ attention on CPU
+# Shape key here: G query heads per key/value head (N = K·G); Q the G·T query rows of one K head.
+
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite, as in dot_product_attention: no NaN on empty rows
+
+
+def causal_attention_cpu(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                         attention_mask_BT: jax.Array | None = None) -> jax.Array:
+  """Causal (grouped-query) softmax attention, as `jax.nn.dot_product_attention(..., is_causal=True)`.
+
+  The model's choice on CPU when `attention_impl` is None. XLA's version keeps the [B, N, T, S]
+  probabilities (and copies of them in other layouts) alive from the forward to the backward pass of
+  every layer; this one keeps q, k, v, the output and one log-sum-exp per query, and recomputes the
+  scores in the backward pass (FlashAttention's backward, without the tiling): one more T×S×H matmul per
+  layer, in exchange for a smaller working set (see losses.py on XLA:CPU's per-step temporaries). The
+  G query heads that share a key/value head are stacked into one [G·T] axis, so that every matmul
+  contracts a single axis: XLA:CPU copied an operand into a transposed layout for a dot contracting
+  two (the same cause as for the projections, see the module docstring).
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  G = N // K
+  q_BKQH = (q_BTNH * H ** -0.5).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+  mask_11QS = jnp.tile(jnp.tril(jnp.ones((T, T), jnp.bool_)), (G, 1))[None, None]  # row g·T + t: t
+  if attention_mask_BT is not None:  # padding: a padded key is never attended to
+    mask_11QS = mask_11QS & attention_mask_BT.astype(jnp.bool_)[:, None, None, :]
+  out_BKQH = _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_11QS)
+  return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _attention_scores(q_BKQH, k_BKSH, mask_11QS):
+  s_BKQS = jnp.einsum('bkqh,bksh->bkqs', q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+  return jnp.where(mask_11QS, s_BKQS, _MASKED)
+
+
+@jax.custom_vjp
+def _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_11QS):
+  return _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_11QS)[0]
+
+
+def _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_11QS):
+  # The softmax runs in float32 whatever the compute dtype (the scores are accumulated in float32).
+  s_BKQS = _attention_scores(q_BKQH, k_BKSH, mask_11QS)
+  m_BKQ1 = jnp.max(s_BKQS, axis=-1, keepdims=True)
+  e_BKQS = jnp.exp(s_BKQS - m_BKQ1)
+  l_BKQ1 = jnp.sum(e_BKQS, axis=-1, keepdims=True)
+  # Normalising the [Q, H] output rather than the [Q, S] weights: fewer divisions, same result.
+  out_BKQH = jnp.einsum('bkqs,bksh->bkqh', e_BKQS.astype(v_BKSH.dtype), v_BKSH,
+                        preferred_element_type=jnp.float32) / l_BKQ1
+  out_BKQH = out_BKQH.astype(v_BKSH.dtype)
+  lse_BKQ1 = m_BKQ1 + jnp.log(l_BKQ1)
+  return out_BKQH, (q_BKQH, k_BKSH, v_BKSH, mask_11QS, out_BKQH, lse_BKQ1)
+
+
+def _attention_core_bwd(residuals, dout_BKQH):
+  q_BKQH, k_BKSH, v_BKSH, mask_11QS, out_BKQH, lse_BKQ1 = residuals
+  # Tie the recomputation to the incoming gradient: otherwise XLA may schedule every layer's
+  # recomputed scores right after the forward pass, and hold them all until their layer's backward.
+  q_BKQH, k_BKSH, lse_BKQ1, dout_BKQH = jax.lax.optimization_barrier(
+      (q_BKQH, k_BKSH, lse_BKQ1, dout_BKQH))
+  p_BKQS = jnp.exp(_attention_scores(q_BKQH, k_BKSH, mask_11QS) - lse_BKQ1)
+  dv_BKSH = jnp.einsum('bkqs,bkqh->bksh', p_BKQS.astype(dout_BKQH.dtype), dout_BKQH)
+  dp_BKQS = jnp.einsum('bkqh,bksh->bkqs', dout_BKQH, v_BKSH, preferred_element_type=jnp.float32)
+  # softmax backward: ds = p·(dp − Σ_s p·dp), and Σ_s p·dp = Σ_h dout·out.
+  delta_BKQ1 = jnp.sum(dout_BKQH.astype(jnp.float32) * out_BKQH.astype(jnp.float32), axis=-1,
+                       keepdims=True)
+  ds_BKQS = (p_BKQS * (dp_BKQS - delta_BKQ1)).astype(q_BKQH.dtype)
+  dq_BKQH = jnp.einsum('bkqs,bksh->bkqh', ds_BKQS, k_BKSH)
+  dk_BKSH = jnp.einsum('bkqs,bkqh->bksh', ds_BKQS, q_BKQH)
+  return dq_BKQH, dk_BKSH, dv_BKSH, None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 class Attention(nn.Module):
   """Causal multi-head (optionally grouped-query) self-attention with RoPE and an optional KV cache."""
   config: ModelConfig
@@ -178,11 +261,12 @@ class Attention(nn.Module):
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                attention_mask_BT: jax.Array | None) -> jax.Array:
     c = self.config
-    B, T, _ = x_BTD.shape
+    B, T, D = x_BTD.shape
     N, K, H = c.num_heads, c.kv_heads, c.head_dim
-    q_BTNH = _dense(c, N * H, 'q_proj')(x_BTD).reshape(B, T, N, H)
-    k_BTKH = _dense(c, K * H, 'k_proj')(x_BTD).reshape(B, T, K, H)
-    v_BTKH = _dense(c, K * H, 'v_proj')(x_BTD).reshape(B, T, K, H)
+    x_MD = x_BTD.reshape(B * T, D)  # flattened tokens: see the module docstring
+    q_BTNH = _dense(c, N * H, 'q_proj')(x_MD).reshape(B, T, N, H)
+    k_BTKH = _dense(c, K * H, 'k_proj')(x_MD).reshape(B, T, K, H)
+    v_BTKH = _dense(c, K * H, 'v_proj')(x_MD).reshape(B, T, K, H)
     q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_theta)
     k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_theta)
 
@@ -191,11 +275,14 @@ class Attention(nn.Module):
       # The softmax runs in float32 inside dot_product_attention (its logits are accumulated in float32).
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                               implementation=c.attention_impl)
+    elif c.attention_impl is None and jax.default_backend() == 'cpu':
+      out_BTNH = causal_attention_cpu(q_BTNH, k_BTKH, v_BTKH, attention_mask_BT)
     else:
       mask = None if attention_mask_BT is None else attention_mask_BT.astype(bool)[:, None, None, :]
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True,
                                               implementation=c.attention_impl)
-    return _dense(c, c.d_model, 'o_proj', out_proj=True)(out_BTNH.reshape(B, T, N * H))
+    out_MD = _dense(c, c.d_model, 'o_proj', out_proj=True)(out_BTNH.reshape(B * T, N * H))
+    return out_MD.reshape(B, T, c.d_model)
 
   def _update_cache(self, k_BTKH, v_BTKH, attention_mask_BT):
     """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
@@ -232,15 +319,16 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     c = self.config
-    gate_BTF = _dense(c, c.d_ff, 'gate_proj')(x_BTD)
-    up_BTF = _dense(c, c.d_ff, 'up_proj')(x_BTD)
+    x_MD = x_BTD.reshape(-1, x_BTD.shape[-1])  # flattened tokens: see the module docstring
+    gate_MF = _dense(c, c.d_ff, 'gate_proj')(x_MD)
+    up_MF = _dense(c, c.d_ff, 'up_proj')(x_MD)
     if c.activation == 'era':
-      act_BTF = era(gate_BTF, c.era_temperature, c.era_entropy_weight, c.era_detach_entropy)
+      act_MF = era(gate_MF, c.era_temperature, c.era_entropy_weight, c.era_detach_entropy)
     elif c.activation == 'silu':
-      act_BTF = jax.nn.silu(gate_BTF)
+      act_MF = jax.nn.silu(gate_MF)
     else:
-      act_BTF = jax.nn.gelu(gate_BTF)
-    return _dense(c, c.d_model, 'down_proj', out_proj=True)(act_BTF * up_BTF)
+      act_MF = jax.nn.gelu(gate_MF)
+    return _dense(c, c.d_model, 'down_proj', out_proj=True)(act_MF * up_MF).reshape(x_BTD.shape)
 
 
 class Block(nn.Module):
@@ -262,7 +350,8 @@ class VesperLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               attention_mask_BT: jax.Array | None = None, last_only: bool = False) -> jax.Array:
+               attention_mask_BT: jax.Array | None = None, last_only: bool = False,
+               return_hidden: bool = False) -> jax.Array:
     """Args:
       tokens_BT: int token ids.
       positions_BT: RoPE positions; default 0..T-1. Required in decode mode (the cache does not know
@@ -270,8 +359,11 @@ class VesperLM(nn.Module):
       attention_mask_BT: 1 for real tokens, 0 for padding (never attended to); default all real.
       last_only: compute logits for the last position only (prefill needs no others: skipping them
         saves the head's T×D×V matmul).
+      return_hidden: return the final-normed hidden states instead of the logits, for a loss that
+        applies the head itself (losses.head_cross_entropy_and_entropy, with `head_weights`).
     Returns:
-      logits_BTV, float32, V = config.vocab_size; T = 1 when last_only.
+      logits_BTV, float32, V = config.vocab_size; T = 1 when last_only. With return_hidden: x_BTD in
+      the compute dtype.
     """
     c = self.config
     B, T = tokens_BT.shape
@@ -288,16 +380,30 @@ class VesperLM(nn.Module):
     if last_only:
       x_BTD = x_BTD[:, -1:]
     x_BTD = _norm(c, 'final_norm')(x_BTD)
+    if return_hidden and not self.is_initializing():  # init still creates the head's parameters
+      return x_BTD
+    x_MD = x_BTD.reshape(-1, c.d_model)  # flattened tokens: see the module docstring
     if c.tie_embeddings:
-      logits_BTV = embed.attend(x_BTD)
+      logits_MV = embed.attend(x_MD)
     elif quantize.is_quantized(c, 'lm_head'):
-      logits_BTV = quantize.dense(c, c.padded_vocab_size, 'lm_head')(x_BTD)
+      logits_MV = quantize.dense(c, c.padded_vocab_size, 'lm_head')(x_MD)
     else:
-      logits_BTV = nn.Dense(c.padded_vocab_size, use_bias=c.use_bias, dtype=c.compute_dtype,
-                            param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
-                            name='lm_head')(x_BTD)
+      logits_MV = nn.Dense(c.padded_vocab_size, use_bias=c.use_bias, dtype=c.compute_dtype,
+                           param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
+                           name='lm_head')(x_MD)
     # The loss and the samplers work in float32; the padded classes are never real tokens.
-    return logits_BTV[..., :c.vocab_size].astype(jnp.float32)
+    return logits_MV.reshape(*x_BTD.shape[:2], -1)[..., :c.vocab_size].astype(jnp.float32)
+
+  def head_weights(self, params: PyTree) -> tuple[jax.Array, jax.Array | None]:
+    """The head as (kernel_DV, bias_V or None), cut to the real vocabulary: the logits are
+    x_BTD·kernel_DV + bias_V for x_BTD = `apply(..., return_hidden=True)`. Needs no `apply`."""
+    c, V = self.config, self.config.vocab_size
+    if quantize.is_quantized(c, 'lm_head'):
+      raise ValueError('model.quantize_head: a quantized head is for inference; train the float model')
+    if c.tie_embeddings:
+      return params['embeddings']['embedding'][:V].T, None
+    head = params['lm_head']
+    return head['kernel'][:, :V], (head['bias'][:V] if c.use_bias else None)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> PyTree:

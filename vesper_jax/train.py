@@ -62,10 +62,16 @@ class TrainState:
 
 def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: VesperLM):
   """Mean next-token cross-entropy; aux: the predictive entropy and FlyLoRA's rank counts ({} if none)."""
+  variables, inputs_BT, targets_BT = {'params': params, **model_state}, tokens_BT1[:, :-1], tokens_BT1[:, 1:]
   # FlyLoRA layers sow how often each rank was selected, for the expert-bias rule (flylora.py).
-  logits_BTV, sown = model.apply({'params': params, **model_state}, tokens_BT1[:, :-1],
-                                 mutable=[flylora.COUNTS])
-  loss, entropy = losses.cross_entropy_and_entropy(logits_BTV, tokens_BT1[:, 1:])
+  if jax.default_backend() == 'cpu':
+    # On CPU the loss applies the head itself, in chunks, and never holds the [B, T, V] logits
+    # (losses.py says why). Elsewhere this is unmeasured, so the logits path stays.
+    x_BTD, sown = model.apply(variables, inputs_BT, return_hidden=True, mutable=[flylora.COUNTS])
+    loss, entropy = losses.head_cross_entropy_and_entropy(x_BTD, *model.head_weights(params), targets_BT)
+  else:
+    logits_BTV, sown = model.apply(variables, inputs_BT, mutable=[flylora.COUNTS])
+    loss, entropy = losses.cross_entropy_and_entropy(logits_BTV, targets_BT)
   return loss, (entropy, sown.get(flylora.COUNTS, {}))
 
 
@@ -111,18 +117,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperL
   loss, entropy, grads, counts = _loss_and_grads(state.params, state.model_state, batch['tokens'],
                                                  model, grad_accum_steps, trainable)
   grad_norm = optax.tree.norm(grads)
-  # Velvet reads the loss and the entropy normalised to [0, 1] by ln V; AdamW ignores both.
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params, loss=loss,
-                                     entropy=entropy / math.log(model.config.vocab_size))
-  new_params = optax.apply_updates(state.params, updates)
-  # FlyLoRA load balancing: the expert biases move by their rule, once per step (no-op without FlyLoRA).
-  new_params = flylora.update_expert_biases(new_params, counts, model.config.lora_bias_rate)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+  def update(params, opt_state):
+    # Velvet reads the loss and the entropy normalised to [0, 1] by ln V; AdamW ignores both.
+    updates, opt_state = tx.update(grads, opt_state, params, loss=loss,
+                                   entropy=entropy / math.log(model.config.vocab_size))
+    params = optax.apply_updates(params, updates)
+    # FlyLoRA load balancing: the expert biases move by their rule, once per step (no-op without FlyLoRA).
+    return flylora.update_expert_biases(params, counts, model.config.lora_bias_rate), opt_state
+
+  # A branch rather than jnp.where(ok, new, old) over every leaf: the select read both copies of the
+  # parameters and the optimizer state and wrote a third on every step, to serve the rare skipped one.
+  params, opt_state = jax.lax.cond(ok, update, lambda params, opt_state: (params, opt_state),
+                                   state.params, state.opt_state)
   streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
   new_state = state.replace(
-      step=state.step + 1, params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state), nonfinite_streak=streak,
+      step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak,
       nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
   # The optimizer's own step count skips the skipped updates (their state is kept): this is the rate
   # it applied, not schedule(state.step).

@@ -27,10 +27,6 @@ def _cases(run, tmp):
   bad_tokenizer = tmp / 'bad_tokenizer'  # a workdir whose tokenizer.json is not one
   shutil.copytree(run, bad_tokenizer, dirs_exist_ok=True)
   (bad_tokenizer / 'tokenizer.json').write_text('{"version": "nope"}')
-  torn = tmp / 'torn'  # a workdir whose every checkpoint has lost half of each data file
-  shutil.copytree(run, torn, dirs_exist_ok=True)
-  for f in torn.glob('checkpoints/*/default/d/*'):
-    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
   # (entry point, arguments, exit status, text the message must contain)
   return [
       ('train', [f'--config={tiny}', '--config.train.num_steps=abc'], 2, 'config.train.num_steps'),
@@ -67,7 +63,8 @@ def _cases(run, tmp):
       ('train', [f'--config={bad_json}'], 1, str(bad_json)),
       ('evaluate', [f'--workdir={broken_export}'], 1, str(broken_export / 'model.safetensors')),
       ('generate', [f'--workdir={bad_tokenizer}'], 1, str(bad_tokenizer / 'tokenizer.json')),
-      ('generate', [f'--workdir={torn}'], 1, str(torn / 'checkpoints')),
+      ('export', [f'--workdir={bad_tokenizer}', f'--out={tmp / "out2"}'], 1,
+       str(bad_tokenizer / 'tokenizer.json')),
       ('train', [f'--config={tiny}', f'--config.train.init_from={broken_export / "model.safetensors"}',
                  f'--config.data.tokenizer={run / "tokenizer.json"}', '--config.model.vocab_size=512',
                  f'--config.data.cache_dir={tmp / "cache"}', f'--workdir={tmp / "ft"}'], 1,

@@ -211,24 +211,28 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _is_closed_loop_noise(unraisable) -> bool:
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
+
+
+def _quiet_unraisable_hook(previous):
+  def hook(unraisable):
+    if not _is_closed_loop_noise(unraisable):
+      previous(unraisable)
+  return hook
+
+
+# A failed orbax read leaves coroutines that are finalised (by the garbage collector, or by tensorstore's
+# threads calling back into a loop orbax already closed) after the error was handled; Python reports each
+# as an unraisable 'Event loop is closed' with a traceback, which says nothing the warning naming the
+# checkpoint does not. Only that exact error is dropped; every other unraisable still reaches the hook.
+sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
+
+
 def _collect_quietly() -> None:
-  """Collects what a failed orbax read left behind, without its 'Event loop is closed' noise.
-
-  The read's other coroutines are finalised after orbax closed their event loop; Python reports each
-  as an unraisable exception with a traceback, which says nothing the warning does not.
-  """
-  hook = sys.unraisablehook
-
-  def quiet(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)):
-      hook(unraisable)
-
-  sys.unraisablehook = quiet
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = hook
+  """Collects what a failed orbax read left behind now, while its noise is known to be harmless."""
+  gc.collect()
 
 
 def _try(restore) -> PyTree | str:

@@ -73,7 +73,8 @@ _nll_and_entropy.defvjp(_nll_and_entropy_fwd, _nll_and_entropy_bwd)
 
 # ------------------------------------------------------------------------------ the head, fused in
 
-HEAD_CHUNK_TOKENS = 256  # tokens per chunk: a 256 × 16,384 float32 chunk of logits is 16 MiB
+HEAD_CHUNK_TOKENS = 1024  # tokens per chunk: a 1,024 × 16,384 float32 chunk of logits is 64 MiB (measured
+                          # on CPU: 3% faster steps than 256-token chunks, no slower than 2,048)
 
 
 def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_V: jax.Array | None,

@@ -147,14 +147,19 @@ def cast_for_inference(config: ModelConfig, params: PyTree, dtype: str) -> tuple
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float = 10000.0) -> jax.Array:
   """Rotary embedding, split-half ("rotate_half", Llama/NeoX) convention."""
-  half = x_BTNH.shape[-1] // 2
+  B, T, N, H = x_BTNH.shape
+  half = H // 2
   inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
   # Angles in float32: positions × frequencies loses precision in bfloat16 long before max_seq_len.
   angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
-  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
+  sin_BTh, cos_BTh = jnp.sin(angles_BTh), jnp.cos(angles_BTh)
+  cos_BT1H = jnp.concatenate([cos_BTh, cos_BTh], axis=-1)[:, :, None, :]
+  sin_BT1H = jnp.concatenate([-sin_BTh, sin_BTh], axis=-1)[:, :, None, :]
+  # [x1, x2] -> [x2, x1] as a reversal of the two halves, which XLA fuses into the elementwise pass;
+  # slicing and concatenating the halves (the same values) made a separate pass in the backward.
+  x = x_BTNH.astype(jnp.float32)
+  swapped = x.reshape(B, T, N, 2, half)[:, :, :, ::-1].reshape(B, T, N, H)
+  return (x * cos_BT1H + swapped * sin_BT1H).astype(x_BTNH.dtype)
 
 
 def _norm(config: ModelConfig, name: str) -> nn.Module:
@@ -201,26 +206,23 @@ def causal_attention_cpu(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array
   G = N // K
   q_BKQH = (q_BTNH * H ** -0.5).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
   k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-  mask_11QS = jnp.tile(jnp.tril(jnp.ones((T, T), jnp.bool_)), (G, 1))[None, None]  # row g·T + t: t
+  # Row g·T + t is query position t; the leading axis is 1 until padding makes it B.
+  mask_B1QS = jnp.tile(jnp.tril(jnp.ones((T, T), jnp.bool_)), (G, 1))[None, None]
   if attention_mask_BT is not None:  # padding: a padded key is never attended to
-    mask_11QS = mask_11QS & attention_mask_BT.astype(jnp.bool_)[:, None, None, :]
-  out_BKQH = _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_11QS)
+    mask_B1QS = mask_B1QS & attention_mask_BT.astype(jnp.bool_)[:, None, None, :]
+  out_BKQH = _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_B1QS)
   return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _attention_scores(q_BKQH, k_BKSH, mask_11QS):
-  s_BKQS = jnp.einsum('bkqh,bksh->bkqs', q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
-  return jnp.where(mask_11QS, s_BKQS, _MASKED)
-
-
 @jax.custom_vjp
-def _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_11QS):
-  return _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_11QS)[0]
+def _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_B1QS):
+  return _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_B1QS)[0]
 
 
-def _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_11QS):
+def _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_B1QS):
   # The softmax runs in float32 whatever the compute dtype (the scores are accumulated in float32).
-  s_BKQS = _attention_scores(q_BKQH, k_BKSH, mask_11QS)
+  s_BKQS = jnp.einsum('bkqh,bksh->bkqs', q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+  s_BKQS = jnp.where(mask_B1QS, s_BKQS, _MASKED)
   m_BKQ1 = jnp.max(s_BKQS, axis=-1, keepdims=True)
   e_BKQS = jnp.exp(s_BKQS - m_BKQ1)
   l_BKQ1 = jnp.sum(e_BKQS, axis=-1, keepdims=True)
@@ -229,24 +231,29 @@ def _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_11QS):
                         preferred_element_type=jnp.float32) / l_BKQ1
   out_BKQH = out_BKQH.astype(v_BKSH.dtype)
   lse_BKQ1 = m_BKQ1 + jnp.log(l_BKQ1)
-  return out_BKQH, (q_BKQH, k_BKSH, v_BKSH, mask_11QS, out_BKQH, lse_BKQ1)
+  return out_BKQH, (q_BKQH, k_BKSH, v_BKSH, mask_B1QS, out_BKQH, lse_BKQ1)
 
 
 def _attention_core_bwd(residuals, dout_BKQH):
-  q_BKQH, k_BKSH, v_BKSH, mask_11QS, out_BKQH, lse_BKQ1 = residuals
+  q_BKQH, k_BKSH, v_BKSH, mask_B1QS, out_BKQH, lse_BKQ1 = residuals
   # Tie the recomputation to the incoming gradient: otherwise XLA may schedule every layer's
   # recomputed scores right after the forward pass, and hold them all until their layer's backward.
   q_BKQH, k_BKSH, lse_BKQ1, dout_BKQH = jax.lax.optimization_barrier(
       (q_BKQH, k_BKSH, lse_BKQ1, dout_BKQH))
-  p_BKQS = jnp.exp(_attention_scores(q_BKQH, k_BKSH, mask_11QS) - lse_BKQ1)
-  dv_BKSH = jnp.einsum('bkqs,bkqh->bksh', p_BKQS.astype(dout_BKQH.dtype), dout_BKQH)
-  dp_BKQS = jnp.einsum('bkqh,bksh->bkqs', dout_BKQH, v_BKSH, preferred_element_type=jnp.float32)
+  # Worked in the transposed [S, Q] orientation, so that dv and dk (sums over the queries) are plain
+  # matmuls; only dq needs ds in [Q, S], one explicit transpose. XLA:CPU ran the sums over Q of the
+  # [Q, S] form as slower generic dots.
+  s_BKSQ = jnp.einsum('bksh,bkqh->bksq', k_BKSH, q_BKQH, preferred_element_type=jnp.float32)
+  s_BKSQ = jnp.where(jnp.swapaxes(mask_B1QS, -1, -2), s_BKSQ, _MASKED)
+  p_BKSQ = jnp.exp(s_BKSQ - jnp.swapaxes(lse_BKQ1, -1, -2))
+  dv_BKSH = jnp.einsum('bksq,bkqh->bksh', p_BKSQ.astype(dout_BKQH.dtype), dout_BKQH)
+  dp_BKSQ = jnp.einsum('bksh,bkqh->bksq', v_BKSH, dout_BKQH, preferred_element_type=jnp.float32)
   # softmax backward: ds = p·(dp − Σ_s p·dp), and Σ_s p·dp = Σ_h dout·out.
-  delta_BKQ1 = jnp.sum(dout_BKQH.astype(jnp.float32) * out_BKQH.astype(jnp.float32), axis=-1,
-                       keepdims=True)
-  ds_BKQS = (p_BKQS * (dp_BKQS - delta_BKQ1)).astype(q_BKQH.dtype)
-  dq_BKQH = jnp.einsum('bkqs,bksh->bkqh', ds_BKQS, k_BKSH)
-  dk_BKSH = jnp.einsum('bkqs,bkqh->bksh', ds_BKQS, q_BKQH)
+  delta_BK1Q = jnp.swapaxes(jnp.sum(dout_BKQH.astype(jnp.float32) * out_BKQH.astype(jnp.float32),
+                                    axis=-1, keepdims=True), -1, -2)
+  ds_BKSQ = (p_BKSQ * (dp_BKSQ - delta_BK1Q)).astype(q_BKQH.dtype)
+  dk_BKSH = jnp.einsum('bksq,bkqh->bksh', ds_BKSQ, q_BKQH)
+  dq_BKQH = jnp.einsum('bkqs,bksh->bkqh', jnp.swapaxes(ds_BKSQ, -1, -2), k_BKSH)
   return dq_BKQH, dk_BKSH, dv_BKSH, None
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vesper_jax import config as base_config
+from vesper_jax import host_memory
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
@@ -318,4 +319,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.retain_freed_memory()  # as every vesper_jax entry point does (cli.run)
   app.run(main)

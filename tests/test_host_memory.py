@@ -7,11 +7,12 @@ import pytest
 
 # A thread other than the main one (as XLA's workers) allocates, touches and frees a 64 MiB block three
 # times; prints the page faults of each touch. Run in a fresh process: the settings apply to threads
-# that start after `import vesper_jax`.
+# that start after `retain_freed_memory()` (as every entry point calls it).
 _SCRIPT = """
 import ctypes, resource, sys, threading
 if sys.argv[1] == 'vesper_jax':
-  import vesper_jax  # noqa: F401
+  from vesper_jax import host_memory
+  host_memory.retain_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]

@@ -13,9 +13,10 @@ reused: no faults after the first steps.
   M_TRIM_THRESHOLD=-1    freed memory at the top of the heap is kept, never returned (trimming off).
 
 The cost is memory that stays mapped after its peak (the next step needs it again) and one malloc lock
-for all threads. Applied when `vesper_jax` is imported (`__init__.py`); it only takes effect if that
-happens before JAX starts its CPU backend (threads keep the arena they started with). Other C libraries
-(macOS, musl) are left alone.
+for all threads, so it is a process-wide choice made by the program, not by importing the library: every
+`python -m vesper_jax.*` entry point (`cli.run`) and the benchmarks call `retain_freed_memory()` first.
+A notebook or script that trains on CPU can call it too; it only takes full effect before JAX starts its
+CPU backend (threads keep the arena they started with). Other C libraries (macOS, musl) are left alone.
 """
 
 import ctypes

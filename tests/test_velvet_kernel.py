@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import max_rel
+from conftest import load_config, max_rel
 from vesper_jax import losses
 from vesper_jax import model as M
 from vesper_jax import optim
@@ -266,3 +266,45 @@ def test_in_place_pallas_is_one_aliased_call_per_buffer():
   assert text.count('pallas_call[') == 2 and 'write_params' not in text
   with pytest.raises(ValueError, match="kernel='xla': expected one of"):
     V.velvet_in_place(1e-3, layout.decay_mask(), kernel='xla')
+
+
+# ------------------------------------------------------------------------------ the jax-triton variant
+
+def test_triton_is_refused_at_validation_in_one_line_where_it_cannot_run():
+  from vesper_jax import config as base_config
+  from vesper_jax.kernels import velvet_triton as VT
+  if VT.unavailable_reason() is None:
+    pytest.skip('Triton and a GPU are here: the kernel runs (test_triton_matches_xla_on_gpu)')
+  config = load_config('tiny')
+  config.opt.name, config.opt.kernel = 'velvet', 'triton'
+  with pytest.raises(ValueError, match=r"opt.kernel='triton' (needs jax-triton|runs on a CUDA GPU)") as error:
+    base_config.validate(config)
+  assert '\n' not in str(error.value)
+  config.opt.kernel = 'pallas'
+  base_config.validate(config)  # the in-place Pallas path is fine everywhere (interpret mode on CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU (run with JAX_PLATFORMS=cuda)')
+def test_triton_matches_xla_on_gpu():
+  from vesper_jax.kernels import velvet_triton as VT
+  if not VT.AVAILABLE:
+    pytest.skip("jax-triton is not installed (pip install 'vesper_jax[triton]')")
+  n = 10 * 1024 * 1024 + 7  # many blocks and a tail
+  rng = np.random.default_rng(0)
+  p, g, m = (jnp.asarray(rng.normal(size=n), jnp.float32) for _ in range(3))
+  v = jnp.asarray(rng.random(n), jnp.float32)
+  u, m_x, v_x = jax.jit(lambda *a: V._leaf_update(*a, None, scalars=_SCALARS, eps=1e-8, weight_decay=0.1))(
+      p, g, m, v)
+  want_p = p + u
+  got_p, m_k, v_k = jax.jit(lambda *a: VT.velvet_update(*a, eps=1e-8, weight_decay=0.1))(
+      VP.pack_scalars(_SCALARS), p, g, m, v)
+  assert float(jnp.max(jnp.abs(got_p - want_p))) <= 1e-6 * float(jnp.max(jnp.abs(want_p)))
+  assert float(jnp.max(jnp.abs(m_k - m_x))) <= 1e-6 * float(jnp.max(jnp.abs(m_x)))
+  assert float(jnp.max(jnp.abs(v_k - v_x))) <= 1e-6 * float(jnp.max(jnp.abs(v_x)))
+  # A skipped step (identity scalars, NaN gradients) writes everything back unchanged.
+  skipped = V.StepScalars(*V._SKIPPED)
+  bad_g = g.at[5].set(jnp.nan)
+  same_p, same_m, same_v = jax.jit(lambda *a: VT.velvet_update(*a, eps=1e-8, weight_decay=0.1))(
+      VP.pack_scalars(skipped), p, bad_g, m, v)
+  assert bool(jnp.all(same_p == p)) and bool(jnp.all(same_m == m)) and bool(jnp.all(same_v == v))

@@ -232,14 +232,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
 
 def _check_triton() -> None:
   """opt.kernel='triton' needs jax-triton (the `triton` extra) and a CUDA GPU: one line if either is missing."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec('jax_triton') is None:
-    raise ValueError("opt.kernel='triton' needs jax-triton (pip install 'vesper_jax[triton]'), which is "
-                     "not installed; use opt.kernel='pallas' or 'xla'")
-  if jax.default_backend() != 'gpu':
-    raise ValueError(f"opt.kernel='triton' runs on a CUDA GPU only; this backend is "
-                     f"{jax.default_backend()!r}: use opt.kernel='pallas' or 'xla'")
+  from vesper_jax.kernels import velvet_triton  # pylint: disable=g-import-not-at-top
+  reason = velvet_triton.unavailable_reason()
+  if reason:
+    raise ValueError(f"opt.kernel='triton' {reason}; use opt.kernel='pallas' or 'xla'")
 
 
 def _check_known_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,

@@ -308,3 +308,20 @@ def test_triton_matches_xla_on_gpu():
   same_p, same_m, same_v = jax.jit(lambda *a: VT.velvet_update(*a, eps=1e-8, weight_decay=0.1))(
       VP.pack_scalars(skipped), p, bad_g, m, v)
   assert bool(jnp.all(same_p == p)) and bool(jnp.all(same_m == m)) and bool(jnp.all(same_v == v))
+
+
+def test_triton_kernel_compiles_to_ptx_for_sm90_without_a_gpu():
+  """Triton alone (no GPU, no jax-triton) compiles the kernel for an H100/H200 target: the language
+  use, the constexpr branches and the IEEE division and square root are checked before any GPU run."""
+  triton = pytest.importorskip('triton', reason='Triton is not installed (the `triton` extra)')
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+  from vesper_jax.kernels import velvet_triton as VT
+  pointer = {'s_ptr': '*fp32', 'p_ptr': '*bf16', 'g_ptr': '*bf16', 'm_ptr': '*fp32', 'v_ptr': '*fp32',
+             'p_out_ptr': '*bf16', 'm_out_ptr': '*fp32', 'v_out_ptr': '*fp32'}
+  constants = {'n': 3 * 1024 + 5, 'block_size': 1024, 'eps': 1e-8, 'weight_decay': 0.1}
+  source = ASTSource(fn=VT._velvet_kernel, signature=pointer | {k: 'constexpr' for k in constants},
+                     constexprs=constants)
+  ptx = triton.compile(source, target=GPUTarget('cuda', 90, 32),
+                       options={'num_warps': 4, 'num_stages': 1}).asm['ptx']
+  assert 'sqrt.rn.f32' in ptx and 'div.rn.f32' in ptx and 'sqrt.approx' not in ptx

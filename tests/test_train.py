@@ -208,6 +208,8 @@ def test_in_place_velvet_on_8_devices_matches_one_and_resumes_exactly(cache_dir,
   assert (tmp_path / 'data2_fsdp4' / checkpoint.LAYOUT_FILE).is_file()
   step, params = checkpoint.load_params(tmp_path / 'data2_fsdp4')
   assert step == 5 and params['layers_0']['ffn']['gate_proj']['kernel'].shape == (128, 384)
+  _, inference_params, _ = checkpoint.load_for_inference(tmp_path / 'data2_fsdp4')  # generate/chat/export
+  assert jax.tree.structure(inference_params) == jax.tree.structure(params)
   _, params_one = checkpoint.load_params(tmp_path / 'one')
   # Loose: Adam's normalised step turns a last-bit gradient difference (the reduction order over
   # devices) into a visible move where a gradient is ~0; the losses above are the equivalence. A wrong
@@ -221,6 +223,11 @@ def test_in_place_velvet_on_8_devices_matches_one_and_resumes_exactly(cache_dir,
                                                                            'train.mesh_fsdp': 1}), workdir)
   got = _losses(workdir)
   assert [got[4], got[5]] == [one[4], one[5]]
+  # Another layout of the buffers (here: the embeddings decayed) is refused before any restore.
+  with pytest.raises(ValueError, match='flat checkpoints laid out as'):
+    train.train_and_evaluate(short_run_config(cache_dir, **velvet_pallas, **{
+        'train.mesh_data': 1, 'train.mesh_fsdp': 1, 'opt.decay_embeddings': True, 'train.num_steps': 6}),
+        workdir)
   # The flat state and the tree state are different structures: switching is refused by name.
   with pytest.raises(ValueError, match="opt.kernel in .* = True, this config has False"):
     train.check_resumable(workdir, short_run_config(cache_dir, **{'opt.name': 'velvet', 'opt.kernel': 'xla'}))

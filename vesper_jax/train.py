@@ -312,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   ckpt_lib.write_workdir_metadata(workdir, config, cache.directory / 'tokenizer.json')
   mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
   parts = build(config, mesh)
+  _check_layout(workdir, parts)
   ckpt_lib.write_layout(workdir, parts.layout)  # how checkpoint readers find the tree in flat buffers
   _log_model(parts, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -370,6 +371,19 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
     what = ', '.join(f'model.{k} {a!r} -> {b!r}' for k, a, b in changes)
     raise ValueError(f'{workdir} was trained with a different model ({what}): its checkpoints cannot '
                      'be resumed with these weights; use a new --workdir')
+
+
+def _check_layout(workdir: pathlib.Path, parts: 'Parts') -> None:
+  """Refuses to resume flat checkpoints whose buffers are laid out differently (another padding, from an
+  fsdp size that does not divide 4096, or another decay grouping): restoring them would fail, and a
+  checkpoint that fails to restore is set aside as damaged."""
+  old = ckpt_lib.read_layout(workdir)
+  if old is None or parts.layout is None or not (workdir / ckpt_lib.CHECKPOINT_DIR).is_dir():
+    return
+  if old.to_json() != parts.layout.to_json():
+    raise ValueError(f'{workdir} holds flat checkpoints laid out as {[b[:2] for b in old.buffers]}; this '
+                     f'config lays them out as {[b[:2] for b in parts.layout.buffers]} (train.mesh_fsdp or '
+                     'opt.decay_embeddings changed): resume with the old values, or use a new --workdir')
 
 
 def _log_model(parts: 'Parts', mesh: jax.sharding.Mesh) -> None:

@@ -14,17 +14,16 @@ keyword arguments through. A missing or non-finite loss (or a non-finite entropy
 that step. With both flags off this is optax.adamw to float rounding.
 
 Speed. The update is memory-bound: it must read p, g, m, v and write p, m, v (28 bytes per float32
-parameter). Inside a jitted train step the XLA path (`kernel='xla'`) is elementwise work that XLA can
-fuse, with the caller's `optax.apply_updates` and the clipping scale, into one multi-output fusion per
-buffer, moving just those 28 bytes (the CPU backend splits it into three fusions; what a GPU does, the
-bench measures); what remains is launching one fusion per leaf of a ~100-leaf model tree. The
-layout removes that: `flat_layout` packs the parameters into a few flat buffers (one per dtype and decay
-group) that the train state can hold directly, so the update sees two large buffers. The Pallas kernel
-(`kernel='pallas'`, kernels/velvet_pallas.py) is the same math in one launch per buffer; through optax it
-must return the update u, which the caller then adds (12 more bytes per parameter, XLA cannot fuse into a
-custom kernel), so `kernel='auto'` picks XLA on every backend. Its in-place form, which writes p itself,
-is `vesper_jax.kernels.velvet_pallas.velvet_update(..., write_params=True)`; kernels/bench_velvet.py
-times every path against optax.adamw and a device copy.
+parameter). Two forms share one implementation of the math (`StepScalars` and `_leaf_update`; the
+kernels in kernels/ repeat its expressions in the same order):
+  - `velvet(...)`, the optax transformation over the parameter tree (`kernel='xla'`, or `'pallas'` for
+    the kernel in its update-only form). Through optax a custom kernel must return the update u that the
+    caller then adds (12 more bytes per parameter: XLA cannot fuse into a custom call).
+  - `velvet_in_place(...)`, over the flat buffers of a `FlatLayout` that the train state holds: it writes
+    p itself, so each buffer is read and written once (`kernel='xla_flat' | 'pallas' | 'triton'`), and
+    the clip factor and the non-finite skip are two more scalars rather than passes over the state.
+`opt.kernel='auto'` is the tree path on every backend until GPU measurements show the in-place kernel
+ahead (README, Velvet); kernels/bench_velvet.py times every path against optax.adamw and a device copy.
 """
 
 import dataclasses
@@ -357,7 +356,9 @@ def velvet_in_place(learning_rate: float | optax.Schedule, decay: dict[str, bool
     packed = impl.pack_scalars(scalars)
     run = functools.partial(impl.velvet_update, eps=eps, weight_decay=wd, write_params=True,
                             block_size=block_size)
-    if mesh is not None and mesh.shape[shard_axis] > 1:
+    # Per device whenever there are several: a custom kernel is opaque to XLA's partitioner, which
+    # would otherwise gather a split buffer onto every device to run it.
+    if mesh is not None and mesh.size > 1:
       spec = jax.sharding.PartitionSpec(shard_axis)
       run = jax.shard_map(run, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),) + (spec,) * 4,
                           out_specs=(spec,) * 3, check_vma=False)

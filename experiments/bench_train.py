@@ -192,7 +192,9 @@ def torch_step(config, compiled: bool):
 
   def rope(x_BNTH):
     x1, x2 = x_BNTH[..., :half], x_BNTH[..., half:]
-    return torch.cat([x1 * cos_TH - x2 * sin_TH, x2 * cos_TH + x1 * sin_TH], dim=-1)
+    # Back to the input's dtype: under bfloat16 autocast the float32 tables would promote q and k, and
+    # SDPA needs q, k and v in one dtype.
+    return torch.cat([x1 * cos_TH - x2 * sin_TH, x2 * cos_TH + x1 * sin_TH], dim=-1).to(x_BNTH.dtype)
 
   def activation(x):
     if m.activation == 'silu':

@@ -1,5 +1,8 @@
-"""The fused Velvet kernel (kernels/velvet_pallas.py) in Pallas interpret mode against the XLA path, on a
-whole model's tree with odd sizes, on block tails, with a sparse mask; and its GPU lowering."""
+"""The fused Velvet kernels against the XLA path: the Pallas kernel (kernels/velvet_pallas.py) in interpret
+mode on a whole model's tree with odd sizes, on block tails, with a sparse mask, and its GPU lowering; the
+in-place flat path (velvet.velvet_in_place: flat XLA and Pallas) against the optax tree path and
+optax.adamw over 50 steps, with a skipped step; the jax-triton kernel (kernels/velvet_triton.py): refused
+where it cannot run, compiled for sm_90 where Triton is installed, run against XLA on a GPU."""
 
 import functools
 import math

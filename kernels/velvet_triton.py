@@ -11,6 +11,9 @@ scalars) writes every element back unchanged.
 Rounding: division and square root are the IEEE round-to-nearest forms (`tl.div_rn`, `tl.sqrt_rn`): plain
 `/` and `tl.sqrt` are approximate in Triton, and the XLA path that this kernel must agree with is not.
 
+jax-triton changed its aliasing convention in 0.4 (aliased outputs are no longer passed as their own
+pointers): both kernels below share one body, and the installed version picks the signature.
+
 Importing this module never fails: without Triton (a CPU machine, CI) `AVAILABLE` is False and
 `velvet_update` raises one line; config validation refuses `opt.kernel='triton'` before that.
 """
@@ -33,14 +36,16 @@ try:
 except ImportError as _error:
   jt, _IMPORT_ERROR = None, _IMPORT_ERROR or _error
 AVAILABLE = triton is not None and jt is not None
+# jax-triton 0.4 stopped passing aliased outputs as extra pointers: the kernel writes through its inputs.
+_OUTPUTS_ARE_INPUTS = jt is not None and tuple(int(x) for x in jt.__version__.split('.')[:2]) >= (0, 4)
 
 
 if triton is not None:
 
   @triton.jit
-  def _velvet_kernel(s_ptr, p_ptr, g_ptr, m_ptr, v_ptr, p_out_ptr, m_out_ptr, v_out_ptr,
-                     n: tl.constexpr, block_size: tl.constexpr, eps: tl.constexpr,
-                     weight_decay: tl.constexpr):
+  def _velvet_block(s_ptr, p_ptr, g_ptr, m_ptr, v_ptr, p_out_ptr, m_out_ptr, v_out_ptr,
+                    n: tl.constexpr, block_size: tl.constexpr, eps: tl.constexpr,
+                    weight_decay: tl.constexpr):
     offsets = tl.program_id(0) * block_size + tl.arange(0, block_size)
     inside = offsets < n
     # The slots of pack_scalars: velvet.StepScalars's fields, in order.
@@ -62,6 +67,20 @@ if triton is not None:
     tl.store(p_out_ptr + offsets, p_raw + update, mask=inside)  # in p's dtype, as optax.apply_updates adds
     tl.store(m_out_ptr + offsets, m, mask=inside)
     tl.store(v_out_ptr + offsets, v, mask=inside)
+
+  @triton.jit
+  def _velvet_kernel(s_ptr, p_ptr, g_ptr, m_ptr, v_ptr, p_out_ptr, m_out_ptr, v_out_ptr,
+                     n: tl.constexpr, block_size: tl.constexpr, eps: tl.constexpr,
+                     weight_decay: tl.constexpr):
+    """jax-triton ≤ 0.3: the aliased outputs come as their own pointers (the same buffers as p, m, v)."""
+    _velvet_block(s_ptr, p_ptr, g_ptr, m_ptr, v_ptr, p_out_ptr, m_out_ptr, v_out_ptr, n, block_size, eps,
+                  weight_decay)
+
+  @triton.jit
+  def _velvet_kernel_in_place(s_ptr, p_ptr, g_ptr, m_ptr, v_ptr, n: tl.constexpr,
+                              block_size: tl.constexpr, eps: tl.constexpr, weight_decay: tl.constexpr):
+    """jax-triton ≥ 0.4: aliased outputs are written through the input pointers."""
+    _velvet_block(s_ptr, p_ptr, g_ptr, m_ptr, v_ptr, p_ptr, m_ptr, v_ptr, n, block_size, eps, weight_decay)
 
 
 def unavailable_reason() -> str | None:
@@ -105,8 +124,10 @@ def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, 
   out_shape = (jax.ShapeDtypeStruct(p.shape, p.dtype), jax.ShapeDtypeStruct(m.shape, jnp.float32),
                jax.ShapeDtypeStruct(v.shape, jnp.float32))
   # Inputs: 0 scalars, 1 p, 2 g, 3 m, 4 v → outputs 0 p, 1 m, 2 v (the gradient is read only).
+  kernel, shapes = ((_velvet_kernel_in_place, {'out_type': out_shape}) if _OUTPUTS_ARE_INPUTS
+                    else (_velvet_kernel, {'out_shape': out_shape}))
   return jt.triton_call(
-      scalars, p, g, m, v, kernel=_velvet_kernel, out_shape=out_shape,
-      grid=(-(-n // block_size),), input_output_aliases={1: 0, 3: 1, 4: 2}, num_warps=num_warps,
-      num_stages=1, name='velvet_update_triton', n=n, block_size=block_size, eps=float(eps),
-      weight_decay=float(weight_decay))
+      scalars, p, g, m, v, kernel=kernel, grid=(-(-n // block_size),),
+      input_output_aliases={1: 0, 3: 1, 4: 2}, num_warps=num_warps, num_stages=1,
+      name='velvet_update_triton', n=n, block_size=block_size, eps=float(eps),
+      weight_decay=float(weight_decay), **shapes)

@@ -320,11 +320,13 @@ def test_triton_kernel_compiles_to_ptx_for_sm90_without_a_gpu():
   from triton.backends.compiler import GPUTarget
   from triton.compiler import ASTSource
   from vesper_jax.kernels import velvet_triton as VT
-  pointer = {'s_ptr': '*fp32', 'p_ptr': '*bf16', 'g_ptr': '*bf16', 'm_ptr': '*fp32', 'v_ptr': '*fp32',
-             'p_out_ptr': '*bf16', 'm_out_ptr': '*fp32', 'v_out_ptr': '*fp32'}
+  inputs = {'s_ptr': '*fp32', 'p_ptr': '*bf16', 'g_ptr': '*bf16', 'm_ptr': '*fp32', 'v_ptr': '*fp32'}
+  outputs = {'p_out_ptr': '*bf16', 'm_out_ptr': '*fp32', 'v_out_ptr': '*fp32'}
   constants = {'n': 3 * 1024 + 5, 'block_size': 1024, 'eps': 1e-8, 'weight_decay': 0.1}
-  source = ASTSource(fn=VT._velvet_kernel, signature=pointer | {k: 'constexpr' for k in constants},
-                     constexprs=constants)
-  ptx = triton.compile(source, target=GPUTarget('cuda', 90, 32),
-                       options={'num_warps': 4, 'num_stages': 1}).asm['ptx']
-  assert 'sqrt.rn.f32' in ptx and 'div.rn.f32' in ptx and 'sqrt.approx' not in ptx
+  # Both calling conventions: jax-triton ≤ 0.3 (aliased outputs as pointers) and ≥ 0.4 (written in place).
+  for kernel, pointers in ((VT._velvet_kernel, inputs | outputs), (VT._velvet_kernel_in_place, inputs)):
+    source = ASTSource(fn=kernel, signature=pointers | {k: 'constexpr' for k in constants},
+                       constexprs=constants)
+    ptx = triton.compile(source, target=GPUTarget('cuda', 90, 32),
+                         options={'num_warps': 4, 'num_stages': 1}).asm['ptx']
+    assert 'sqrt.rn.f32' in ptx and 'div.rn.f32' in ptx and 'sqrt.approx' not in ptx

@@ -332,8 +332,10 @@ def main(argv):
       for kernel in (_VELVET_KERNELS.value or ['']) if o == 'velvet' else ['']:
         try:
           rows += bench_with_torch(n, o, kernel) if _TORCH.value else [bench(n, o, kernel)]
-        except ValueError as e:  # e.g. opt.kernel='triton' without jax-triton: one line, the others run
-          print(f'{n} {o} {kernel}: skipped: {e}', flush=True)
+        except Exception as e:  # pylint: disable=broad-except
+          # e.g. opt.kernel='triton' without jax-triton, or a kernel that fails to build on this GPU:
+          # one line, and the other rows still run.
+          print(f'{n} {o} {kernel}: skipped: {type(e).__name__}: {str(e).strip()[:300]}', flush=True)
         # Written after every row: a run cut short by a time limit keeps what it measured.
         out.write_text(json.dumps(rows, indent=2))
   print(f'\n| config | framework | optimizer | kernel | activation | attention | device | dtype | batch×seq '

@@ -163,7 +163,13 @@ def bench_tree(name: str, model_cfg: model_lib.ModelConfig, iters: int, repeats:
     opt = velvet.velvet_in_place(1e-3, layout.decay_mask(), kernel=kernel, block_size=block,
                                  weight_decay=_HP['weight_decay'], **hp)
     p, g = fresh(True)
-    seconds, _ = _time(_in_place_step(opt), (p, g, jax.jit(opt.init)(p)), iters, repeats)
+    try:
+      seconds, _ = _time(_in_place_step(opt), (p, g, jax.jit(opt.init)(p)), iters, repeats)
+    except Exception as e:  # pylint: disable=broad-except  (a kernel that fails to build: a row saying so)
+      reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
+      print(f'  {name:8s} {path:24s} failed: {reason}', flush=True)
+      rows.append({'tree': name, 'params': n, 'path': path, 'layout': 'flat', 'skipped': reason})
+      continue
     record(path, 'flat', seconds)
   copy_ms = rows[0]['ms']
   for r in rows:

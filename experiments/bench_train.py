@@ -3,6 +3,8 @@
   python experiments/bench_train.py --configs=tiny,small --steps=10            # CPU
   python experiments/bench_train.py --configs=medium --optimizers=adamw,velvet # GPU (bf16 from the config)
   python experiments/bench_train.py --configs=small --batch_size=8 --torch     # CPU, with the PyTorch anchor
+  python experiments/bench_train.py --configs=medium --optimizers=adamw,velvet \
+      --velvet_kernels=xla,pallas,triton --batch_size=32 --torch                # GPU (experiments/gpu_suite.sh)
 
 Times `train.build(...)`'s jitted step on random tokens (data loading is not the bottleneck being
 measured), after a compile-and-warmup step; prints a table and writes JSON.
@@ -11,7 +13,9 @@ measured), after a compile-and-warmup step; prints a table and writes JSON.
 same process with the steps interleaved (one JAX step, one eager step, one compiled step, repeated), so
 that a machine shared with other work slows all three alike; each row then reports the median step.
 PyTorch is not a dependency of this project: install it beside it to use the flag (the row is skipped,
-with the reason printed, when it is missing or the config has no PyTorch counterpart).
+with the reason printed, when it is missing or the config has no PyTorch counterpart). On a GPU the anchor
+is nanoGPT's recipe: float32 parameters, bfloat16 autocast for a bfloat16 config, fused AdamW, SDPA
+(flash) attention, and `torch.compile` of the whole step.
 """
 
 import json
@@ -33,7 +37,7 @@ from vesper_jax import host_memory
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
-from vesper_jax.model import abstract_param_counts, ModelConfig
+from vesper_jax.model import abstract_param_counts, attention_implementation, ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 _CONFIGS = flags.DEFINE_list('configs', ['tiny', 'small'], 'Config names under configs/.')
@@ -46,12 +50,18 @@ _ATTENTION = flags.DEFINE_string('attention_impl', '', "Override model.attention
 _ACTIVATION = flags.DEFINE_string('activation', '', "Override model.activation ('era', 'silu', 'gelu').")
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model and step in PyTorch (eager and '
                            'torch.compile), interleaved with the JAX step; needs torch installed.')
+_VELVET_KERNELS = flags.DEFINE_list('velvet_kernels', [], "opt.kernel values to time Velvet with, one row "
+                                    "each ('xla', 'xla_flat', 'pallas', 'triton'; default: the config's).")
+_CACHE = flags.DEFINE_string('compilation_cache_dir', '', 'Persistent compilation cache (a second run '
+                             'with the same directory measures the first step from the cache).')
 _OUT = flags.DEFINE_string('out', '', 'JSON path (default: $OUT/bench_train.json or experiments/results/).')
 
 
-def load(name: str, optimizer: str):
+def load(name: str, optimizer: str, kernel: str = ''):
   config = base_config.load_config_file(name)
   config.opt.name = optimizer
+  if kernel:
+    config.opt.kernel = kernel
   if _BATCH.value:
     config.train.batch_size = _BATCH.value
   if _SEQ.value:
@@ -88,8 +98,8 @@ def jax_step(config):
   return step, time.perf_counter() - t0, parts, mesh
 
 
-def bench(name: str, optimizer: str) -> dict:
-  config = load(name, optimizer)
+def bench(name: str, optimizer: str, kernel: str = '') -> dict:
+  config = load(name, optimizer, kernel)
   step, compile_s, parts, mesh = jax_step(config)
   t0 = time.perf_counter()
   for _ in range(_STEPS.value):
@@ -101,6 +111,7 @@ def bench(name: str, optimizer: str) -> dict:
 def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=None) -> dict:
   counts = abstract_param_counts(ModelConfig(**config.model))
   B, T = config.train.batch_size, config.data.seq_len
+  on_device = framework == 'vesper_jax' or jax.default_backend() == 'gpu'  # the anchor follows JAX to a GPU
   tokens_per_s = B * T / step_s
   mfu = None
   if parts is not None:
@@ -109,12 +120,20 @@ def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=N
       flops_per_s = scaling.flops_per_token(parts.model.config, counts['non_embedding'], T) * tokens_per_s
       mfu = scaling.mfu(flops_per_s, peak, mesh.size)
   return {'config': name, 'framework': framework, 'optimizer': config.opt.name,
+          'kernel': config.opt.kernel if config.opt.name == 'velvet' else '-',
           'activation': config.model.activation,
-          'attention': (config.model.attention_impl or 'auto') if framework == 'vesper_jax' else 'sdpa',
-          'device': jax.devices()[0].device_kind if framework == 'vesper_jax' else 'cpu',
+          'attention': _attention(config) if framework == 'vesper_jax' else 'sdpa',
+          'device': jax.devices()[0].device_kind if on_device else 'cpu',
           'devices': mesh.size if mesh is not None else 1, 'dtype': config.model.dtype,
           'batch_size': B, 'seq_len': T, 'params': counts['total'], 'step_ms': 1e3 * step_s,
           'tokens_per_s': tokens_per_s, 'mfu': mfu, 'first_step_s': first_step_s, 'loss': loss}
+
+
+def _attention(config) -> str:
+  """The attention the JAX step really runs (model.attention_implementation resolves 'auto')."""
+  if config.model.attention_impl is None and jax.default_backend() == 'cpu':
+    return 'cpu (model.py)'
+  return attention_implementation(ModelConfig(**config.model), unmasked=True) or 'xla'
 
 
 # ----------------------------------------------------------------------------------- the PyTorch anchor
@@ -128,12 +147,15 @@ def torch_skip_reason(config) -> str | None:
   m = config.model
   if m.lora_targets:
     return 'FlyLoRA adapters have no PyTorch counterpart here'
-  if m.dtype != 'float32':
-    return f'model.dtype={m.dtype}: the PyTorch anchor is float32 only'
   if config.opt.name != 'adamw':
     return f'opt.name={config.opt.name}: the PyTorch anchor uses torch.optim.AdamW'
-  if jax.default_backend() != 'cpu' or config.train.grad_accum_steps != 1:
-    return 'the PyTorch anchor runs on CPU, one micro-batch per step'
+  if config.train.grad_accum_steps != 1:
+    return 'the PyTorch anchor runs one micro-batch per step'
+  on_gpu = jax.default_backend() == 'gpu'
+  if on_gpu and not torch.cuda.is_available():
+    return 'JAX runs on a GPU but this torch has no CUDA'
+  if m.dtype not in ('float32', 'bfloat16') or (m.dtype == 'bfloat16' and not on_gpu):
+    return f'model.dtype={m.dtype}: the PyTorch anchor is float32 (CPU, GPU) or bfloat16 autocast (GPU)'
   return None
 
 
@@ -155,6 +177,9 @@ def torch_step(config, compiled: bool):
   B, T = config.train.batch_size, config.data.seq_len
   D, N, K, H, V = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.vocab_size
   torch.manual_seed(0)
+  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+  # nanoGPT's mixed precision: float32 parameters, the forward under bfloat16 autocast.
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=m.dtype == 'bfloat16')
 
   def norm():
     if m.norm == 'rmsnorm':
@@ -164,11 +189,13 @@ def torch_step(config, compiled: bool):
   half = H // 2
   angles_TH = (torch.arange(T, dtype=torch.float32)[:, None]
                * (1.0 / m.rope_theta ** (torch.arange(half, dtype=torch.float32) / half)))
-  cos_TH, sin_TH = angles_TH.cos(), angles_TH.sin()
+  cos_TH, sin_TH = angles_TH.cos().to(device), angles_TH.sin().to(device)
 
   def rope(x_BNTH):
     x1, x2 = x_BNTH[..., :half], x_BNTH[..., half:]
-    return torch.cat([x1 * cos_TH - x2 * sin_TH, x2 * cos_TH + x1 * sin_TH], dim=-1)
+    # Back to the input's dtype: under bfloat16 autocast the float32 tables would promote q and k, and
+    # SDPA needs q, k and v in one dtype.
+    return torch.cat([x1 * cos_TH - x2 * sin_TH, x2 * cos_TH + x1 * sin_TH], dim=-1).to(x_BNTH.dtype)
 
   def activation(x):
     if m.activation == 'silu':
@@ -221,7 +248,7 @@ def torch_step(config, compiled: bool):
       logits = x @ self.embeddings.weight.T if self.lm_head is None else self.lm_head(x)
       return F.cross_entropy(logits[..., :V].reshape(B * T, V), targets_BT.reshape(B * T))
 
-  model = LM()
+  model = LM().to(device)
   # Same model, same parameters: a count that differs means the two have drifted apart.
   n_params = sum(p.numel() for p in model.parameters())
   if n_params != abstract_param_counts(m)['total']:
@@ -234,10 +261,12 @@ def torch_step(config, compiled: bool):
             if not (p.ndim >= 2 and (o.decay_embeddings or not n.startswith(embedding_names)))]
   optimizer = torch.optim.AdamW([{'params': decayed, 'weight_decay': o.weight_decay},
                                  {'params': others, 'weight_decay': 0.0}],
-                                lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps)
+                                lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
+                                fused=device == 'cuda')
 
   def train_step(inputs_BT, targets_BT):
-    loss = model(inputs_BT, targets_BT)
+    with autocast:
+      loss = model(inputs_BT, targets_BT)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if o.grad_clip_norm > 0:
@@ -248,7 +277,7 @@ def torch_step(config, compiled: bool):
   if compiled:
     train_step = torch.compile(train_step)
   tokens = torch.from_numpy(np.random.default_rng(0).integers(0, V, (B, T + 1))).long()
-  inputs_BT, targets_BT = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+  inputs_BT, targets_BT = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
 
   def step():
     return train_step(inputs_BT, targets_BT).item()
@@ -260,9 +289,9 @@ def torch_step(config, compiled: bool):
   return step, first_step_s
 
 
-def bench_with_torch(name: str, optimizer: str) -> list[dict]:
+def bench_with_torch(name: str, optimizer: str, kernel: str = '') -> list[dict]:
   """The JAX step and its PyTorch counterparts, interleaved step by step; medians of per-step times."""
-  config = load(name, optimizer)
+  config = load(name, optimizer, kernel)
   jstep, jax_first_s, parts, mesh = jax_step(config)
   reason = torch_skip_reason(config)
   if reason is not None:
@@ -292,29 +321,41 @@ def bench_with_torch(name: str, optimizer: str) -> list[dict]:
 
 def main(argv):
   del argv
-  rows = []
-  for n in _CONFIGS.value:
-    for o in _OPTIMIZERS.value:
-      rows += bench_with_torch(n, o) if _TORCH.value else [bench(n, o)]
+  if _CACHE.value:
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   out = pathlib.Path(_OUT.value or (pathlib.Path(os.environ['OUT']) / 'bench_train.json' if 'OUT' in os.environ
                                     else REPO / 'experiments' / 'results' / 'bench_train.json'))
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(rows, indent=2))
-  print(f'\n| config | framework | optimizer | activation | attention | device | dtype | batch×seq | params '
-        f'| step ms | tokens/s | first step s | MFU |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  rows = []
+  for n in _CONFIGS.value:
+    for o in _OPTIMIZERS.value:
+      for kernel in (_VELVET_KERNELS.value or ['']) if o == 'velvet' else ['']:
+        try:
+          rows += bench_with_torch(n, o, kernel) if _TORCH.value else [bench(n, o, kernel)]
+        except Exception as e:  # pylint: disable=broad-except
+          # e.g. opt.kernel='triton' without jax-triton, or a kernel that fails to build on this GPU:
+          # one line, and the other rows still run.
+          print(f'{n} {o} {kernel}: skipped: {type(e).__name__}: {str(e).strip()[:300]}', flush=True)
+        # Written after every row: a run cut short by a time limit keeps what it measured.
+        out.write_text(json.dumps(rows, indent=2))
+  print(f'\n| config | framework | optimizer | kernel | activation | attention | device | dtype | batch×seq '
+        f'| params | step ms | tokens/s | first step s | MFU |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
-    print(f"| {r['config']} | {r['framework']} | {r['optimizer']} | {r['activation']} | {r['attention']} | "
+    print(f"| {r['config']} | {r['framework']} | {r['optimizer']} | {r['kernel']} | {r['activation']} | "
+          f"{r['attention']} | "
           f"{r['devices']}× {r['device']} | {r['dtype']} | {r['batch_size']}×{r['seq_len']} | "
           f"{r['params']:,} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['first_step_s']:.1f} | {mfu} |")
   # vesper_jax against each anchor of the same config (measured in this run).
   for r in rows:
     if r['framework'] == 'vesper_jax':
       continue
-    jax_row = next(j for j in rows if j['framework'] == 'vesper_jax' and j['config'] == r['config']
-                   and j['optimizer'] == r['optimizer'])
-    print(f"{r['config']}: vesper_jax / {r['framework']} = {jax_row['tokens_per_s'] / r['tokens_per_s']:.2f}×")
+    for j in rows:  # every JAX row of the config (AdamW and each Velvet kernel) against the AdamW anchor
+      if j['framework'] == 'vesper_jax' and j['config'] == r['config']:
+        print(f"{r['config']}: vesper_jax {j['optimizer']}/{j['kernel']} / {r['framework']} = "
+              f"{j['tokens_per_s'] / r['tokens_per_s']:.2f}×")
   print(f'wrote {out}')
 
 

@@ -6,16 +6,16 @@
 
 Every timed function is a whole optimizer step as a jitted train step runs it: (params, grads, state) in,
 (params, grads, state) out, all donated, so buffers are updated in place and nothing is copied that a
-train step would not copy (the update-only kernel writes u over the gradient, which a train step no
-longer needs; the gradient is handed back as the next call's gradient).
+train step would not copy.
 
-Paths, each on the parameter tree as VesperLM builds it ("tree", one leaf per weight) and on the flat
-layout of velvet.flat_layout ("flat": one buffer per dtype and decay group):
-  adamw          optax.adamw(mask=decay mask) + optax.apply_updates
-  velvet-xla     velvet(kernel='xla') + optax.apply_updates
-  velvet-pallas  velvet(kernel='pallas') + optax.apply_updates: the kernel writes u, m, v; XLA adds u to p
-  kernel-inplace the Pallas kernel alone writing p, m, v in place (flat only): the 28 B/param floor
-  copy           jnp.copy of a buffer of 14 bytes/param: reads and writes the same 28 bytes/param
+Paths:
+  adamw            tree: optax.adamw(mask=decay mask) + optax.apply_updates
+  velvet-xla       tree: velvet(kernel='xla') + optax.apply_updates (opt.kernel 'xla', today's 'auto')
+  velvet-xla_flat  flat: velvet_in_place(kernel='xla_flat'): the same math, XLA-fused, p written in place
+  velvet-pallas-b* flat: velvet_in_place(kernel='pallas'): one aliased Pallas launch per buffer
+  velvet-triton-b* flat: velvet_in_place(kernel='triton'): jax-triton (skipped, with the reason, without it)
+  copy             jnp.copy of a buffer of 14 bytes/param: reads and writes the same 28 bytes/param
+("flat" = the buffers of velvet.flat_layout, one per decay group and dtype, as the train state holds them.)
 
 GB/s counts 28 bytes per parameter (read p, g, m, v; write p, m, v) whatever a path really moves, so
 the fraction of the copy rate is the fraction of the floor reached. Times are medians over repeats of
@@ -46,7 +46,7 @@ from vesper_jax import config as base_config  # noqa: E402
 from vesper_jax import losses, optim  # noqa: E402
 from vesper_jax import model as model_lib  # noqa: E402
 from vesper_jax import velvet  # noqa: E402
-from vesper_jax.kernels import velvet_pallas  # noqa: E402
+from vesper_jax.kernels import velvet_triton  # noqa: E402
 
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny tree and few iterations (CPU check of the script).')
 _SIZES = flags.DEFINE_list('sizes', ['medium', 'large'], 'Configs (configs/<name>.py) whose trees are timed.')
@@ -103,19 +103,13 @@ def _optax_step(tx, hand_back_updates: bool = False):
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def _inplace_step(decays: dict[str, bool], block_size: int):
-  """The kernel alone on each flat buffer, writing p, m, v in place (scalars fixed: their cost is nil)."""
-  scalars = velvet_pallas.pack_scalars(-1e-3, 0.9, 0.1, 0.5, 0.1)
-
-  def step(params, grads, moments):
-    new_p, new_m = {}, {}
-    for name in params:
-      new_p[name], m, v = velvet_pallas.velvet_update(
-          scalars, params[name], grads[name], *moments[name], b2=_HP['b2'], eps=_HP['eps'],
-          weight_decay=_HP['weight_decay'] if decays[name] else 0.0, write_params=True,
-          block_size=block_size)
-      new_m[name] = (m, v)
-    return new_p, grads, new_m
+def _in_place_step(opt: velvet.InPlace):
+  """The train step's optimizer stage on the flat buffers: velvet_in_place's step with its scalars
+  (clip factor, skip flag) as the train step passes them, writing p, m, v in place."""
+  def step(params, grads, state):
+    params, state = opt.step(params, grads, state, loss=jnp.float32(3.0), entropy=jnp.float32(0.4),
+                             grad_scale=jnp.float32(0.5), ok=jnp.bool_(True))
+    return params, grads, state
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
@@ -144,31 +138,43 @@ def bench_tree(name: str, model_cfg: model_lib.ModelConfig, iters: int, repeats:
   record('copy', '-', seconds)
   del copy_src
 
-  for layout_name in ('tree', 'flat'):
-    def fresh():
-      p = _random_tree(shapes, 0, 0.02)
-      g = _random_tree(shapes, 1, 1e-3)
-      if layout_name == 'flat':
-        p, g = layout.flatten(p), layout.flatten(g)
-      return p, g
-    decay = mask if layout_name == 'tree' else layout.decay_mask()
-    txs = [('adamw', optax.adamw(1e-3, mask=decay, **_HP), _optax_step),
-           ('velvet-xla', velvet.velvet(1e-3, mask=decay, kernel='xla', **_HP), _optax_step)]
-    txs += [(f'velvet-pallas-b{b}', velvet.velvet(1e-3, mask=decay, kernel='pallas', block_size=b, **_HP),
-             functools.partial(_optax_step, hand_back_updates=True)) for b in block_sizes]
-    for path, tx, wrap in txs:
-      p, g = fresh()
-      seconds, _ = _time(wrap(tx), (p, g, tx.init(p)), iters, repeats)
-      record(path, layout_name, seconds)
-    if layout_name == 'flat':
-      for b in block_sizes:
-        p, g = fresh()
-        moments = {k: (jnp.zeros_like(x), jnp.zeros_like(x)) for k, x in p.items()}
-        seconds, _ = _time(_inplace_step(layout.decay_mask(), b), (p, g, moments), iters, repeats)
-        record(f'kernel-inplace-b{b}', 'flat', seconds)
+  def fresh(flat: bool):
+    p = _random_tree(shapes, 0, 0.02)
+    g = _random_tree(shapes, 1, 1e-3)
+    return (layout.flatten(p), layout.flatten(g)) if flat else (p, g)
+
+  # The parameter tree through optax (what a user who chains Velvet runs), and AdamW as the reference.
+  for path, tx in (('adamw', optax.adamw(1e-3, mask=mask, **_HP)),
+                   ('velvet-xla', velvet.velvet(1e-3, mask=mask, kernel='xla', **_HP))):
+    p, g = fresh(False)
+    seconds, _ = _time(_optax_step(tx), (p, g, tx.init(p)), iters, repeats)
+    record(path, 'tree', seconds)
+  # The flat buffers updated in place (the train state's form on the kernel paths).
+  hp = {k: v for k, v in _HP.items() if k != 'weight_decay'}
+  paths = [('velvet-xla_flat', 'xla_flat', 1024)]
+  paths += [(f'velvet-pallas-b{b}', 'pallas', b) for b in block_sizes]
+  triton_missing = velvet_triton.unavailable_reason()
+  if triton_missing:
+    print(f'  velvet-triton: skipped ({triton_missing})', flush=True)
+    rows.append({'tree': name, 'params': n, 'path': 'velvet-triton', 'layout': 'flat', 'skipped': triton_missing})
+  else:
+    paths += [(f'velvet-triton-b{b}', 'triton', b) for b in block_sizes]
+  for path, kernel, block in paths:
+    opt = velvet.velvet_in_place(1e-3, layout.decay_mask(), kernel=kernel, block_size=block,
+                                 weight_decay=_HP['weight_decay'], **hp)
+    p, g = fresh(True)
+    try:
+      seconds, _ = _time(_in_place_step(opt), (p, g, jax.jit(opt.init)(p)), iters, repeats)
+    except Exception as e:  # pylint: disable=broad-except  (a kernel that fails to build: a row saying so)
+      reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
+      print(f'  {name:8s} {path:24s} failed: {reason}', flush=True)
+      rows.append({'tree': name, 'params': n, 'path': path, 'layout': 'flat', 'skipped': reason})
+      continue
+    record(path, 'flat', seconds)
   copy_ms = rows[0]['ms']
   for r in rows:
-    r['fraction_of_copy'] = copy_ms / r['ms']
+    if 'ms' in r:
+      r['fraction_of_copy'] = copy_ms / r['ms']
   return rows
 
 
@@ -209,6 +215,10 @@ def _table(rows: list[dict], e2e: list[dict]) -> str:
   lines = ['| tree | params | path | layout | ms | GB/s (28 B/param) | fraction of copy |',
            '|---|---:|---|---|---:|---:|---:|']
   for r in rows:
+    if 'skipped' in r:
+      lines.append(f"| {r['tree']} | {r['params'] / 1e6:.1f}M | {r['path']} | {r['layout']} | skipped: "
+                   f"{r['skipped']} | | |")
+      continue
     lines.append(f"| {r['tree']} | {r['params'] / 1e6:.1f}M | {r['path']} | {r['layout']} | {r['ms']:.3f} | "
                  f"{r['gb_per_s']:.1f} | {100 * r['fraction_of_copy']:.0f}% |")
   if e2e:

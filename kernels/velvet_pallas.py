@@ -2,8 +2,9 @@
 
 One launch walks the whole buffer in blocks of `block_size` elements. Each element is read once from
 p, g, m and v and written once to (p or u), m and v, in place (`input_output_aliases`): 28 bytes per
-float32 parameter, the floor for this update. The scalars that change every step (the step size, β1_t and
-the two bias corrections) come in as one small float32 vector, so a new step never recompiles.
+float32 parameter, the floor for this update. The scalars that change every step (velvet.StepScalars:
+the step size, β1_t, the bias corrections, b2 and the clip factor) come in as one small float32 vector,
+so a new step never recompiles, and a skipped step (identity scalars) writes every element back unchanged.
 
 Backends: on GPU the kernel lowers through Pallas-Triton; the Triton compiler parameters are passed
 explicitly because JAX 0.11 makes Mosaic GPU the default Pallas GPU backend (Pallas-Triton is deprecated
@@ -25,27 +26,18 @@ BLOCK_SIZE = 1024  # elements per program: a power of two (Triton); 4 warps → 
 NUM_WARPS = 4
 NUM_SCALARS = 8    # length of the scalars vector (a power of two, as Triton loads require)
 
-# Slots of the scalars vector; the rest is padding.
-_STEP, _BETA1, _ONE_MINUS_BETA1, _C1, _C2 = range(5)
+# Slots of the scalars vector: velvet.StepScalars's fields, in order.
+_STEP, _BETA1, _ONE_MINUS_BETA1, _C1, _C2, _B2, _ONE_MINUS_B2, _GRAD_SCALE = range(NUM_SCALARS)
 
 
-def pack_scalars(step: jax.Array, beta1: jax.Array, one_minus_beta1: jax.Array, c1: jax.Array,
-                 c2: jax.Array) -> jax.Array:
-  """The per-step scalars as the kernel reads them: float32[NUM_SCALARS].
-
-  Args:
-    step: −lr_t·s_E (the sign is folded in, as optax does).
-    beta1: β1_t.
-    one_minus_beta1: 1 − β1_t, computed once by the caller so both paths use the same rounding.
-    c1: 1 − Π β1_τ.
-    c2: 1 − b2^t.
-  """
-  vals = [jnp.asarray(x, jnp.float32) for x in (step, beta1, one_minus_beta1, c1, c2)]
-  return jnp.stack(vals + [jnp.zeros((), jnp.float32)] * (NUM_SCALARS - len(vals)))
+def pack_scalars(scalars) -> jax.Array:
+  """A `velvet.StepScalars` as the kernel reads it: float32[NUM_SCALARS] (grad_scale None → 1)."""
+  values = scalars._replace(grad_scale=1.0) if scalars.grad_scale is None else scalars
+  return jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
 
 
-def _kernel(*refs, n: int, block_size: int, b2: float, eps: float, weight_decay: float,
-            write_params: bool, has_keep: bool):
+def _kernel(*refs, n: int, block_size: int, eps: float, weight_decay: float, write_params: bool,
+            has_keep: bool):
   if has_keep:
     s_ref, p_ref, g_ref, m_ref, v_ref, keep_ref, out_ref, m_out, v_out = refs
   else:
@@ -58,22 +50,24 @@ def _kernel(*refs, n: int, block_size: int, b2: float, eps: float, weight_decay:
     return plt.load(ref, mask=inside, other=0).astype(jnp.float32)
 
   step, beta1, one_minus_beta1 = s_ref[_STEP], s_ref[_BETA1], s_ref[_ONE_MINUS_BETA1]
-  c1, c2 = s_ref[_C1], s_ref[_C2]
+  c1, c2, b2, one_minus_b2 = s_ref[_C1], s_ref[_C2], s_ref[_B2], s_ref[_ONE_MINUS_B2]
+  grad_scale = s_ref[_GRAD_SCALE]
   g, m, v = load(g_ref), load(m_ref), load(v_ref)
   # The same expressions, in the same order, as velvet._leaf_update (the XLA path): the two must agree.
+  g = jnp.where(grad_scale > 0, g * grad_scale, 0.0)  # a skipped step (scale 0) may carry NaN gradients
   m = one_minus_beta1 * g + beta1 * m
-  v = (1 - b2) * (g * g) + b2 * v
+  v = one_minus_b2 * (g * g) + b2 * v
   direction = (m / c1) / (jnp.sqrt(v / c2) + eps)
   # p is read only when something needs it: an update-only call on an undecayed buffer moves 24 B/elem.
-  p = load(p_ref) if (weight_decay or write_params) else None
+  p_raw = plt.load(p_ref, mask=inside, other=0) if (weight_decay or write_params) else None
   if weight_decay:
-    direction = direction + weight_decay * p
-  out = step * direction
+    direction = direction + weight_decay * p_raw.astype(jnp.float32)
+  out = (step * direction).astype(out_ref.dtype)
   if write_params:
-    out = p + out
+    out = p_raw + out  # in the parameters' dtype, as optax.apply_updates adds
   if keep_ref is not None:
     keep = plt.load(keep_ref, mask=inside, other=0) != 0
-    out = jnp.where(keep, out, p if write_params else 0.0)
+    out = jnp.where(keep, out, p_raw if write_params else 0.0)
     m = jnp.where(keep, m, 0.0)
     v = jnp.where(keep, v, 0.0)
   plt.store(out_ref, out.astype(out_ref.dtype), mask=inside)
@@ -82,7 +76,7 @@ def _kernel(*refs, n: int, block_size: int, b2: float, eps: float, weight_decay:
 
 
 def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
-                  keep: jax.Array | None = None, *, b2: float, eps: float, weight_decay: float,
+                  keep: jax.Array | None = None, *, eps: float, weight_decay: float,
                   write_params: bool, block_size: int = BLOCK_SIZE, num_warps: int = NUM_WARPS,
                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One fused Velvet step over flat buffers, in place.
@@ -93,7 +87,7 @@ def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, 
     g: gradients, 1-D, same length.
     m, v: float32 moments, same length.
     keep: optional int8 mask, same length: 0 = frozen element (no update, moments set to 0).
-    b2, eps, weight_decay: static hyperparameters (weight_decay 0 for an undecayed buffer).
+    eps, weight_decay: static hyperparameters (weight_decay 0 for an undecayed buffer).
     write_params: True → returns the new parameters, aliased onto `p` (the 28 B/param in-place step);
       False → returns the update u (optax's contract: the caller adds it), aliased onto `g`.
     block_size: elements per program, a power of two.
@@ -115,7 +109,7 @@ def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, 
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
   has_keep = keep is not None
-  kernel = functools.partial(_kernel, n=n, block_size=block_size, b2=float(b2), eps=float(eps),
+  kernel = functools.partial(_kernel, n=n, block_size=block_size, eps=float(eps),
                              weight_decay=float(weight_decay), write_params=write_params,
                              has_keep=has_keep)
   block = pl.BlockSpec((block_size,), lambda i: (i,))

@@ -249,3 +249,13 @@ def test_hidden_states_through_head_weights_are_the_logits(overrides):
   kernel, bias = M.VesperLM(cfg).head_weights(params)
   assert kernel.shape == (cfg.d_model, cfg.vocab_size) and (bias is None) == (not cfg.use_bias)
   np.testing.assert_allclose(x @ kernel + (0 if bias is None else bias), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_attention_is_cudnn_for_half_precision_training_on_gpu_only(monkeypatch):
+  cfg = tiny_model_config(dtype='bfloat16')  # head_dim 32
+  assert M.attention_implementation(cfg, unmasked=True) is None  # CPU: the model's own CPU attention
+  monkeypatch.setattr(M.jax, 'default_backend', lambda: 'gpu')  # the rule only; nothing runs
+  assert M.attention_implementation(cfg, unmasked=True) == 'cudnn'
+  assert M.attention_implementation(cfg, unmasked=False) is None  # padding masks stay on XLA
+  assert M.attention_implementation(cfg.replace(dtype='float32'), unmasked=True) is None
+  assert M.attention_implementation(cfg.replace(attention_impl='xla'), unmasked=True) == 'xla'

@@ -67,3 +67,18 @@ def test_batches_split_over_every_device():
   assert batch.shape == (16, 5) and batch.sharding == batch_sharding
   assert {s.data.shape for s in batch.addressable_shards} == {(2, 5)}
   np.testing.assert_array_equal(np.asarray(batch), local)
+
+
+def test_in_place_velvet_state_is_flat_buffers_split_over_fsdp(tmp_path):
+  config = short_run_config(tmp_path / 'cache', **{'opt.name': 'velvet', 'opt.kernel': 'pallas'})
+  parts = train.build(config, sharding.make_mesh(2, 4))
+  state = parts.init_fn(jax.random.key(0))
+  assert sorted(state.params) == ['decay_float32', 'no_decay_float32']
+  for name, buffer in state.params.items():
+    assert buffer.ndim == 1 and buffer.size % 4096 == 0  # padded: splits evenly over any fsdp ≤ 4096
+    assert buffer.sharding.spec == P('fsdp')
+    assert {s.data.shape for s in buffer.addressable_shards} == {(buffer.size // 4,)}
+    assert state.opt_state.mu[name].sharding == buffer.sharding == state.opt_state.nu[name].sharding
+  # The model's view is the parameter tree, with its real shapes.
+  tree = parts.param_tree(state.params)
+  assert tree['layers_0']['ffn']['gate_proj']['kernel'].shape == (128, 384)

@@ -3,6 +3,8 @@
 A workdir holds:
   config.json        the full ConfigDict of the run (written once, at start)
   tokenizer.json     a copy of the tokenizer the run used
+  flat_layout.json   on the in-place Velvet path only: where each parameter lives in the flat buffers
+                     the checkpoints hold (velvet.FlatLayout), so readers rebuild the parameter tree
   checkpoints/<step> orbax checkpoints of the TrainState (params, optimizer state, step, counters)
   metrics.jsonl, events.out.tfevents.*   logs
   damaged_checkpoints/<step>   checkpoints that could not be resumed from, set aside (never deleted)
@@ -28,11 +30,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vesper_jax import config as config_lib
+from vesper_jax import velvet
 from vesper_jax.model import ModelConfig
 from vesper_jax.pytree import PyTree
 
 
 CONFIG_FILE = 'config.json'
+LAYOUT_FILE = 'flat_layout.json'
 TOKENIZER_FILE = 'tokenizer.json'
 CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'damaged_checkpoints'
@@ -130,6 +134,25 @@ def write_workdir_metadata(workdir: str | os.PathLike, config: ml_collections.Co
     os.replace(str(target) + '.tmp', target)
 
 
+def write_layout(workdir: str | os.PathLike, layout: velvet.FlatLayout | None) -> None:
+  """Writes flat_layout.json when the state holds flat buffers; removes a stale one otherwise."""
+  if jax.process_index() != 0:
+    return
+  path = pathlib.Path(workdir) / LAYOUT_FILE
+  if layout is None:
+    path.unlink(missing_ok=True)
+    return
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(layout.to_json())
+  tmp.replace(path)
+
+
+def read_layout(workdir: str | os.PathLike) -> velvet.FlatLayout | None:
+  """The FlatLayout of a workdir's checkpoints, or None when they hold the parameter tree itself."""
+  path = pathlib.Path(workdir) / LAYOUT_FILE
+  return velvet.layout_from_json(path.read_text()) if path.is_file() else None
+
+
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The run's config.json laid over this version's base config: a key the file lacks (a run from an
   older version) gets its default, and a key this version no longer has is dropped (logged)."""
@@ -172,8 +195,9 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[in
   if not steps:
     raise FileNotFoundError(f'{directory}: no checkpoint found')
   problems = []
+  layout = read_layout(workdir)
   for candidate in steps:
-    params = _try(lambda: _restore_params(directory / str(candidate) / 'default'))
+    params = _try(lambda: _as_tree(_restore_params(directory / str(candidate) / 'default'), layout))
     if not isinstance(params, str):
       if problems:
         logging.warning('loaded step %d of %s; newer checkpoints skipped: %s', candidate, directory,
@@ -204,6 +228,14 @@ def _restore_params(item_dir: pathlib.Path) -> PyTree:
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
     return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))['params']
+
+
+def _as_tree(params: PyTree, layout: velvet.FlatLayout | None) -> PyTree:
+  """The parameter tree of restored `params`: as saved, or rebuilt from the flat buffers of `layout`."""
+  if layout is None or not isinstance(params, dict) or set(params) != {b[0] for b in layout.buffers}:
+    return params
+  # Copies, not views: the leaves must not keep the whole buffers alive.
+  return jax.tree.map(jnp.copy, layout.unflatten(params))
 
 
 @jax.jit

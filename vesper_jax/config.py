@@ -126,7 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.opt.beta1_min = 0.5            # lower clip of β1_t = b1·s_P
   config.opt.beta1_max = 0.999          # upper clip of β1_t
   config.opt.max_log_perplexity = 20.0  # the loss is capped here before exp() (perplexity ≤ e^20)
-  config.opt.kernel = 'auto'            # update path: 'auto' (= 'xla', see velvet.py) | 'xla' | 'pallas'
+  # Velvet's update path: 'auto' (= 'xla' for now: README, Velvet) | 'xla' (optax, the parameter tree) |
+  # 'xla_flat' | 'pallas' | 'triton' (in place over flat buffers the train state holds; 'triton' is GPU-only
+  # and needs the `triton` extra; no adapters). AdamW ignores it.
+  config.opt.kernel = 'auto'
 
   # ---------------------------------------------------------------- training
   config.train = ml_collections.ConfigDict()
@@ -208,6 +211,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     raise ValueError(f'opt.name={o.name!r}: expected one of {OPTIMIZERS}')
   if o.kernel not in velvet.KERNELS:
     raise ValueError(f'opt.kernel={o.kernel!r}: expected one of {velvet.KERNELS}')
+  if o.name == 'velvet' and o.kernel in velvet.IN_PLACE_KERNELS and model.lora_targets:
+    raise ValueError(f'opt.kernel={o.kernel!r} (in place over flat buffers) cannot freeze a base for '
+                     "adapters (model.lora_targets); use opt.kernel='xla'")
+  if o.name == 'velvet' and o.kernel == 'triton':
+    _check_triton()
   if not o.learning_rate > 0:
     raise ValueError(f'opt.learning_rate={o.learning_rate} must be positive')
   num_devices = jax.device_count() if num_devices is None else num_devices
@@ -220,6 +228,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                      f'(train.mesh_data={t.mesh_data}, train.mesh_fsdp={t.mesh_fsdp})')
   if t.batch_size % num_processes:
     raise ValueError(f'train.batch_size={t.batch_size} does not split over {num_processes} processes')
+
+
+def _check_triton() -> None:
+  """opt.kernel='triton' needs jax-triton (the `triton` extra) and a CUDA GPU: one line if either is missing."""
+  from vesper_jax.kernels import velvet_triton  # pylint: disable=g-import-not-at-top
+  reason = velvet_triton.unavailable_reason()
+  if reason:
+    raise ValueError(f"opt.kernel='triton' {reason}; use opt.kernel='pallas' or 'xla'")
 
 
 def _check_known_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,

@@ -188,6 +188,20 @@ def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, as in dot_product_attention: no NaN on empty rows
 
 
+def attention_implementation(c: ModelConfig, unmasked: bool) -> str | None:
+  """jax.nn.dot_product_attention's `implementation` for `c.attention_impl` (None = auto).
+
+  Auto on a GPU in bfloat16/float16, for the unmasked causal attention of training, is cuDNN's fused
+  flash attention: it never materialises the [B, N, T, S] scores that XLA's version writes and reads
+  back in both passes. Its head-dim limit (a multiple of 8, at most 128) is checked here; elsewhere (and
+  with a padding mask) auto is XLA's. GPU speed against XLA: README, GPU (pending a GPU measurement).
+  """
+  if c.attention_impl is not None:
+    return c.attention_impl
+  cudnn_fits = c.dtype in ('bfloat16', 'float16') and c.head_dim % 8 == 0 and c.head_dim <= 128
+  return 'cudnn' if jax.default_backend() == 'gpu' and cudnn_fits and unmasked else None
+
+
 def causal_attention_cpu(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
                          attention_mask_BT: jax.Array | None = None) -> jax.Array:
   """Causal (grouped-query) softmax attention, as `jax.nn.dot_product_attention(..., is_causal=True)`.
@@ -287,7 +301,7 @@ class Attention(nn.Module):
     else:
       mask = None if attention_mask_BT is None else attention_mask_BT.astype(bool)[:, None, None, :]
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True,
-                                              implementation=c.attention_impl)
+                                              implementation=attention_implementation(c, mask is None))
     out_MD = _dense(c, c.d_model, 'o_proj', out_proj=True)(out_BTNH.reshape(B * T, N * H))
     return out_MD.reshape(B, T, c.d_model)
 

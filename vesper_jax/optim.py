@@ -1,10 +1,17 @@
-"""The optimizer from `config.opt`: schedule, clipping, weight-decay mask, AdamW or Velvet."""
+"""The optimizer from `config.opt`: schedule, clipping, weight-decay mask, AdamW or Velvet.
 
+Two forms of Velvet, one math (velvet.py): the optax transformation over the parameter tree
+(opt.kernel 'auto' | 'xla'), and the in-place step over flat buffers that the train state holds
+(opt.kernel 'xla_flat' | 'pallas' | 'triton'; `in_place_kernel`, `flat_layout`, `make_in_place`).
+"""
+
+import math
 
 import jax
 import ml_collections
 import optax
 
+from vesper_jax import sharding
 from vesper_jax import velvet
 from vesper_jax.model import EMBEDDING_NAMES
 from vesper_jax.pytree import PyTree, flatten, unflatten
@@ -49,7 +56,7 @@ def make_optimizer(opt_config: ml_collections.ConfigDict, num_steps: int,
         entropy_adaptive=o.entropy_adaptive, perplexity_guided=o.perplexity_guided, vocab_size=vocab_size,
         mask=mask, entropy_target=o.entropy_target, perplexity_pivot=o.perplexity_pivot,
         scale_min=o.scale_min, scale_max=o.scale_max, beta1_min=o.beta1_min, beta1_max=o.beta1_max,
-        max_log_perplexity=o.max_log_perplexity, kernel=o.kernel)
+        max_log_perplexity=o.max_log_perplexity, kernel='xla')  # the in-place kernels: make_in_place
   else:
     raise ValueError(f"opt.name={opt_config.name!r}: expected 'adamw' or 'velvet'")
   parts = []
@@ -58,6 +65,40 @@ def make_optimizer(opt_config: ml_collections.ConfigDict, num_steps: int,
   parts.append(core)
   tx = optax.chain(*parts)
   return tx if trainable is None else freeze(tx, trainable)
+
+
+# Elements a flat buffer is padded to a multiple of (times the fsdp size when that does not divide it):
+# every power-of-two mesh axis up to 4096 splits it evenly, so a resume on another such mesh keeps the
+# layout; the padding costs at most 4095 elements per buffer.
+FLAT_PAD = 4096
+
+
+def in_place_kernel(opt_config: ml_collections.ConfigDict) -> str | None:
+  """The in-place flat path `opt.kernel` selects for Velvet ('xla_flat', 'pallas', 'triton'), or None
+  for the optax tree path. 'auto' is the tree path on every backend until GPU measurements show the
+  in-place kernel ahead (README, Velvet)."""
+  if opt_config.name != 'velvet' or opt_config.kernel in ('auto', 'xla'):
+    return None
+  return opt_config.kernel
+
+
+def flat_layout(opt_config: ml_collections.ConfigDict, params: PyTree, fsdp_size: int) -> velvet.FlatLayout:
+  """The flat buffers of the in-place path: decay groups as the optax path's mask, padded to split."""
+  return velvet.flat_layout(params, decay_mask(params, opt_config.decay_embeddings),
+                            pad_multiple=math.lcm(FLAT_PAD, fsdp_size))
+
+
+def make_in_place(opt_config: ml_collections.ConfigDict, num_steps: int, layout: velvet.FlatLayout, *,
+                  vocab_size: int, mesh: jax.sharding.Mesh | None = None) -> velvet.InPlace:
+  """Velvet's in-place step over `layout`'s buffers (clipping is the train step's scalar, not a stage)."""
+  o = opt_config
+  return velvet.velvet_in_place(
+      learning_rate_schedule(o, num_steps), layout.decay_mask(), kernel=in_place_kernel(o), eps=o.eps,
+      weight_decay=o.weight_decay, mesh=mesh, shard_axis=sharding.FSDP, b1=o.b1, b2=o.b2,
+      entropy_adaptive=o.entropy_adaptive, perplexity_guided=o.perplexity_guided, vocab_size=vocab_size,
+      entropy_target=o.entropy_target, perplexity_pivot=o.perplexity_pivot, scale_min=o.scale_min,
+      scale_max=o.scale_max, beta1_min=o.beta1_min, beta1_max=o.beta1_max,
+      max_log_perplexity=o.max_log_perplexity)
 
 
 # --- FlyLoRA fine-tuning (flylora.py): frozen parameters.

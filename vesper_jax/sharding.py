@@ -71,6 +71,15 @@ def state_shardings(abstract_tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(tuple(x.shape), fsdp_size)), abstract_tree)
 
 
+def flat_buffer_sharding(mesh: Mesh) -> NamedSharding:
+  """The in-place optimizer's flat buffers (velvet.FlatLayout, padded to split evenly) over 'fsdp'.
+
+  The update is elementwise, so each device updates its own slice; the model's slices of the buffers are
+  all-gathered where they are read, as FSDP gathers a sharded weight.
+  """
+  return NamedSharding(mesh, P(FSDP))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches split their leading (example) axis over every device: both mesh axes."""
   return NamedSharding(mesh, P((DATA, FSDP)))

@@ -51,7 +51,8 @@ class NonFiniteError(ValueError):
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array               # int32 []: optimizer steps taken
-  params: PyTree                # trainable and frozen parameters (the `params` collection)
+  params: PyTree                # trainable and frozen parameters (the `params` collection); on the
+                                # in-place Velvet path, velvet.FlatLayout buffers ({name: [n]})
   opt_state: PyTree
   model_state: PyTree           # other variable collections the model carries ({} for a plain model)
   nonfinite_streak: jax.Array   # int32 []: consecutive skipped updates
@@ -75,13 +76,15 @@ def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: Ves
   return loss, (entropy, sown.get(flylora.COUNTS, {}))
 
 
-def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps, trainable=None):
+def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps, trainable=None, layout=None):
   """Loss, entropy, gradients and FlyLoRA rank counts, summed over micro-batches with a scan.
 
   `trainable` (fine-tuning): frozen leaves sit behind stop_gradient, so their gradients (zeros) cost
-  no backward matmuls.
+  no backward matmuls. `layout` (the in-place Velvet path): `params` are its flat buffers, the model runs
+  on their slices, and the gradients come back as flat buffers through the same slices.
   """
   def loss_fn(p, *args):
+    p = p if layout is None else layout.unflatten(p)
     return _loss(p if trainable is None else flylora.stop_frozen_gradients(p, trainable), *args)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -107,17 +110,29 @@ def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps, tr
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperLM,
                tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule,
-               grad_accum_steps: int, trainable: PyTree | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int, trainable: PyTree | None = None,
+               layout: velvet.FlatLayout | None = None, in_place: velvet.InPlace | None = None,
+               grad_clip_norm: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Pure: jitted once with explicit shardings and the state donated.
 
   A step whose loss or gradient norm is not finite changes nothing but the skip counters.
   `trainable` (a tree of bools, fine-tuning with adapters) marks what the optimizer may change.
+  `layout` and `in_place` (opt.kernel 'xla_flat' | 'pallas' | 'triton'): the state holds flat buffers and
+  `in_place.step` replaces tx, with clipping (`grad_clip_norm`) folded into its scalars.
   """
   loss, entropy, grads, counts = _loss_and_grads(state.params, state.model_state, batch['tokens'],
-                                                 model, grad_accum_steps, trainable)
+                                                 model, grad_accum_steps, trainable, layout)
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  if in_place is not None:
+    # --- the in-place Velvet path: one pass over each buffer, the skip and the clip as scalars.
+    grad_scale = (jnp.where(grad_norm < grad_clip_norm, 1.0, grad_clip_norm / grad_norm)
+                  if grad_clip_norm > 0 else jnp.ones((), jnp.float32))
+    params, opt_state = in_place.step(state.params, grads, state.opt_state, loss=loss,
+                                      entropy=entropy / math.log(model.config.vocab_size),
+                                      grad_scale=grad_scale, ok=ok)
+    return _advance(state, params, opt_state, ok, loss, entropy, grad_norm, schedule)
 
   def update(params, opt_state):
     # Velvet reads the loss and the entropy normalised to [0, 1] by ln V; AdamW ignores both.
@@ -131,6 +146,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperL
   # parameters and the optimizer state and wrote a third on every step, to serve the rare skipped one.
   params, opt_state = jax.lax.cond(ok, update, lambda params, opt_state: (params, opt_state),
                                    state.params, state.opt_state)
+  return _advance(state, params, opt_state, ok, loss, entropy, grad_norm, schedule)
+
+
+def _advance(state: TrainState, params: PyTree, opt_state: PyTree, ok: jax.Array, loss: jax.Array,
+             entropy: jax.Array, grad_norm: jax.Array, schedule: optax.Schedule
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The new state around the optimizer's result (counters), and the step's metrics."""
   streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak,
@@ -155,19 +177,26 @@ def _compilation_cache(config: ml_collections.ConfigDict) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def _init_state(config, model: VesperLM, tx, mesh, seq_len: int):
+def _init_state(config, model: VesperLM, tx, mesh, seq_len: int, layout=None, in_place=None):
   """Sharded init: shapes first (no memory), shardings from the rules, then a jitted init."""
 
   def init(rng):
     variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
     params = variables.pop('params')
-    return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+    if layout is not None:
+      params = layout.flatten(params)
+    opt_state = tx.init(params) if in_place is None else in_place.init(params)
+    return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state,
                       model_state=dict(variables), nonfinite_streak=jnp.array(0, jnp.int32),
                       nonfinite_total=jnp.array(0, jnp.int32))
 
   rng = jax.random.key(config.train.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.state_shardings(abstract, mesh)
+  if layout is not None:  # flat buffers split over 'fsdp' (the layout padded them to split evenly)
+    split = lambda tree: jax.tree.map(lambda _: sharding.flat_buffer_sharding(mesh), tree)
+    shardings = shardings.replace(params=split(shardings.params), opt_state=shardings.opt_state._replace(
+        mu=split(shardings.opt_state.mu), nu=split(shardings.opt_state.nu)))
   return jax.jit(init, out_shardings=shardings), abstract, shardings
 
 
@@ -204,6 +233,16 @@ class Parts:
   batch_sharding: jax.sharding.NamedSharding
   step_fn: Callable               # (state, batch) -> (state, metrics); jitted, state donated
   eval_fn: Callable               # (params, model_state, batch) -> (nll sum, count); jitted
+  layout: velvet.FlatLayout | None = None  # the in-place Velvet path's flat buffers (else None)
+  in_place: velvet.InPlace | None = None
+
+  def param_tree(self, params: PyTree) -> PyTree:
+    """The parameter tree of a state's `params` (a view of the flat buffers on the in-place path)."""
+    return params if self.layout is None else self.layout.unflatten(params)
+
+  def abstract_params(self) -> PyTree:
+    """ShapeDtypeStructs of the parameter tree."""
+    return jax.eval_shape(self.param_tree, self.abstract_state.params)
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
@@ -218,19 +257,27 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
                else None)
   tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'], trainable,
                             vocab_size=model_cfg.vocab_size)
-  init_fn, abstract_state, state_shardings = _init_state(config, model, tx, mesh, seq_len)
+  layout = in_place = None
+  if optim.in_place_kernel(config.opt):
+    layout = optim.flat_layout(config.opt, params_shape['params'], mesh.shape[sharding.FSDP])
+    in_place = optim.make_in_place(config.opt, t.num_steps, layout, vocab_size=model_cfg.vocab_size,
+                                   mesh=mesh)
+  init_fn, abstract_state, state_shardings = _init_state(config, model, tx, mesh, seq_len, layout, in_place)
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx,
                         schedule=optim.learning_rate_schedule(config.opt, t.num_steps),
-                        grad_accum_steps=t.grad_accum_steps, trainable=trainable),
+                        grad_accum_steps=t.grad_accum_steps, trainable=trainable, layout=layout,
+                        in_place=in_place, grad_clip_norm=config.opt.grad_clip_norm),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_lib.eval_step, model=model),
+  eval_step = functools.partial(eval_lib.eval_step, model=model)
+  eval_fn = jax.jit(lambda params, *args: eval_step(params if layout is None else layout.unflatten(params),
+                                                     *args),
                     in_shardings=(state_shardings.params, state_shardings.model_state,
                                   {'tokens': batch_sharding, 'weights': batch_sharding}))
   return Parts(model, tx, trainable, init_fn, abstract_state, state_shardings, batch_sharding, step_fn,
-               eval_fn)
+               eval_fn, layout, in_place)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -265,6 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   ckpt_lib.write_workdir_metadata(workdir, config, cache.directory / 'tokenizer.json')
   mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
   parts = build(config, mesh)
+  _check_layout(workdir, parts)
+  ckpt_lib.write_layout(workdir, parts.layout)  # how checkpoint readers find the tree in flat buffers
   _log_model(parts, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   try:
@@ -309,8 +358,10 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
                      f'({e}); use a new --workdir') from e
   old_opt = ckpt_lib.read_config(workdir).opt
   clipping = 'opt.grad_clip_norm > 0'
+  flat = "opt.kernel in ('xla_flat', 'pallas', 'triton') (a flat state)"
   for key, was, now in (('opt.name', old_opt.name, config.opt.name),
-                        (clipping, old_opt.grad_clip_norm > 0, config.opt.grad_clip_norm > 0)):
+                        (clipping, old_opt.grad_clip_norm > 0, config.opt.grad_clip_norm > 0),
+                        (flat, bool(optim.in_place_kernel(old_opt)), bool(optim.in_place_kernel(config.opt)))):
     if was != now:  # the optimizer state's structure differs: orbax could only say "trees do not match"
       raise ValueError(f'{workdir} was trained with {key} = {was!r}, this config has {now!r}: its optimizer '
                        'state cannot be restored; use a new --workdir (or train.init_from to start from its '
@@ -322,13 +373,26 @@ def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
                      'be resumed with these weights; use a new --workdir')
 
 
+def _check_layout(workdir: pathlib.Path, parts: 'Parts') -> None:
+  """Refuses to resume flat checkpoints whose buffers are laid out differently (another padding, from an
+  fsdp size that does not divide 4096, or another decay grouping): restoring them would fail, and a
+  checkpoint that fails to restore is set aside as damaged."""
+  old = ckpt_lib.read_layout(workdir)
+  if old is None or parts.layout is None or not (workdir / ckpt_lib.CHECKPOINT_DIR).is_dir():
+    return
+  if old.to_json() != parts.layout.to_json():
+    raise ValueError(f'{workdir} holds flat checkpoints laid out as {[b[:2] for b in old.buffers]}; this '
+                     f'config lays them out as {[b[:2] for b in parts.layout.buffers]} (train.mesh_fsdp or '
+                     'opt.decay_embeddings changed): resume with the old values, or use a new --workdir')
+
+
 def _log_model(parts: 'Parts', mesh: jax.sharding.Mesh) -> None:
-  counts = param_counts(parts.abstract_state.params)
+  counts = param_counts(parts.abstract_params())
   logging.info('Model: %s parameters (%s non-embedding) on mesh %s over %d devices (%s)',
                f"{counts['total']:,}", f"{counts['non_embedding']:,}", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind)
   if parts.trainable is not None:
-    flylora.param_report(parts.abstract_state.params, parts.model.config, parts.trainable)
+    flylora.param_report(parts.abstract_params(), parts.model.config, parts.trainable)
     logging.info('Optimizer state: %s elements', f'{optim.count_state(parts.abstract_state.opt_state):,}')
 
 
@@ -345,7 +409,8 @@ def init_or_restore(config: ml_collections.ConfigDict, parts: 'Parts',
   state = parts.init_fn(jax.random.key(config.train.seed))
   if config.train.init_from:  # fine-tuning: the base's weights replace the random ones (adapters stay)
     base = finetune.load_base(config.train.init_from, parts.model.config)
-    params = flylora.graft_base(state.params, base)
+    params = flylora.graft_base(parts.param_tree(state.params), base)
+    params = params if parts.layout is None else parts.layout.flatten(params)
     state = state.replace(params=jax.device_put(params, parts.state_shardings.params))
   return state, 0
 
@@ -432,7 +497,7 @@ def _finish(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.T
   t = config.train
   summary.update(step=int(state.step), skipped_updates=int(state.nonfinite_total))
   if jax.process_index() == 0 and not summary['stopped_by_signal'] and t.sample_prompt:
-    summary['sample'] = _sample(parts.model.config, state.params, cache.tokenizer, t)
+    summary['sample'] = _sample(parts.model.config, parts.param_tree(state.params), cache.tokenizer, t)
   return summary
 
 
@@ -449,7 +514,7 @@ def _train_batch(config: ml_collections.ConfigDict, tokens: np.ndarray, parts: '
 def _throughput(config: ml_collections.ConfigDict, parts: 'Parts',
                 mesh: jax.sharding.Mesh) -> metrics_writer.Throughput:
   tokens_per_step = config.train.batch_size * config.data.seq_len
-  counts = param_counts(parts.abstract_state.params)
+  counts = param_counts(parts.abstract_params())
   flops = scaling.flops_per_token(parts.model.config, counts['non_embedding'], config.data.seq_len)
   return metrics_writer.Throughput(tokens_per_step, flops * tokens_per_step,
                                    scaling.peak_flops(jax.devices()[0].device_kind), mesh.size)

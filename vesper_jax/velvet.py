@@ -14,20 +14,21 @@ keyword arguments through. A missing or non-finite loss (or a non-finite entropy
 that step. With both flags off this is optax.adamw to float rounding.
 
 Speed. The update is memory-bound: it must read p, g, m, v and write p, m, v (28 bytes per float32
-parameter). Inside a jitted train step the XLA path (`kernel='xla'`) is elementwise work that XLA can
-fuse, with the caller's `optax.apply_updates` and the clipping scale, into one multi-output fusion per
-buffer, moving just those 28 bytes (the CPU backend splits it into three fusions; what a GPU does, the
-bench measures); what remains is launching one fusion per leaf of a ~100-leaf model tree. The
-layout removes that: `flat_layout` packs the parameters into a few flat buffers (one per dtype and decay
-group) that the train state can hold directly, so the update sees two large buffers. The Pallas kernel
-(`kernel='pallas'`, kernels/velvet_pallas.py) is the same math in one launch per buffer; through optax it
-must return the update u, which the caller then adds (12 more bytes per parameter, XLA cannot fuse into a
-custom kernel), so `kernel='auto'` picks XLA on every backend. Its in-place form, which writes p itself,
-is `vesper_jax.kernels.velvet_pallas.velvet_update(..., write_params=True)`; kernels/bench_velvet.py
-times every path against optax.adamw and a device copy.
+parameter). Two forms share one implementation of the math (`StepScalars` and `_leaf_update`; the
+kernels in kernels/ repeat its expressions in the same order):
+  - `velvet(...)`, the optax transformation over the parameter tree (`kernel='xla'`, or `'pallas'` for
+    the kernel in its update-only form). Through optax a custom kernel must return the update u that the
+    caller then adds (12 more bytes per parameter: XLA cannot fuse into a custom call).
+  - `velvet_in_place(...)`, over the flat buffers of a `FlatLayout` that the train state holds: it writes
+    p itself, so each buffer is read and written once (`kernel='xla_flat' | 'pallas' | 'triton'`), and
+    the clip factor and the non-finite skip are two more scalars rather than passes over the state.
+`opt.kernel='auto'` is the tree path on every backend until GPU measurements show the in-place kernel
+ahead (README, Velvet); kernels/bench_velvet.py times every path against optax.adamw and a device copy.
 """
 
 import dataclasses
+import functools
+import json
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -38,7 +39,9 @@ import optax
 
 from vesper_jax.pytree import PyTree
 
-KERNELS = ('auto', 'xla', 'pallas')
+OPTAX_KERNELS = ('auto', 'xla', 'pallas')      # velvet(): the optax contract (returns the update u)
+IN_PLACE_KERNELS = ('xla_flat', 'pallas', 'triton')  # velvet_in_place(): flat buffers, p written in place
+KERNELS = ('auto', 'xla', 'xla_flat', 'pallas', 'triton')  # opt.kernel (optim.py says which is which)
 
 
 class VelvetState(NamedTuple):
@@ -112,27 +115,53 @@ def velvet_scalings(opt_state: PyTree) -> dict[str, jax.Array]:
 
 # ----------------------------------------------------------------------------------------- the update
 
-def _leaf_update(p, g, m, v, keep, *, step, beta1, one_minus_beta1, c1, c2, b2, eps, weight_decay):
-  """The XLA path for one leaf: (u, m, v). kernels/velvet_pallas.py repeats these expressions exactly."""
+class StepScalars(NamedTuple):
+  """What changes from step to step, as the per-element math reads it (float32 scalars or Python floats).
+
+  One step of both paths is `_leaf_update` (XLA) or its kernels over these values; a skipped step is the
+  identity values (step 0, β1 1, b2 1, c 1, grad_scale 0), under which every element is written back
+  unchanged, so skipping costs no second pass over the state.
+  """
+  step: Any             # −lr_t·s_E (the sign folded in, as optax does)
+  beta1: Any            # β1_t
+  one_minus_beta1: Any  # 1 − β1_t, computed once so every path rounds it the same way
+  c1: Any               # 1 − Π β1_τ
+  c2: Any               # 1 − b2^t
+  b2: Any
+  one_minus_b2: Any
+  grad_scale: Any       # the global-norm clip factor (None: clipped before, by optax); 0 = skipped step
+
+
+_SKIPPED = StepScalars(step=0.0, beta1=1.0, one_minus_beta1=0.0, c1=1.0, c2=1.0, b2=1.0, one_minus_b2=0.0,
+                       grad_scale=0.0)
+
+
+def _leaf_update(p, g, m, v, keep, *, scalars: StepScalars, eps: float, weight_decay: float):
+  """The update of one leaf or flat buffer: (u, m, v). The kernels in kernels/ repeat these expressions,
+  in this order, so that every path gives the same numbers."""
+  s = scalars
   g = g.astype(jnp.float32)
-  m = one_minus_beta1 * g + beta1 * m
-  v = (1 - b2) * (g * g) + b2 * v
-  direction = (m / c1) / (jnp.sqrt(v / c2) + eps)
+  if s.grad_scale is not None:
+    # A select, not a product: a skipped step's gradient may hold NaN, and 0·NaN is NaN.
+    g = jnp.where(s.grad_scale > 0, g * s.grad_scale, 0.0)
+  m = s.one_minus_beta1 * g + s.beta1 * m
+  v = s.one_minus_b2 * (g * g) + s.b2 * v
+  direction = (m / s.c1) / (jnp.sqrt(v / s.c2) + eps)
   if weight_decay:
     direction = direction + weight_decay * p.astype(jnp.float32)
-  u = step * direction
+  u = s.step * direction
   if keep is not None:
     u, m, v = (jnp.where(keep, x, 0.0) for x in (u, m, v))
   return u.astype(p.dtype), m, v
 
 
-def _kernel_update(p, g, m, v, keep, *, scalars, b2, eps, weight_decay, block_size):
+def _kernel_update(p, g, m, v, keep, *, scalars: StepScalars, eps, weight_decay, block_size):
   """The Pallas path for one leaf (raveled: a free reshape), returning the update u like optax."""
   from vesper_jax.kernels import velvet_pallas  # pylint: disable=g-import-not-at-top
   keep_flat = None if keep is None else jnp.broadcast_to(keep, p.shape).astype(jnp.int8).reshape(-1)
   u, m, v = velvet_pallas.velvet_update(
-      scalars, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), keep_flat, b2=b2, eps=eps,
-      weight_decay=weight_decay, write_params=False, block_size=block_size)
+      velvet_pallas.pack_scalars(scalars), p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+      keep_flat, eps=eps, weight_decay=weight_decay, write_params=False, block_size=block_size)
   return u.reshape(p.shape), m.reshape(p.shape), v.reshape(p.shape)
 
 
@@ -148,8 +177,74 @@ def _per_leaf(mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree, 
   return jax.tree.leaves(spread)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Hyper:
+  """The hyperparameters that turn (state, loss, entropy) into a step's StepScalars."""
+  learning_rate: float | optax.Schedule
+  b1: float
+  b2: float
+  entropy_adaptive: bool
+  perplexity_guided: bool
+  scaling_args: dict
+
+  def init(self, params: PyTree) -> 'VelvetState':
+    zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
+    one = jnp.ones((), jnp.float32)
+    return VelvetState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(zeros, params),
+                       nu=jax.tree.map(zeros, params), beta1_product=one, s_entropy=one,
+                       s_perplexity=one, beta1=jnp.asarray(self.b1, jnp.float32))
+
+  def advance(self, state: 'VelvetState', loss, entropy, grad_scale=None, ok=None
+              ) -> tuple[StepScalars, 'VelvetState']:
+    """This step's scalars and the state's new scalar fields (moments left to the caller).
+
+    With `ok` (a bool scalar, the in-place path), a False step gets the identity scalars and keeps every
+    scalar field of the state, so the elementwise pass writes the inputs back unchanged.
+    """
+    lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
+    count = optax.safe_increment(state.count)
+    s_e, s_p, beta1 = scalings(loss, entropy, **self.scaling_args)
+    beta1_product = state.beta1_product * beta1
+    b1, b2 = self.b1, self.b2
+    if self.perplexity_guided:
+      one_minus_beta1 = 1 - beta1
+      c1 = 1 - beta1_product
+    else:
+      # A constant β1: Python arithmetic and the closed-form product, exactly as optax.adamw rounds them.
+      beta1, one_minus_beta1 = b1, 1 - b1
+      c1 = 1 - b1**count
+    c2 = 1 - b2**count
+    step = -(lr * s_e) if self.entropy_adaptive else -1 * lr
+    scalars = StepScalars(step=step, beta1=beta1, one_minus_beta1=one_minus_beta1, c1=c1, c2=c2, b2=b2,
+                          one_minus_b2=1 - b2, grad_scale=grad_scale)
+    new = state._replace(count=count, beta1_product=jnp.asarray(beta1_product, jnp.float32),
+                         s_entropy=jnp.asarray(s_e, jnp.float32), s_perplexity=jnp.asarray(s_p, jnp.float32),
+                         beta1=jnp.asarray(beta1, jnp.float32))
+    if ok is None:
+      return scalars, new
+    if grad_scale is None:
+      scalars = scalars._replace(grad_scale=1.0)
+    # Python floats become float32 here with the same rounding XLA gives them as weak-typed constants.
+    scalars = StepScalars(*(jnp.where(ok, jnp.asarray(x, jnp.float32), skip)
+                            for x, skip in zip(scalars, _SKIPPED)))
+    keep = lambda a, b: jnp.where(ok, a, b)
+    new = new._replace(count=keep(new.count, state.count),
+                       **{f: keep(getattr(new, f), getattr(state, f))
+                          for f in ('beta1_product', 's_entropy', 's_perplexity', 'beta1')})
+    return scalars, new
+
+
+def _hyper(learning_rate, b1, b2, entropy_adaptive, perplexity_guided, vocab_size, entropy_target,
+           perplexity_pivot, scale_min, scale_max, beta1_min, beta1_max, max_log_perplexity) -> _Hyper:
+  scaling_args = dict(b1=b1, vocab_size=vocab_size, entropy_adaptive=entropy_adaptive,
+                      perplexity_guided=perplexity_guided, entropy_target=entropy_target,
+                      perplexity_pivot=perplexity_pivot, scale_min=scale_min, scale_max=scale_max,
+                      beta1_min=beta1_min, beta1_max=beta1_max, max_log_perplexity=max_log_perplexity)
+  return _Hyper(learning_rate, b1, b2, entropy_adaptive, perplexity_guided, scaling_args)
+
+
 # Long on purpose: an optax transformation is a closure over its hyperparameters, and `init_fn` /
-# `update_fn` must share them; the update body itself is short (scalings, then one leaf update per leaf).
+# `update_fn` must share them; the update body itself is short (scalars, then one leaf update per leaf).
 def velvet(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
            weight_decay: float = 0.01, entropy_adaptive: bool = True, perplexity_guided: bool = True,
            sparse_aware: PyTree | Callable[[PyTree], PyTree] | None = None, *,
@@ -173,51 +268,26 @@ def velvet(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0
     entropy_target, perplexity_pivot, scale_min, scale_max, beta1_min, beta1_max, max_log_perplexity:
       the constants of the scalings (H_target, P_pivot, the clip bounds, L_max).
     kernel: 'xla', 'pallas' (kernels/velvet_pallas.py; interpret mode on CPU) or 'auto' (= 'xla': see the
-      module docstring).
+      module docstring). The flat in-place paths ('xla_flat', 'triton') are `velvet_in_place`'s.
     block_size: elements per Pallas program.
   """
-  if kernel not in KERNELS:
-    raise ValueError(f'velvet: kernel={kernel!r}: expected one of {KERNELS}')
+  if kernel not in OPTAX_KERNELS:
+    raise ValueError(f'velvet: kernel={kernel!r}: expected one of {OPTAX_KERNELS} (the in-place paths '
+                     f'{IN_PLACE_KERNELS} are velvet_in_place\'s)')
   use_kernel = kernel == 'pallas'
-  scaling_args = dict(b1=b1, vocab_size=vocab_size, entropy_adaptive=entropy_adaptive,
-                      perplexity_guided=perplexity_guided, entropy_target=entropy_target,
-                      perplexity_pivot=perplexity_pivot, scale_min=scale_min, scale_max=scale_max,
-                      beta1_min=beta1_min, beta1_max=beta1_max, max_log_perplexity=max_log_perplexity)
-
-  def init_fn(params):
-    zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
-    one = jnp.ones((), jnp.float32)
-    return VelvetState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(zeros, params),
-                       nu=jax.tree.map(zeros, params), beta1_product=one, s_entropy=one,
-                       s_perplexity=one, beta1=jnp.asarray(b1, jnp.float32))
+  hyper = _hyper(learning_rate, b1, b2, entropy_adaptive, perplexity_guided, vocab_size, entropy_target,
+                 perplexity_pivot, scale_min, scale_max, beta1_min, beta1_max, max_log_perplexity)
 
   def update_fn(updates, state, params=None, *, loss=None, entropy=None, **extra_args):
     del extra_args  # meant for other transformations of a chain
     if params is None:
       raise ValueError('velvet: update() needs params (weight decay and the fused update read them)')
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    count = optax.safe_increment(state.count)
-    s_e, s_p, beta1 = scalings(loss, entropy, **scaling_args)
-    beta1_product = state.beta1_product * beta1
-    if perplexity_guided:
-      one_minus_beta1 = 1 - beta1
-      c1 = 1 - beta1_product
-    else:
-      # A constant β1: Python arithmetic and the closed-form product, exactly as optax.adamw rounds them.
-      beta1, one_minus_beta1 = b1, 1 - b1
-      c1 = 1 - b1**count
-    c2 = 1 - b2**count
-    step = -(lr * s_e) if entropy_adaptive else -1 * lr
-    shared = dict(b2=b2, eps=eps)
-
+    scalars, new_state = hyper.advance(state, loss, entropy)
     leaves_p, treedef = jax.tree.flatten(params)
     leaves_g = treedef.flatten_up_to(updates)
     leaves_m, leaves_v = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     decays = _per_leaf(mask, params, 'weight-decay')
     keeps = _per_leaf(sparse_aware, params, 'sparse_aware')
-    if use_kernel:
-      from vesper_jax.kernels import velvet_pallas  # pylint: disable=g-import-not-at-top
-      scalars = velvet_pallas.pack_scalars(step, beta1, one_minus_beta1, c1, c2)
     out_u, out_m, out_v = [], [], []
     for p, g, m, v, decay, keep in zip(leaves_p, leaves_g, leaves_m, leaves_v, decays, keeps):
       if decay not in (None, True, False):
@@ -225,43 +295,113 @@ def velvet(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0
       wd = weight_decay if decay in (None, True) else 0.0
       keep = None if keep is None or keep is True else jnp.asarray(keep, bool)
       if use_kernel:
-        u, m, v = _kernel_update(p, g, m, v, keep, scalars=scalars, weight_decay=wd,
-                                 block_size=block_size, **shared)
+        u, m, v = _kernel_update(p, g, m, v, keep, scalars=scalars._replace(grad_scale=1.0), eps=eps,
+                                 weight_decay=wd, block_size=block_size)
       else:
-        u, m, v = _leaf_update(p, g, m, v, keep, step=step, beta1=beta1,
-                               one_minus_beta1=one_minus_beta1, c1=c1, c2=c2, weight_decay=wd, **shared)
+        u, m, v = _leaf_update(p, g, m, v, keep, scalars=scalars, eps=eps, weight_decay=wd)
       out_u.append(u), out_m.append(m), out_v.append(v)
-    new_state = VelvetState(
-        count=count, mu=treedef.unflatten(out_m), nu=treedef.unflatten(out_v),
-        beta1_product=jnp.asarray(beta1_product, jnp.float32), s_entropy=jnp.asarray(s_e, jnp.float32),
-        s_perplexity=jnp.asarray(s_p, jnp.float32), beta1=jnp.asarray(beta1, jnp.float32))
+    new_state = new_state._replace(mu=treedef.unflatten(out_m), nu=treedef.unflatten(out_v))
     return treedef.unflatten(out_u), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(hyper.init, update_fn)
+
+
+class InPlace(NamedTuple):
+  """Velvet over a FlatLayout's buffers, writing the parameters itself (see `velvet_in_place`)."""
+  init: Callable[[dict[str, jax.Array]], VelvetState]
+  step: Callable[..., tuple[dict[str, jax.Array], VelvetState]]
+
+
+def velvet_in_place(learning_rate: float | optax.Schedule, decay: dict[str, bool], *,
+                    kernel: str = 'xla_flat', eps: float = 1e-8, weight_decay: float = 0.01,
+                    block_size: int = 1024, mesh: jax.sharding.Mesh | None = None,
+                    shard_axis: str = 'fsdp', **hyperparameters) -> InPlace:
+  """Velvet as the core of a train step whose state holds a FlatLayout's buffers.
+
+  `step(params, grads, state, *, loss, entropy, grad_scale, ok) -> (params, state)`: each buffer is read
+  once (p, g, m, v) and written once (p, m, v), the clip factor and the step's other scalars folded in;
+  a step with `ok` False writes everything back unchanged (and keeps the state's scalars).
+
+  Args:
+    learning_rate: as for `velvet`.
+    decay: buffer name → whether weight decay applies (`FlatLayout.decay_mask()`): a per-buffer constant.
+    kernel: 'xla_flat' (the same math through XLA, which fuses it into one pass per buffer), 'pallas'
+      (kernels/velvet_pallas.py, in place through input_output_aliases; interpret mode on CPU) or
+      'triton' (kernels/velvet_triton.py, jax-triton; GPU only).
+    eps, weight_decay: as for `velvet`.
+    block_size: elements per kernel program.
+    mesh, shard_axis: when the buffers are split over `shard_axis` of `mesh`, the kernels run per shard
+      (shard_map): the update is elementwise, so no element needs another device's data.
+    **hyperparameters: velvet()'s b1, b2, entropy_adaptive, perplexity_guided, vocab_size and scaling
+      constants, with the same defaults.
+  """
+  if kernel not in IN_PLACE_KERNELS:
+    raise ValueError(f'velvet_in_place: kernel={kernel!r}: expected one of {IN_PLACE_KERNELS}')
+  args = dict(b1=0.9, b2=0.999, entropy_adaptive=True, perplexity_guided=True, vocab_size=None,
+              entropy_target=0.5, perplexity_pivot=40.0, scale_min=0.5, scale_max=2.0, beta1_min=0.5,
+              beta1_max=0.999, max_log_perplexity=20.0)
+  unknown = set(hyperparameters) - set(args)
+  if unknown:
+    raise TypeError(f'velvet_in_place: unexpected arguments {sorted(unknown)}')
+  hyper = _hyper(learning_rate, **(args | hyperparameters))
+
+  def buffer_update(scalars: StepScalars, p, g, m, v, wd: float):
+    if kernel == 'xla_flat':
+      u, m, v = _leaf_update(p, g, m, v, None, scalars=scalars, eps=eps, weight_decay=wd)
+      return p + u, m, v
+    if kernel == 'pallas':
+      from vesper_jax.kernels import velvet_pallas as impl  # pylint: disable=g-import-not-at-top
+    else:
+      from vesper_jax.kernels import velvet_triton as impl  # pylint: disable=g-import-not-at-top
+    packed = impl.pack_scalars(scalars)
+    run = functools.partial(impl.velvet_update, eps=eps, weight_decay=wd, write_params=True,
+                            block_size=block_size)
+    # Per device whenever there are several: a custom kernel is opaque to XLA's partitioner, which
+    # would otherwise gather a split buffer onto every device to run it.
+    if mesh is not None and mesh.size > 1:
+      spec = jax.sharding.PartitionSpec(shard_axis)
+      run = jax.shard_map(run, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),) + (spec,) * 4,
+                          out_specs=(spec,) * 3, check_vma=False)
+    return run(packed, p, g, m, v)
+
+  def step_fn(params, grads, state, *, loss, entropy, grad_scale, ok):
+    scalars, new_state = hyper.advance(state, loss, entropy, grad_scale=grad_scale, ok=ok)
+    out_p, out_m, out_v = {}, {}, {}
+    for name in params:
+      wd = weight_decay if decay[name] else 0.0
+      out_p[name], out_m[name], out_v[name] = buffer_update(
+          scalars, params[name], grads[name], state.mu[name], state.nu[name], wd)
+    return out_p, new_state._replace(mu=out_m, nu=out_v)
+
+  return InPlace(hyper.init, step_fn)
 
 
 # ----------------------------------------------------------------------------------------- flat layout
 
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
-  """Where each leaf of a parameter tree lives in a few flat buffers, one per (dtype, decay) group.
+  """Where each leaf of a parameter tree lives in a few flat buffers, one per (decay group, dtype).
 
   A train state that holds `flatten(params)` and calls the model on `unflatten(flat)` gives the optimizer
   two large buffers instead of a hundred leaves; the gradient comes back flat through the same slices.
-  The decay group makes weight decay a per-buffer constant, so no mask is read per element.
+  The decay group makes weight decay a per-buffer constant, so no mask is read per element. Buffers end
+  in zeros up to a multiple of `pad_multiple` (so they split evenly over a mesh axis); a zero element
+  with a zero gradient and zero moments stays zero under the update.
   """
   treedef: Any
   slots: tuple[tuple[str, int, tuple[int, ...]], ...]  # per leaf: (buffer, offset, shape)
-  buffers: tuple[tuple[str, int, str], ...]            # per buffer: (name, elements, dtype)
+  buffers: tuple[tuple[str, int, str], ...]            # per buffer: (name, elements with padding, dtype)
 
   def flatten(self, tree: PyTree) -> dict[str, jax.Array]:
     """The leaves of `tree` (params, grads or a same-shaped mask) packed into the flat buffers."""
     leaves = self.treedef.flatten_up_to(tree)
     out = {}
-    for name, _, _ in self.buffers:
+    for name, size, dtype in self.buffers:
       # Broadcasting lets a mask give one bool for a whole leaf.
       parts = [jnp.broadcast_to(x, shape).reshape(-1)
                for x, (buf, _, shape) in zip(leaves, self.slots) if buf == name]
+      used = sum(x.size for x in parts)
+      parts.append(jnp.zeros((size - used,), parts[0].dtype if parts else dtype))
       out[name] = jnp.concatenate(parts)
     return out
 
@@ -272,18 +412,47 @@ class FlatLayout:
 
   def decay_mask(self) -> dict[str, bool]:
     """Velvet's / optax's weight-decay mask for the flat buffers."""
-    return {name: name.endswith('/decay') for name, _, _ in self.buffers}
+    return {name: name.startswith('decay_') for name, _, _ in self.buffers}
+
+  def to_json(self) -> str:
+    """The layout as JSON (leaf paths instead of the treedef), for a checkpoint's reader."""
+    paths = [jax.tree_util.keystr(path, simple=True, separator='/')
+             for path, _ in jax.tree_util.tree_flatten_with_path(
+                 self.treedef.unflatten(list(range(len(self.slots)))))[0]]
+    return json.dumps({'buffers': [list(b) for b in self.buffers],
+                       'slots': [[path, buf, off, list(shape)]
+                                 for path, (buf, off, shape) in zip(paths, self.slots)]})
 
 
-def flat_layout(params: PyTree, decay_mask: PyTree | None = None) -> FlatLayout:
-  """The FlatLayout of `params` (arrays or ShapeDtypeStructs); `decay_mask` as for `velvet(mask=)`."""
+def layout_from_json(text: str) -> FlatLayout:
+  """The FlatLayout `FlatLayout.to_json` wrote; its tree is nested dicts keyed by the path parts."""
+  data = json.loads(text)
+  tree = {}
+  for index, (path, _, _, _) in enumerate(data['slots']):
+    node = tree
+    *parents, last = path.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = index
+  order = jax.tree.leaves(tree)  # dict keys sort as jax sorts them: the index of each leaf, in order
+  slots = tuple((data['slots'][i][1], data['slots'][i][2], tuple(data['slots'][i][3])) for i in order)
+  return FlatLayout(treedef=jax.tree.structure(tree), slots=slots,
+                    buffers=tuple((n, s, d) for n, s, d in data['buffers']))
+
+
+def flat_layout(params: PyTree, decay_mask: PyTree | None = None, pad_multiple: int = 1) -> FlatLayout:
+  """The FlatLayout of `params` (arrays or ShapeDtypeStructs); `decay_mask` as for `velvet(mask=)`.
+
+  Buffer names are `decay_<dtype>` and `no_decay_<dtype>` (plain words: checkpoint keys).
+  """
   leaves, treedef = jax.tree.flatten(params)
   decays = _per_leaf(decay_mask, params, 'weight-decay')
   slots, sizes, dtypes = [], {}, {}
   for x, decay in zip(leaves, decays):
-    name = f"{np.dtype(x.dtype).name}/{'decay' if decay in (None, True) else 'no_decay'}"
+    name = f"{'decay' if decay in (None, True) else 'no_decay'}_{np.dtype(x.dtype).name}"
     slots.append((name, sizes.get(name, 0), tuple(x.shape)))
     sizes[name] = sizes.get(name, 0) + math.prod(x.shape)
     dtypes[name] = np.dtype(x.dtype).name
+  padded = {name: -(-size // pad_multiple) * pad_multiple for name, size in sizes.items()}
   return FlatLayout(treedef=treedef, slots=tuple(slots),
-                    buffers=tuple((name, sizes[name], dtypes[name]) for name in sizes))
+                    buffers=tuple((name, padded[name], dtypes[name]) for name in sizes))

@@ -110,10 +110,10 @@ def test_chat_with_the_regulator_answers_with_the_chosen_candidate(metacog_workd
   from vesper_jax import checkpoint, generate
   config, params, tokenizer = checkpoint.load_for_inference(metacog_workdir / 'run')
   regulator = generate.RegulatorConfig(candidates=2, confidence_threshold=1.0, flag_below=0.0)
-  session = chat.ChatSession(params, config, tokenizer, max_new_tokens=8, settings=SamplingConfig(),
-                             seed=1, regulator=regulator)
   pieces, seen = [], []
-  text = session.reply('Hello', on_text=pieces.append, on_candidate=lambda i, c: seen.append(i))
+  session = chat.ChatSession(params, config, tokenizer, max_new_tokens=8, settings=SamplingConfig(),
+                             seed=1, regulator=regulator, on_candidate=lambda i, c: seen.append(i))
+  text = session.reply('Hello', on_text=pieces.append)
   assert seen == [0, 1] and session.last_regulated is not None
   assert text == session.last_regulated.text.strip() and session.history == [('Hello', text)]
   assert pieces == ([text] if text else [])  # the chosen reply, whole, after the selection

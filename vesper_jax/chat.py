@@ -51,9 +51,11 @@ class ChatSession:
 
   def __init__(self, params: PyTree, config: ModelConfig, tokenizer: generate.TextCodec, *,
                max_new_tokens: int, settings: SamplingConfig, seed: int = 0,
-               regulator: generate.RegulatorConfig | None = None):
+               regulator: generate.RegulatorConfig | None = None,
+               on_candidate: Callable[[int, generate.Candidate], None] | None = None):
     self._params, self._config, self._tokenizer = params, config, tokenizer
     self.regulator = regulator  # confidence-guided resampling (generate.regulate); None = plain sampling
+    self.on_candidate = on_candidate  # with a regulator: called as each candidate is scored (progress)
     self.last_regulated: generate.Regulated | None = None  # the regulator's answer for the last reply
     self.max_new_tokens = min(max_new_tokens, config.max_seq_len // 2)
     self._settings = settings
@@ -76,17 +78,16 @@ class ChatSession:
     logging.warning('chat: the message alone is %d tokens; keeping its last %d', len(ids), budget)
     return ids[-budget:]
 
-  def reply(self, message: str, on_text: Callable[[str], None] | None = None,
-            on_candidate: Callable[[int, generate.Candidate], None] | None = None) -> str:
+  def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
     """Samples the assistant's reply, streaming it to `on_text`, and adds the turn to the history.
 
-    With a regulator, the candidates are compared first (`on_candidate` as each is scored) and the
+    With a regulator, the candidates are compared first (`self.on_candidate` as each is scored) and the
     chosen reply reaches `on_text` whole; `last_regulated` then holds the regulator's answer (its
     scores and low-confidence spans).
     """
     ids = self.prompt_ids(message)
     if self.regulator is not None:
-      return self._regulated_reply(message, ids, on_text, on_candidate)
+      return self._regulated_reply(message, ids, on_text)
     started = False
 
     def on_piece(row: int, piece: str) -> None:
@@ -105,11 +106,11 @@ class ChatSession:
     self._replies += 1
     return text
 
-  def _regulated_reply(self, message, ids, on_text, on_candidate) -> str:
+  def _regulated_reply(self, message, ids, on_text) -> str:
     result = generate.regulate(self._params, self._config, self._tokenizer, ids,
                                max_new_tokens=self.max_new_tokens, sampling=self._settings,
                                seed=self._seed + self._replies, stop_strings=STOP_STRINGS,
-                               regulator=self.regulator, on_candidate=on_candidate)
+                               regulator=self.regulator, on_candidate=self.on_candidate)
     self.last_regulated = result
     text = result.text.strip()
     if on_text is not None:
@@ -121,10 +122,9 @@ class ChatSession:
     return text
 
 
-def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO,
-             on_candidate: Callable[[int, generate.Candidate], None] | None = None) -> None:
+def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
   """Reads messages line by line until /exit or end of input; writes each streamed reply (with a
-  regulator: each chosen reply, `on_candidate` reporting the candidates as they are scored)."""
+  regulator: each chosen reply)."""
   interactive = stdin.isatty()
 
   def write(text: str) -> None:
@@ -157,7 +157,7 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO,
     # every line that does not start with two spaces begins a new turn.
     on_text = write if interactive else (lambda piece: write(piece.replace('\n', '\n' + CONTINUATION)))
     try:
-      session.reply(message, on_text=on_text, on_candidate=on_candidate)
+      session.reply(message, on_text=on_text)
     except KeyboardInterrupt:
       write(' [interrupted]')
     write('\n')
@@ -167,16 +167,16 @@ def main(argv):
   del argv
   config, params, tokenizer, settings = generate.load_from_flags()
   regulator = generate.regulator_from_flags()
+
+  def on_candidate(i: int, candidate: generate.Candidate) -> None:
+    print(generate.progress_line(i, candidate, regulator), file=sys.stderr, flush=True)
+
   session = ChatSession(params, config, tokenizer, max_new_tokens=FLAGS.max_new_tokens,
-                        settings=settings, seed=FLAGS.seed, regulator=regulator)
+                        settings=settings, seed=FLAGS.seed, regulator=regulator, on_candidate=on_candidate)
   if sys.stdin.isatty():
     print(f'Chatting with {FLAGS.workdir} ({config.max_seq_len}-token context). /reset clears the '
           'conversation, /exit or Ctrl-D quits.', file=sys.stderr)
-  on_candidate = None
-  if regulator is not None:
-    def on_candidate(i: int, candidate: generate.Candidate) -> None:
-      print(generate.progress_line(i, candidate, regulator), file=sys.stderr, flush=True)
-  run_repl(session, sys.stdin, sys.stdout, on_candidate=on_candidate)
+  run_repl(session, sys.stdin, sys.stdout)
 
 
 def define_flags() -> None:

@@ -254,3 +254,19 @@ def test_export_round_trip_with_the_head_and_refusals_by_name(tmp_path, caplog):
   hf = export.to_hf_tensors(init_params(llama, jax.random.key(0)), llama)
   assert not any('metacog' in k for k in hf)
   assert 'leaves out the metacognition head' in caplog.text
+
+
+def test_the_logits_path_gives_the_fused_paths_loss_terms_and_gradients(monkeypatch):
+  """Off CPU the train step materialises the logits (losses.token_stats) instead of the fused head's
+  per-token outputs: both give the same head loss and gradients."""
+  cfg = tiny_model_config(vocab_size=512, metacog=True)
+  params = init_params(cfg, jax.random.key(6))
+  tokens = jax.random.randint(jax.random.key(7), (4, 17), 0, 512)
+  fused = _grads(cfg, params, tokens)
+  monkeypatch.setattr(train.jax, 'default_backend', lambda: 'gpu')
+  logits = _grads(cfg, params, tokens)
+  np.testing.assert_allclose(float(logits[0]), float(fused[0]), rtol=1e-6)
+  for key in ('meta_loss', 'meta_bce', 'meta_mse'):
+    np.testing.assert_allclose(float(logits[4][key]), float(fused[4][key]), rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(logits[2]), jax.tree.leaves(fused[2])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -203,6 +203,8 @@ def test_a_trained_head_is_calibrated_on_held_out_text(metacog_workdir):
   assert abs(m['mean_confidence'] - m['accuracy']) <= 0.05, m
   assert m['ece'] <= 0.05, m
   assert m['auroc'] > 0.6 and m['pearson'] > 0.2, m  # it tells right from wrong better than chance
+  printed = (metacog_workdir / 'eval.txt').read_text()
+  assert '| metacog head |' in printed and '| max softmax probability |' in printed
 
 
 def test_flylora_finetuning_trains_the_head_with_the_adapters(base_workdir):
@@ -270,3 +272,22 @@ def test_the_logits_path_gives_the_fused_paths_loss_terms_and_gradients(monkeypa
     np.testing.assert_allclose(float(logits[4][key]), float(fused[4][key]), rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(logits[2]), jax.tree.leaves(fused[2])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_a_head_is_added_in_finetuning_or_a_bases_head_left_behind(tmp_path, caplog):
+  from vesper_jax import finetune
+  with_head = tiny_model_config(metacog=True, metacog_hidden=16)
+  plain = tiny_model_config()
+  base = init_params(plain, jax.random.key(8))
+  fresh = init_params(with_head, jax.random.key(9))
+  grafted = flatten(finetune.graft(fresh, base))
+  for k, v in flatten(base).items():  # the base's weights...
+    np.testing.assert_array_equal(np.asarray(grafted[k]), np.asarray(v))
+  for k, v in flatten(fresh).items():  # ...and the new model's freshly initialised head
+    if k[0] == metacog.NAME:
+      np.testing.assert_array_equal(np.asarray(grafted[k]), np.asarray(v))
+  path = tmp_path / 'base_with_head.safetensors'
+  export.save_safetensors(fresh, with_head, path)
+  loaded = finetune.load_base(str(path), plain)  # fine-tuning without a head: the base's head stays behind
+  assert metacog.NAME not in loaded and 'left behind' in caplog.text
+  assert metacog.NAME in finetune.load_base(str(path), with_head)  # with the same head: it is kept

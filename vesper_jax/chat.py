@@ -106,7 +106,7 @@ class ChatSession:
     self._replies += 1
     return text
 
-  def _regulated_reply(self, message, ids, on_text) -> str:
+  def _regulated_reply(self, message: str, ids: list[int], on_text: Callable[[str], None] | None) -> str:
     result = generate.regulate(self._params, self._config, self._tokenizer, ids,
                                max_new_tokens=self.max_new_tokens, sampling=self._settings,
                                seed=self._seed + self._replies, stop_strings=STOP_STRINGS,

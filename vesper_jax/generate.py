@@ -147,8 +147,11 @@ def _prompt_ids(tokenizer: TextCodec, prompt: str | Sequence[int]) -> list[int]:
   return (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [tokenizer.eos_id]
 
 
-def _generate_rows(params, config, tokenizer, prompts, *, max_new_tokens, sampling, seed, stop_strings,
-                   chunk_size, on_text=None, stats=None) -> tuple[list[str], list[list[int]]]:
+def _generate_rows(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
+                   prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig,
+                   seed: int, stop_strings: Sequence[str], chunk_size: int,
+                   on_text: Callable[[int, str], None] | None = None,
+                   stats: decode.GenerationStats | None = None) -> tuple[list[str], list[list[int]]]:
   """generate_text's work: (each row's text, each row's new token ids, EOS excluded)."""
   ids = [_prompt_ids(tokenizer, p) for p in prompts]
   streams = [TextStream(tokenizer, stop_strings, context=row) for row in ids]
@@ -243,7 +246,8 @@ def token_confidences(params: PyTree, config: ModelConfig, prompt_ids: Sequence[
   return conf_T[first:first + max(len(new_ids), 1)]
 
 
-def _score(params, config, tokenizer, prompt_ids, new_ids, text, seed, flag_below) -> Candidate:
+def _score(params: PyTree, config: ModelConfig, tokenizer: TextCodec, prompt_ids: Sequence[int],
+           new_ids: Sequence[int], text: str, seed: int, flag_below: float) -> Candidate:
   """A candidate's kept tokens, their confidences, its score and its low-confidence spans."""
   context = list(prompt_ids[-_STREAM_CONTEXT:])
   base = len(tokenizer.decode(context))
@@ -355,7 +359,9 @@ def summary_line(result: Regulated, regulator: RegulatorConfig) -> str:
           f'confidence {result.score:.3f}{", stopped early" if result.stopped_early else ""}{flags_note}]')
 
 
-def _main_regulated(params, config, tokenizer, settings, max_new_tokens: int) -> None:
+def _main_regulated(params: PyTree, config: ModelConfig, tokenizer: Tokenizer, settings: SamplingConfig,
+                    max_new_tokens: int) -> None:
+  """--regulate: per prompt, progress lines on stderr, then the chosen text (spans marked) on stdout."""
   regulator = regulator_from_flags()
   for i, prompt in enumerate(FLAGS.prompt):
     result = regulate(params, config, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=settings,

@@ -77,7 +77,7 @@ def test_auroc_of_an_all_correct_batch_is_nan_with_a_warning():
                                  np.array([0.5, 0.6]), np.array([1.0, 1.0]))
   assert np.isnan(result['metacog']['auroc']) and np.isnan(result['baselines']['max_prob']['auroc'])
   assert np.isnan(result['baselines']['entropy']['pearson'])  # constant entropy: undefined, not a crash
-  assert result['metacog']['accuracy'] == 1.0 and result['metacog']['tokens'] == 2
+  assert result['metacog']['accuracy'] == 1.0 and result['metacog']['mean_confidence'] == pytest.approx(0.85)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     assert metacog.auroc([0.1, 0.9, 0.9], [0, 1, 0]) == 0.75  # a tie between classes counts one half
@@ -122,16 +122,17 @@ def test_head_loss_is_bce_plus_mse_over_real_targets():
 # ------------------------------------------------------------------------------------------ the head in the model
 
 def test_no_parameters_without_the_head_and_its_shapes_with_it():
-  plain = init_params(tiny_model_config(), jax.random.key(0))
+  plain = init_params(tiny_model_config(vocab_size=512), jax.random.key(0))
   assert metacog.NAME not in plain
-  cfg = tiny_model_config(metacog=True, metacog_hidden=64)
+  cfg = tiny_model_config(vocab_size=512, metacog=True, metacog_hidden=64)
   head = init_params(cfg, jax.random.key(0))[metacog.NAME]
   assert jax.tree.map(lambda x: x.shape, head) == {'fc1': {'kernel': (128, 64), 'bias': (64,)},
                                                     'fc2': {'kernel': (64, 2), 'bias': (2,)}}
   with pytest.raises(ValueError, match='model.metacog_hidden'):
     tiny_model_config(metacog=True, metacog_hidden=0)
   with pytest.raises(ValueError, match='model.metacog=True'):
-    VesperLM(tiny_model_config()).apply({'params': plain}, jnp.zeros((1, 4), jnp.int32), with_metacog=True)
+    VesperLM(tiny_model_config(vocab_size=512)).apply({'params': plain}, jnp.zeros((1, 4), jnp.int32),
+                                                      with_metacog=True)
 
 
 def _grads(model_config, params, tokens, backend_cpu=True):
@@ -195,7 +196,7 @@ def test_a_trained_head_is_calibrated_on_held_out_text(metacog_workdir):
   assert evals and all(k in evals[-1] for k in ('eval_auroc', 'eval_loss_corr'))
   result = json.loads((metacog_workdir / 'eval.json').read_text())
   m = result['metacog']
-  assert set(m) >= {'ece', 'auroc', 'pearson', 'spearman', 'mean_confidence', 'accuracy'}
+  assert set(m) == {'ece', 'auroc', 'pearson', 'spearman', 'mean_confidence', 'accuracy'}
   assert set(result['baselines']) == {'max_prob', 'entropy'}
   assert set(result['baselines']['max_prob']) == {'ece', 'auroc'}
   assert set(result['baselines']['entropy']) == {'pearson', 'spearman'}

@@ -138,7 +138,7 @@ def calibration_table(result: dict) -> str:
           f"| max softmax probability | {f(b['max_prob']['ece'])} | {f(b['max_prob']['auroc'])} | | |\n"
           f"| predictive entropy | | | {f(b['entropy']['pearson'])} | {f(b['entropy']['spearman'])} |\n"
           f"\nmean confidence {f(m['mean_confidence'])}, top-1 accuracy {f(m['accuracy'])} "
-          f"over {m['tokens']:,} tokens")
+          f"over {result['tokens']:,} tokens")
 
 
 def _json_safe(value):

@@ -197,7 +197,7 @@ def calibration(confidence: np.ndarray, predicted_loss: np.ndarray, correct: np.
   """The head's measures and the baselines', on per-token arrays of the scored (non-padding) targets.
 
   Returns:
-    {'metacog': {ece, auroc, pearson, spearman, mean_confidence, accuracy, tokens},
+    {'metacog': {ece, auroc, pearson, spearman, mean_confidence, accuracy},
      'baselines': {'max_prob': {ece, auroc}, 'entropy': {pearson, spearman}}}; floats (NaN where a
     measure is undefined, e.g. AUROC when every prediction is right).
   """
@@ -210,7 +210,6 @@ def calibration(confidence: np.ndarray, predicted_loss: np.ndarray, correct: np.
           'spearman': spearman(predicted_loss, nll),
           'mean_confidence': float(np.mean(confidence)) if np.size(confidence) else float('nan'),
           'accuracy': float(np.mean(correct)) if correct.size else float('nan'),
-          'tokens': int(correct.size),
       },
       'baselines': {
           'max_prob': {'ece': expected_calibration_error(max_prob, correct), 'auroc': auroc(max_prob, correct)},

@@ -70,23 +70,6 @@ def _get(result: dict, path: tuple[str, ...]) -> float:
   return result
 
 
-def _per_token(params, model_config, tokens, seq_len: int, max_tokens: int) -> dict[str, np.ndarray]:
-  """The scored targets' per-token arrays (for the pooled reliability diagram)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vesper_jax import data, evaluate  # pylint: disable=g-import-not-at-top
-  from vesper_jax.model import VesperLM  # pylint: disable=g-import-not-at-top
-  step = jax.jit(lambda p, b: evaluate.eval_step(p, {}, b, model=VesperLM(model_config))[2])
-  out: dict[str, list] = {}
-  for i in range(data.num_eval_batches(tokens, seq_len=seq_len, batch_size=16, max_tokens=max_tokens)):
-    tokens_BT1, weights_BT = data.eval_batch(tokens, index=i, batch_size=16, seq_len=seq_len,
-                                             max_tokens=max_tokens)
-    host = {k: np.asarray(v) for k, v in step(params, {'tokens': tokens_BT1, 'weights': weights_BT}).items()}
-    keep = host.pop('weights') > 0
-    for k, v in host.items():
-      out.setdefault(k, []).append(v[keep])
-  return {k: np.concatenate(v) for k, v in out.items()}
-
-
 def _plot(pooled: dict[str, np.ndarray], out: pathlib.Path) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -141,11 +124,11 @@ def main(argv):
     model_config, params, tokenizer = checkpoint.load_for_inference(workdir)
     cache = data.build_or_load_cache(config.data, config.model.vocab_size, progress=False)
     result = evaluate.evaluate(params, model_config, cache.val, tokenizer, seq_len=config.data.seq_len,
-                               batch_size=16, max_tokens=eval_tokens)
+                               batch_size=16, max_tokens=eval_tokens, return_tokens=True)
+    for k, v in result.pop('per_token').items():
+      pooled.setdefault(k, []).append(v)
     result.update(seed=seed, final_train_loss=summary['loss'])
     per_seed.append(result)
-    for k, v in _per_token(params, model_config, cache.val, config.data.seq_len, eval_tokens).items():
-      pooled.setdefault(k, []).append(v)
     logging.info('seed %d: %s', seed, json.dumps(result))
   pooled = {k: np.concatenate(v) for k, v in pooled.items()}
 
@@ -162,6 +145,10 @@ def main(argv):
   acc, conf, loss = stats(('metacog', 'accuracy')), stats(('metacog', 'mean_confidence')), stats(('loss',))
   lines += ['', f'top-1 accuracy {acc[0]:.4f} ± {acc[1]:.4f}; head mean confidence {conf[0]:.4f} ± '
             f'{conf[1]:.4f}; held-out loss {loss[0]:.4f} ± {loss[1]:.4f}']
+  gap = max(abs(r['metacog']['mean_confidence'] - r['metacog']['accuracy']) for r in per_seed)
+  worst_ece = max(r['metacog']['ece'] for r in per_seed)
+  lines += [f'per seed, at worst: |head mean confidence − accuracy| = {gap:.4f}, head ECE = {worst_ece:.4f} '
+            f"(targets: ≤ 0.05 each: {'met' if gap <= 0.05 and worst_ece <= 0.05 else 'NOT met'})"]
   head_ece, base_ece = stats(('metacog', 'ece'))[0], stats(('baselines', 'max_prob', 'ece'))[0]
   head_auc, base_auc = stats(('metacog', 'auroc'))[0], stats(('baselines', 'max_prob', 'auroc'))[0]
   verdict = (f"ECE: the head {'beats' if head_ece < base_ece else 'does not beat'} max probability "

@@ -56,9 +56,9 @@ def eval_step(params: PyTree, model_state: PyTree, batch: dict[str, jax.Array], 
   return loss * count, count, per_token
 
 
-def score(step_fn: Callable[[dict], tuple[jax.Array, jax.Array]], tokens: np.ndarray, *, seq_len: int,
+def score(step_fn: Callable[[dict], tuple[jax.Array, ...]], tokens: np.ndarray, *, seq_len: int,
           batch_size: int, max_tokens: int = 0,
-          place: Callable[[dict], dict] = lambda batch: batch) -> dict[str, float]:
+          place: Callable[[dict], dict] = lambda batch: batch, return_tokens: bool = False) -> dict:
   """Scores every target of `tokens` (up to `max_tokens`) through `step_fn` (an `eval_step`).
 
   Args:
@@ -70,6 +70,9 @@ def score(step_fn: Callable[[dict], tuple[jax.Array, jax.Array]], tokens: np.nda
     batch_size: windows per batch (the global batch; each process reads its rows).
     max_tokens: the budget of targets; 0 = all.
     place: puts this process's rows of a batch on the devices (default: as they are).
+    return_tokens: with the head, also return the per-token arrays under 'per_token' (confidence,
+      predicted_loss, nll, correct, max_prob, entropy; scored targets only), e.g. for a reliability
+      diagram (metacog.reliability).
   Returns:
     {'loss': mean NLL in nats, 'perplexity', 'tokens': targets scored}; with the head, also
     'metacog' and 'baselines' (see metacog.calibration).
@@ -91,6 +94,8 @@ def score(step_fn: Callable[[dict], tuple[jax.Array, jax.Array]], tokens: np.nda
     t = {k: np.concatenate(v) for k, v in gathered.items()}
     result.update(metacog.calibration(t['confidence'], t['predicted_loss'], t['correct'], t['nll'],
                                       t['max_prob'], t['entropy']))
+    if return_tokens:
+      result['per_token'] = t
   return result
 
 
@@ -112,18 +117,19 @@ def bits_per_byte(loss: float, tokens: np.ndarray, num_targets: int, tokenizer: 
 
 
 def evaluate(params: PyTree, config: ModelConfig, tokens: np.ndarray, tokenizer: Tokenizer, *,
-             seq_len: int, batch_size: int, max_tokens: int = 0) -> dict[str, float]:
-  """Loss, perplexity, bits per byte and the number of targets scored, on one device.
+             seq_len: int, batch_size: int, max_tokens: int = 0, return_tokens: bool = False) -> dict:
+  """Loss, perplexity, bits per byte and the number of targets scored, on one device; with the
+  metacognition head, its calibration and the baselines' ('metacog', 'baselines').
 
   Args:
     params, config: the model (float or cast for inference).
     tokens: the token ids to score (a split of a token cache).
     tokenizer: the tokenizer that made them (for the byte count).
-    seq_len, batch_size, max_tokens: as in `score`.
+    seq_len, batch_size, max_tokens, return_tokens: as in `score`.
   """
   step = jax.jit(functools.partial(eval_step, model=VesperLM(config)))
   result = score(lambda batch: step(params, {}, batch), tokens, seq_len=seq_len, batch_size=batch_size,
-                 max_tokens=max_tokens)
+                 max_tokens=max_tokens, return_tokens=return_tokens)
   result['bits_per_byte'] = bits_per_byte(result['loss'], tokens, result['tokens'], tokenizer)
   return result
 

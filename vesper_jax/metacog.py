@@ -57,14 +57,14 @@ class MetacogHead(nn.Module):
     if not c.metacog_trunk_gradient:  # the head learns from the trunk, never the reverse
       x_BTD = jax.lax.stop_gradient(x_BTD)
     # float32 throughout: the head is tiny, and its outputs are probabilities and losses.
-    h_BTF = nn.Dense(c.metacog_hidden, dtype=jnp.float32, param_dtype=jnp.float32,
+    h_BTU = nn.Dense(c.metacog_hidden, dtype=jnp.float32, param_dtype=jnp.float32,
                      kernel_init=nn.initializers.normal(0.02), name='fc1')(x_BTD.astype(jnp.float32))
     # The predicted loss starts at ln V, the loss of an untrained model (a uniform prediction): starting
     # at 0 would give the first steps a squared error of ~(ln V)², whose gradient would dominate the
     # global norm that clipping shares with the trunk.
     bias_init = lambda key, shape, dtype: jnp.array([0.0, math.log(c.vocab_size)], dtype)
     out_BT2 = nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32, bias_init=bias_init,
-                       kernel_init=nn.initializers.normal(0.02), name='fc2')(jax.nn.gelu(h_BTF))
+                       kernel_init=nn.initializers.normal(0.02), name='fc2')(jax.nn.gelu(h_BTU))
     return Outputs(out_BT2[..., 0], out_BT2[..., 1])
 
 

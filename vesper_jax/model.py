@@ -12,7 +12,7 @@ each letter with one meaning everywhere (model, flylora, decode, train, losses):
     I  in features        O  out features of a projection   R  adapter rank (FlyLoRA / LoRA)
     E  ranks selected per token (FlyLoRA's top-k)           P  (padded) prompt length
     C  tokens per decode chunk                              M  tokens, flattened (B·T)
-    1  an axis of size one
+    U  hidden units of the metacognition head (metacog.py)   1, 2  an axis of size one, two
 
 The projections run on flattened [M, D] tokens rather than [B, T, D]. The result is the same, but each
 weight gradient is then a dot with one contracting axis, which XLA:CPU runs on the operands as they lie.

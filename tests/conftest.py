@@ -235,3 +235,25 @@ def base_workdir(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp('base')
   train.train_and_evaluate(base_run_config(root), root / 'base')
   return root
+
+
+@pytest.fixture(scope='session')
+def metacog_workdir(tmp_path_factory) -> pathlib.Path:
+  """A root holding `run/`, the tiny model with the metacognition head trained 150 steps, and
+  `eval.json`, `python -m vesper_jax.evaluate --json` on its validation split (shared by the metacog,
+  generate and chat tests)."""
+  import json
+  import subprocess
+  import sys
+  from vesper_jax import train
+  root = tmp_path_factory.mktemp('metacog')
+  config = short_run_config(root / 'cache', **{'train.num_steps': 150, 'model.metacog': True,
+                                                'train.eval_tokens': 0, 'logging.every_steps': 10,
+                                                'train.eval_every': 150, 'data.seq_len': 64})
+  train.train_and_evaluate(config, root / 'run')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-m', 'vesper_jax.evaluate', f'--workdir={root / "run"}',
+                        f'--json={root / "eval.json"}'], cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  (root / 'eval.txt').write_text(out.stdout)
+  return root

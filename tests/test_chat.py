@@ -104,3 +104,19 @@ def test_reset_does_not_repeat_the_sampling_seed(monkeypatch):
   session.reset()
   session.reply('hi')
   assert seeds == [10, 11]
+
+
+def test_chat_with_the_regulator_answers_with_the_chosen_candidate(metacog_workdir):
+  from vesper_jax import checkpoint, generate
+  config, params, tokenizer = checkpoint.load_for_inference(metacog_workdir / 'run')
+  regulator = generate.RegulatorConfig(candidates=2, confidence_threshold=1.0, flag_below=0.0)
+  pieces, seen = [], []
+  session = chat.ChatSession(params, config, tokenizer, max_new_tokens=8, settings=SamplingConfig(),
+                             seed=1, regulator=regulator, on_candidate=lambda i, c: seen.append(i))
+  text = session.reply('Hello', on_text=pieces.append)
+  assert seen == [0, 1] and session.last_regulated is not None
+  assert text == session.last_regulated.text.strip() and session.history == [('Hello', text)]
+  assert pieces == ([text] if text else [])  # the chosen reply, whole, after the selection
+  out, err = _chat(metacog_workdir / 'run', '--max_new_tokens=6', '--regulate', '--candidates=2',
+                   stdin=b'Hi\n/exit\n')
+  assert out.startswith(chat.ASSISTANT_PREFIX) and '[regulator: candidate 1/2' in err

@@ -46,6 +46,11 @@ def _cases(run, tmp):
       ('generate', [f'--workdir={run}', '--top_p=0'], 2, 'top_p'),
       ('generate', [f'--workdir={run}', '--max_new_tokens=0'], 2, 'max_new_tokens'),
       ('generate', [f'--workdir={run}', '--chunk_size=0'], 2, 'chunk_size'),
+      ('generate', [f'--workdir={run}', '--regulate', '--candidates=0'], 2, 'candidates'),
+      ('generate', [f'--workdir={run}', '--regulate', '--confidence_threshold=1.5'], 2, 'confidence_threshold'),
+      ('chat', [f'--workdir={run}', '--regulate', '--flag_below=-0.1'], 2, 'flag_below'),
+      ('generate', [f'--workdir={run}', '--regulate'], 1, 'model.metacog'),
+      ('train', [f'--config={tiny}', '--config.model.metacog_hidden=0'], 1, 'model.metacog_hidden'),
       ('generate', [f'--workdir={tmp / "missing"}'], 1, str(tmp / 'missing')),
       ('generate', [f'--workdir={empty}'], 1, str(empty)),
       ('chat', [f'--workdir={run}', '--max_new_tokens=0'], 2, 'max_new_tokens'),
@@ -72,7 +77,7 @@ def _cases(run, tmp):
   ]
 
 
-NUM_CASES = 34
+NUM_CASES = 39
 
 
 def test_at_least_thirty_cases(inference_workdir, tmp_path):

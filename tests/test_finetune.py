@@ -25,10 +25,12 @@ def _assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_base_fields_are_the_weight_fields_without_the_adapters():
-  assert set(finetune.BASE_FIELDS) == set(M.WEIGHT_FIELDS) - set(M.ADAPTER_FIELDS)
+def test_base_fields_are_the_weight_fields_without_the_adapters_and_the_metacog_head():
+  # A metacognition head may be added in fine-tuning (or a base's head left behind): not a base field.
+  assert set(finetune.BASE_FIELDS) == set(M.WEIGHT_FIELDS) - set(M.ADAPTER_FIELDS) - set(M.METACOG_FIELDS)
   assert {'d_model', 'vocab_size', 'activation'} <= set(finetune.BASE_FIELDS)
-  assert not {'dtype', 'remat', 'lora_targets', 'lora_rank'} & set(finetune.BASE_FIELDS)
+  assert not {'dtype', 'remat', 'lora_targets', 'lora_rank', 'metacog', 'metacog_hidden'} & set(
+      finetune.BASE_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------ init_from

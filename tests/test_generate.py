@@ -155,3 +155,68 @@ def test_generate_batch_of_prompts(inference_workdir):
                                  sampling=SamplingConfig(temperature=0.8, top_k=50, top_p=0.9))
   assert all(texts), texts  # non-empty continuations: the comparison below means something
   assert out.decode() == ''.join(f'--- [{i}]\n{p}{t}\n' for i, (p, t) in enumerate(zip(prompts, texts)))
+
+
+# ------------------------------------------------------------------------------ the regulator (SPEC §9)
+
+def _regulate(workdir, **kwargs):
+  config, params, tokenizer = checkpoint.load_for_inference(workdir)
+  settings = dict(max_new_tokens=12, seed=5, sampling=SamplingConfig(temperature=1.0, top_k=0, top_p=1.0))
+  return generate.regulate(params, config, tokenizer, 'def ', **settings, **kwargs)
+
+
+def test_regulator_returns_the_most_confident_candidate_deterministically(metacog_workdir):
+  run = metacog_workdir / 'run'
+  seen = []
+  never = generate.RegulatorConfig(candidates=3, confidence_threshold=1.0, flag_below=0.0)
+  result = _regulate(run, regulator=never, on_candidate=lambda i, c: seen.append((i, c.score)))
+  assert len(result.candidates) == 3 and not result.stopped_early and [i for i, _ in seen] == [0, 1, 2]
+  scores = [c.score for c in result.candidates]
+  assert len(set(scores)) > 1, scores  # different candidates, so the choice means something
+  assert result.chosen == max(range(3), key=lambda i: scores[i]) and result.score == max(scores)
+  assert result.text == result.candidates[result.chosen].text and result.flagged == []
+  assert [c.seed for c in result.candidates] == [5, 6, 7]
+  for c in result.candidates:  # the score is the mean of the head's per-token confidences
+    assert len(c.confidences) == len(c.token_ids) and 0 < c.score < 1
+    if c.confidences:
+      assert abs(c.score - sum(c.confidences) / len(c.confidences)) < 1e-6
+  again = _regulate(run, regulator=never)
+  assert [c.text for c in again.candidates] == [c.text for c in result.candidates]
+  assert [c.score for c in again.candidates] == scores and again.chosen == result.chosen
+
+
+def test_regulator_stops_early_once_the_threshold_is_met(metacog_workdir):
+  result = _regulate(metacog_workdir / 'run', regulator=generate.RegulatorConfig(
+      candidates=3, confidence_threshold=0.0, flag_below=1.0))
+  assert len(result.candidates) == 1 and result.stopped_early and result.chosen == 0
+  # flag_below=1: every kept token is flagged, as one span over the whole text.
+  text = result.text
+  if result.candidates[0].token_ids and text:
+    assert [(s.start, s.end) for s in result.flagged] == [(0, len(text))]
+    assert generate.mark_spans(text, result.flagged) == f'[[{text}]]'
+  with pytest.raises(ValueError, match='candidates'):
+    generate.RegulatorConfig(candidates=0)
+  with pytest.raises(ValueError, match='confidence_threshold'):
+    generate.RegulatorConfig(confidence_threshold=1.5)
+
+
+def test_mark_spans_and_the_regulator_needs_the_head(inference_workdir):
+  spans = [generate.Span(0, 3, 0.2), generate.Span(9, 11, 0.4)]
+  assert generate.mark_spans('The quick brown', spans) == '[[The]] quick[[ b]]rown'
+  with pytest.raises(ValueError, match='model.metacog=True'):
+    _regulate(inference_workdir)
+
+
+def test_generate_cli_regulate_prints_the_chosen_candidate_after_progress_lines(metacog_workdir):
+  run = metacog_workdir / 'run'
+  proc = _cli('generate', f'--workdir={run}', '--prompt=def ', '--max_new_tokens=12', '--seed=5',
+              '--regulate', '--candidates=2', '--confidence_threshold=1.0', '--flag_below=0',
+              '--temperature=1.0', '--top_k=0', '--top_p=1.0')
+  out, err = proc.communicate(timeout=180)
+  assert proc.returncode == 0, err.decode()[-2000:]
+  err = err.decode()
+  assert '[regulator: candidate 1/2' in err and '[regulator: candidate 2/2' in err
+  assert '[regulator: chose candidate' in err
+  want = _regulate(run, regulator=generate.RegulatorConfig(candidates=2, confidence_threshold=1.0,
+                                                           flag_below=0.0))
+  assert out.decode() == 'def ' + want.text + '\n'

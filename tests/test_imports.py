@@ -20,7 +20,7 @@ PACKAGE = 'vesper_jax'
 # kernels/ is installed as vesper_jax.kernels (pyproject.toml).
 SOURCE_DIRS = {PACKAGE: REPO / 'vesper_jax', f'{PACKAGE}.kernels': REPO / 'kernels'}
 # The model and its layers: no checkpoint, export, file or data module may be reachable from them.
-MODEL_LAYER = ('model', 'era', 'flylora', 'quantize', 'pytree', 'sampling', 'decode', 'losses')
+MODEL_LAYER = ('model', 'era', 'flylora', 'metacog', 'quantize', 'pytree', 'sampling', 'decode', 'losses')
 IO_MODULES = ('checkpoint', 'export', 'finetune', 'data', 'sources', 'tokenizer', 'prepare', 'train',
               'evaluate', 'generate', 'chat', 'metrics_writer', 'cli', 'scale')
 IO_LIBRARIES = ('orbax', 'safetensors')

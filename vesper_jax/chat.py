@@ -50,8 +50,13 @@ class ChatSession:
   """A conversation with one model: the history and the sampling settings."""
 
   def __init__(self, params: PyTree, config: ModelConfig, tokenizer: generate.TextCodec, *,
-               max_new_tokens: int, settings: SamplingConfig, seed: int = 0):
+               max_new_tokens: int, settings: SamplingConfig, seed: int = 0,
+               regulator: generate.RegulatorConfig | None = None,
+               on_candidate: Callable[[int, generate.Candidate], None] | None = None):
     self._params, self._config, self._tokenizer = params, config, tokenizer
+    self.regulator = regulator  # confidence-guided resampling (generate.regulate); None = plain sampling
+    self.on_candidate = on_candidate  # with a regulator: called as each candidate is scored (progress)
+    self.last_regulated: generate.Regulated | None = None  # the regulator's answer for the last reply
     self.max_new_tokens = min(max_new_tokens, config.max_seq_len // 2)
     self._settings = settings
     self._seed = seed
@@ -74,8 +79,15 @@ class ChatSession:
     return ids[-budget:]
 
   def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
-    """Samples the assistant's reply, streaming it to `on_text`, and adds the turn to the history."""
+    """Samples the assistant's reply, streaming it to `on_text`, and adds the turn to the history.
+
+    With a regulator, the candidates are compared first (`self.on_candidate` as each is scored) and the
+    chosen reply reaches `on_text` whole; `last_regulated` then holds the regulator's answer (its
+    scores and low-confidence spans).
+    """
     ids = self.prompt_ids(message)
+    if self.regulator is not None:
+      return self._regulated_reply(message, ids, on_text)
     started = False
 
     def on_piece(row: int, piece: str) -> None:
@@ -94,9 +106,25 @@ class ChatSession:
     self._replies += 1
     return text
 
+  def _regulated_reply(self, message: str, ids: list[int], on_text: Callable[[str], None] | None) -> str:
+    result = generate.regulate(self._params, self._config, self._tokenizer, ids,
+                               max_new_tokens=self.max_new_tokens, sampling=self._settings,
+                               seed=self._seed + self._replies, stop_strings=STOP_STRINGS,
+                               regulator=self.regulator, on_candidate=self.on_candidate)
+    self.last_regulated = result
+    text = result.text.strip()
+    if on_text is not None:
+      shown = generate.mark_spans(result.text, result.flagged).strip()
+      if shown:
+        on_text(shown)
+    self.history.append((message, text))
+    self._replies += 1
+    return text
+
 
 def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
-  """Reads messages line by line until /exit or end of input; writes each streamed reply."""
+  """Reads messages line by line until /exit or end of input; writes each streamed reply (with a
+  regulator: each chosen reply)."""
   interactive = stdin.isatty()
 
   def write(text: str) -> None:
@@ -138,8 +166,13 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
 def main(argv):
   del argv
   config, params, tokenizer, settings = generate.load_from_flags()
+  regulator = generate.regulator_from_flags()
+
+  def on_candidate(i: int, candidate: generate.Candidate) -> None:
+    print(generate.progress_line(i, candidate, regulator), file=sys.stderr, flush=True)
+
   session = ChatSession(params, config, tokenizer, max_new_tokens=FLAGS.max_new_tokens,
-                        settings=settings, seed=FLAGS.seed)
+                        settings=settings, seed=FLAGS.seed, regulator=regulator, on_candidate=on_candidate)
   if sys.stdin.isatty():
     print(f'Chatting with {FLAGS.workdir} ({config.max_seq_len}-token context). /reset clears the '
           'conversation, /exit or Ctrl-D quits.', file=sys.stderr)

@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.lora_alpha = config_dict.placeholder(float)  # adapter scale alpha/r; None = 2·r
   config.model.lora_bias_rate = 1e-3    # u in the expert-bias rule d_i += u·sign(mean(c) − c_i)
   config.model.lora_seed = 0            # A is generated from this seed and each layer's path
+  # Metacognition head (SPEC §9, metacog.py): per-token confidence and predicted loss; off = no parameters.
+  config.model.metacog = False          # add the head (trained with weight train.metacog_weight)
+  config.model.metacog_hidden = 256     # the head's hidden width: d_model → metacog_hidden → 2
+  config.model.metacog_trunk_gradient = False  # let the head's loss reach the trunk (default: stop-gradient)
 
   # ---------------------------------------------------------------- data (→ data.py, tokenizer.py)
   config.data = ml_collections.ConfigDict()
@@ -147,6 +151,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_tokens = 48
   config.train.distributed = False      # call jax.distributed.initialize() (multi-host)
   config.train.init_from = ''           # fine-tune from a training workdir or a .safetensors export ('' = scratch)
+  config.train.metacog_weight = 0.1     # λ_meta: weight of the metacognition head's loss (model.metacog)
 
   # ---------------------------------------------------------------- checkpointing
   config.checkpoint = ml_collections.ConfigDict()
@@ -216,6 +221,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                      "adapters (model.lora_targets); use opt.kernel='xla'")
   if o.name == 'velvet' and o.kernel == 'triton':
     _check_triton()
+  if t.metacog_weight < 0:
+    raise ValueError(f'train.metacog_weight={t.metacog_weight} must be >= 0')
   if not o.learning_rate > 0:
     raise ValueError(f'opt.learning_rate={o.learning_rate} must be positive')
   num_devices = jax.device_count() if num_devices is None else num_devices

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from vesper_jax import checkpoint, cli, data, export, losses, quantize
+from vesper_jax import checkpoint, cli, data, export, losses, metacog, quantize
 from vesper_jax import config as base_config
 from vesper_jax.model import ModelConfig, VesperLM
 from vesper_jax.pytree import PyTree
@@ -35,40 +35,79 @@ FLAGS = flags.FLAGS
 
 
 def eval_step(params: PyTree, model_state: PyTree, batch: dict[str, jax.Array], *,
-              model: VesperLM) -> tuple[jax.Array, jax.Array]:
-  """(summed next-token NLL over the weighted targets, their count) of one batch; pure, jittable."""
+              model: VesperLM) -> tuple[jax.Array, ...]:
+  """(summed next-token NLL over the weighted targets, their count) of one batch; pure, jittable.
+
+  With the metacognition head (model.metacog), a third element: per-token arrays [B, T] of the head's
+  confidence and predicted loss, the real nll, correctness, max probability, entropy, and the weights
+  (what `score` gathers for metacog.calibration).
+  """
   tokens_BT1, weights_BT = batch['tokens'], batch['weights']
-  logits_BTV = model.apply({'params': params, **model_state}, tokens_BT1[:, :-1])
-  loss, _ = losses.cross_entropy_and_entropy(logits_BTV, tokens_BT1[:, 1:], weights_BT)
+  variables, targets_BT = {'params': params, **model_state}, tokens_BT1[:, 1:]
+  with_metacog = model.config.metacog
+  out = model.apply(variables, tokens_BT1[:, :-1], with_metacog=with_metacog)
+  logits_BTV, meta = out if with_metacog else (out, None)
+  loss, _ = losses.cross_entropy_and_entropy(logits_BTV, targets_BT, weights_BT)
   count = jnp.sum(weights_BT)
-  return loss * count, count
+  if not with_metacog:
+    return loss * count, count
+  per_token = {'confidence': meta.confidence_BT, 'predicted_loss': meta.predicted_loss_BT,
+               **losses.token_stats(logits_BTV, targets_BT), 'weights': weights_BT.astype(jnp.float32)}
+  return loss * count, count, per_token
 
 
-def score(step_fn: Callable[[dict], tuple[jax.Array, jax.Array]], tokens: np.ndarray, *, seq_len: int,
+def score(step_fn: Callable[[dict], tuple[jax.Array, ...]], tokens: np.ndarray, *, seq_len: int,
           batch_size: int, max_tokens: int = 0,
-          place: Callable[[dict], dict] = lambda batch: batch) -> dict[str, float]:
+          place: Callable[[dict], dict] = lambda batch: batch, return_tokens: bool = False) -> dict:
   """Scores every target of `tokens` (up to `max_tokens`) through `step_fn` (an `eval_step`).
 
   Args:
-    step_fn: batch -> (nll sum, count), e.g. a jitted `eval_step` with the parameters bound.
+    step_fn: batch -> (nll sum, count[, per-token arrays]), e.g. a jitted `eval_step` with the
+      parameters bound; with per-token arrays (a model with the metacognition head), the scored
+      targets' values are gathered on the host and measured (metacog.calibration).
     tokens: a 1-D token array (a split of the token cache).
     seq_len: targets per window.
     batch_size: windows per batch (the global batch; each process reads its rows).
     max_tokens: the budget of targets; 0 = all.
     place: puts this process's rows of a batch on the devices (default: as they are).
+    return_tokens: with the head, also return the per-token arrays under 'per_token' (confidence,
+      predicted_loss, nll, correct, max_prob, entropy; scored targets only), e.g. for a reliability
+      diagram (metacog.reliability).
   Returns:
-    {'loss': mean NLL in nats, 'perplexity', 'tokens': targets scored}.
+    {'loss': mean NLL in nats, 'perplexity', 'tokens': targets scored}; with the head, also
+    'metacog' and 'baselines' (see metacog.calibration).
   """
   total, count = 0.0, 0.0  # summed on the host in float64, batch by batch
+  gathered: dict[str, list[np.ndarray]] = {}
   for index in range(data.num_eval_batches(tokens, seq_len=seq_len, batch_size=batch_size,
                                            max_tokens=max_tokens)):
     tokens_BT1, weights_BT = data.eval_batch(
         tokens, index=index, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
         process_index=jax.process_index(), process_count=jax.process_count())
-    nll, n = step_fn(place({'tokens': tokens_BT1, 'weights': weights_BT}))
+    nll, n, *per_token = step_fn(place({'tokens': tokens_BT1, 'weights': weights_BT}))
     total, count = total + float(nll), count + float(n)
+    if per_token:
+      _gather(per_token[0], gathered)
   loss = total / max(count, 1.0)
-  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': int(count)}
+  result = {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': int(count)}
+  if gathered:
+    t = {k: np.concatenate(v) for k, v in gathered.items()}
+    result.update(metacog.calibration(t['confidence'], t['predicted_loss'], t['correct'], t['nll'],
+                                      t['max_prob'], t['entropy']))
+    if return_tokens:
+      result['per_token'] = t
+  return result
+
+
+def _gather(per_token: dict[str, jax.Array], gathered: dict[str, list[np.ndarray]]) -> None:
+  """Appends the scored (weight > 0) targets' per-token values, from every process, to `gathered`."""
+  if jax.process_count() > 1:  # each process holds only its rows of the global batch
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    per_token = multihost_utils.process_allgather(per_token, tiled=True)
+  host = {k: np.asarray(v) for k, v in per_token.items()}
+  scored = host.pop('weights') > 0
+  for k, v in host.items():
+    gathered.setdefault(k, []).append(v[scored])
 
 
 def bits_per_byte(loss: float, tokens: np.ndarray, num_targets: int, tokenizer: Tokenizer) -> float:
@@ -78,20 +117,43 @@ def bits_per_byte(loss: float, tokens: np.ndarray, num_targets: int, tokenizer: 
 
 
 def evaluate(params: PyTree, config: ModelConfig, tokens: np.ndarray, tokenizer: Tokenizer, *,
-             seq_len: int, batch_size: int, max_tokens: int = 0) -> dict[str, float]:
-  """Loss, perplexity, bits per byte and the number of targets scored, on one device.
+             seq_len: int, batch_size: int, max_tokens: int = 0, return_tokens: bool = False) -> dict:
+  """Loss, perplexity, bits per byte and the number of targets scored, on one device; with the
+  metacognition head, its calibration and the baselines' ('metacog', 'baselines').
 
   Args:
     params, config: the model (float or cast for inference).
     tokens: the token ids to score (a split of a token cache).
     tokenizer: the tokenizer that made them (for the byte count).
-    seq_len, batch_size, max_tokens: as in `score`.
+    seq_len, batch_size, max_tokens, return_tokens: as in `score`.
   """
   step = jax.jit(functools.partial(eval_step, model=VesperLM(config)))
   result = score(lambda batch: step(params, {}, batch), tokens, seq_len=seq_len, batch_size=batch_size,
-                 max_tokens=max_tokens)
+                 max_tokens=max_tokens, return_tokens=return_tokens)
   result['bits_per_byte'] = bits_per_byte(result['loss'], tokens, result['tokens'], tokenizer)
   return result
+
+
+def calibration_table(result: dict) -> str:
+  """The metacognition head's measures beside the baselines' (a Markdown table)."""
+  m, b = result['metacog'], result['baselines']
+  f = lambda x: f'{x:.4f}'
+  return ('| predictor | ECE (15 bins) | AUROC (correct) | Pearson (loss) | Spearman (loss) |\n'
+          '|---|---:|---:|---:|---:|\n'
+          f"| metacog head | {f(m['ece'])} | {f(m['auroc'])} | {f(m['pearson'])} | {f(m['spearman'])} |\n"
+          f"| max softmax probability | {f(b['max_prob']['ece'])} | {f(b['max_prob']['auroc'])} | | |\n"
+          f"| predictive entropy | | | {f(b['entropy']['pearson'])} | {f(b['entropy']['spearman'])} |\n"
+          f"\nmean confidence {f(m['mean_confidence'])}, top-1 accuracy {f(m['accuracy'])} "
+          f"over {result['tokens']:,} tokens")
+
+
+def _json_safe(value):
+  """NaN (an undefined measure) as JSON null; everything else as it is."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  return value
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -145,8 +207,10 @@ def main(argv):
         f"|---|---|---|---:|---:|---:|---:|\n"
         f"| {FLAGS.workdir} | {weights} | {result['data']} | {result['tokens']:,} | {result['loss']:.4f} | "
         f"{result['perplexity']:.2f} | {result['bits_per_byte']:.4f} |")
+  if 'metacog' in result:
+    print('\n' + calibration_table(result))
   if FLAGS.json:
-    pathlib.Path(FLAGS.json).write_text(json.dumps(result, indent=2) + '\n')
+    pathlib.Path(FLAGS.json).write_text(json.dumps(_json_safe(result), indent=2) + '\n')
     print(f'wrote {FLAGS.json}', file=sys.stderr)
 
 

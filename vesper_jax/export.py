@@ -11,6 +11,8 @@ PyTorch orientation: flax kernels are `[in, out]`, so 2-D tensors are transposed
   layers.{i}.ffn.{gate,up,down}_proj.weight,  layers.{i}.ffn_norm.weight,
   final_norm.weight, lm_head.weight         [V_pad, D]  (absent with tied embeddings)
   + `.bias` where biases are on; FlyLoRA: `{proj}.lora_a` [r, in], `.lora_b` [out, r], `.expert_bias` [r]
+  metacognition head (model.metacog): metacog.fc1.weight [hidden, D], metacog.fc1.bias [hidden],
+  metacog.fc2.weight [2, hidden], metacog.fc2.bias [2]
 
 and the ModelConfig as JSON in the file's metadata. `load_safetensors` rebuilds the parameter tree and
 refuses, naming the tensor, anything missing, unexpected, or of the wrong shape or dtype.
@@ -28,6 +30,7 @@ model.lora_* settings in the metadata.
 `--format=hf` writes a Hugging Face Llama directory (`config.json`, `model.safetensors`, and
 `tokenizer.json` when the workdir has one) for models Llama can express: RMSNorm, SiLU (ERA with λ = 0
 and T = 1 is exactly SiLU), no biases, no unmerged adapters; anything else is refused, naming the option.
+A metacognition head has no place in Llama: it is left out, with a warning that says so.
 The vocabulary is cut to `vocab_size` there, so `transformers` never samples a padding class. The query
 and key weights need no permutation: Llama's `rotate_half` RoPE pairs dimension j with j + H/2 of each
 head, with frequencies θ^(-2j/H), exactly as `model.apply_rope` does, and both split q/k heads as
@@ -53,6 +56,7 @@ from safetensors.numpy import save_file
 
 from vesper_jax import cli
 from vesper_jax import flylora
+from vesper_jax import metacog
 from vesper_jax import quantize
 from vesper_jax.model import ModelConfig, init_params
 from vesper_jax.pytree import Path, PyTree, flatten, unflatten
@@ -318,6 +322,11 @@ def to_hf_tensors(params: PyTree, config: ModelConfig) -> dict[str, np.ndarray]:
   """The parameter tree under Llama's names, `[out, in]`, the vocabulary cut to `vocab_size`."""
   check_llama_compatible(config)
   tensors = to_tensors(params)
+  head = sorted(k for k in tensors if k.startswith(f'{metacog.NAME}.'))
+  if head:  # not part of the language model: Llama has no place for it
+    logging.warning('--format=hf leaves out the metacognition head (%s): LlamaForCausalLM has no place '
+                    'for it; export with --format=vesper to keep it', ', '.join(head))
+    tensors = {k: v for k, v in tensors.items() if k not in head}
   V = config.vocab_size
   hf = {'model.embed_tokens.weight': tensors.pop('embeddings.weight')[:V],
         'model.norm.weight': tensors.pop('final_norm.weight')}

@@ -15,12 +15,14 @@ from absl import logging
 from vesper_jax import checkpoint
 from vesper_jax import export
 from vesper_jax import flylora
-from vesper_jax.model import ADAPTER_FIELDS, WEIGHT_FIELDS, ModelConfig, weight_changes
-from vesper_jax.pytree import PyTree
+from vesper_jax import metacog
+from vesper_jax.model import ADAPTER_FIELDS, METACOG_FIELDS, WEIGHT_FIELDS, ModelConfig, weight_changes
+from vesper_jax.pytree import PyTree, flatten, unflatten
 
 # What a base model must share with the model fine-tuned from it: every weight-defining field but the
-# adapters' (the base is a plain model; the adapters are added on top).
-BASE_FIELDS = tuple(f for f in WEIGHT_FIELDS if f not in ADAPTER_FIELDS)
+# adapters' (the base is a plain model; the adapters are added on top) and the metacognition head's
+# (a head can be added in fine-tuning, or a base's head left behind).
+BASE_FIELDS = tuple(f for f in WEIGHT_FIELDS if f not in ADAPTER_FIELDS + METACOG_FIELDS)
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -73,5 +75,20 @@ def load_base(init_from: str, config: ModelConfig) -> PyTree:
     field, base_value, value = changes[0]
     raise ValueError(f'train.init_from={init_from}: the base has model.{field}={base_value!r}, '
                      f'this config {value!r}')
+  if base_config.metacog and not (config.metacog and config.metacog_hidden == base_config.metacog_hidden):
+    logging.warning('train.init_from=%s: the base\'s metacognition head is left behind (this config has '
+                    'model.metacog=%s, model.metacog_hidden=%d)', init_from, config.metacog,
+                    config.metacog_hidden)
+    params = {k: v for k, v in params.items() if k != metacog.NAME}
   logging.info('Base weights from %s', init_from)
   return params
+
+
+def graft(params: PyTree, base: PyTree) -> PyTree:
+  """The base's weights in the fine-tuned model's tree (flylora.graft_base), keeping the adapters, and
+  the freshly initialised metacognition head when the base has none."""
+  if metacog.NAME in params and metacog.NAME not in base:
+    head = {k: v for k, v in flatten(params).items() if metacog.is_head_path(k)}
+    rest = flylora.graft_base({k: v for k, v in params.items() if k != metacog.NAME}, base)
+    return unflatten({**flatten(rest), **head})
+  return flylora.graft_base(params, base)

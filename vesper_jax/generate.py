@@ -8,17 +8,25 @@ full at the end); timings and tokens/s go to stderr, so stdout holds only text.
 The library part turns tokens into text as they come: `TextStream` (whole UTF-8 characters, stop
 strings) and `generate_text` (prompts as strings, pieces of text to a callback), used here, by chat.py
 and by the sample at the end of training. Decoding itself is decode.py.
+
+With `--regulate` (a model trained with the metacognition head, SPEC §9), `regulate` samples up to
+`--candidates` continuations, stops once one's mean confidence exceeds `--confidence_threshold`, and the
+most confident is printed after the selection (a progress line per candidate on stderr), its tokens
+under `--flag_below` confidence marked [[like this]]. Without it, streaming is unchanged.
 """
 
+import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 
 from vesper_jax import checkpoint, cli, decode, quantize
-from vesper_jax.model import ModelConfig, cast_for_inference
+from vesper_jax.model import ModelConfig, VesperLM, cast_for_inference
 from vesper_jax.pytree import PyTree
 from vesper_jax.sampling import SamplingConfig
 from vesper_jax.tokenizer import Tokenizer
@@ -26,6 +34,7 @@ from vesper_jax.tokenizer import Tokenizer
 FLAGS = flags.FLAGS
 
 _STREAM_CONTEXT = 4  # prompt ids a TextStream decodes along with the first new ones (see TextStream)
+_SCORE_BUCKET = 64   # the regulator scores prompt + candidate padded to a multiple of this many tokens
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -128,7 +137,23 @@ def generate_text(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
   (excluded from the text) or after `max_new_tokens`. An empty prompt starts from the EOS token (the
   document separator in training). Returns the continuation of each prompt.
   """
-  ids = [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eos_id] for p in prompts]
+  texts, _ = _generate_rows(params, config, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                            sampling=sampling, seed=seed, stop_strings=stop_strings, chunk_size=chunk_size,
+                            on_text=on_text, stats=stats)
+  return texts
+
+
+def _prompt_ids(tokenizer: TextCodec, prompt: str | Sequence[int]) -> list[int]:
+  return (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [tokenizer.eos_id]
+
+
+def _generate_rows(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
+                   prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig,
+                   seed: int, stop_strings: Sequence[str], chunk_size: int,
+                   on_text: Callable[[int, str], None] | None = None,
+                   stats: decode.GenerationStats | None = None) -> tuple[list[str], list[list[int]]]:
+  """generate_text's work: (each row's text, each row's new token ids, EOS excluded)."""
+  ids = [_prompt_ids(tokenizer, p) for p in prompts]
   streams = [TextStream(tokenizer, stop_strings, context=row) for row in ids]
 
   def on_tokens(new: list[list[int]]) -> bool:
@@ -138,13 +163,154 @@ def generate_text(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
         on_text(b, piece)
     return all(s.stopped for s in streams)
 
-  decode.generate(params, config, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-           eos_id=tokenizer.eos_id, seed=seed, chunk_size=chunk_size, on_tokens=on_tokens, stats=stats)
+  new_ids = decode.generate(params, config, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                            eos_id=tokenizer.eos_id, seed=seed, chunk_size=chunk_size, on_tokens=on_tokens,
+                            stats=stats)
   for b, stream in enumerate(streams):
     piece = stream.finish()
     if piece and on_text is not None:
       on_text(b, piece)
-  return [s.text for s in streams]
+  return [s.text for s in streams], new_ids
+
+
+# ------------------------------------------------------------------------------------------ regulator
+# Confidence-guided resampling (SPEC §9): sample up to N candidates, stop early once one's mean
+# confidence (the metacognition head's, per generated token) exceeds a threshold, keep the most confident.
+
+@dataclasses.dataclass(frozen=True)
+class RegulatorConfig:
+  """The regulator's settings (the --candidates, --confidence_threshold, --flag_below flags)."""
+  candidates: int = 3                 # candidates sampled at most (seeds seed, seed + 1, ...)
+  confidence_threshold: float = 0.85  # stop once a candidate's mean confidence exceeds this
+  flag_below: float = 0.5             # tokens whose confidence is below this are flagged (0 = none)
+
+  def __post_init__(self):
+    if self.candidates < 1:
+      raise ValueError(f'candidates={self.candidates} must be >= 1')
+    for name in ('confidence_threshold', 'flag_below'):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f'{name}={getattr(self, name)} must be in [0, 1]')
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """A run of low-confidence tokens in a candidate's text."""
+  start: int          # character offsets into the text: text[start:end]
+  end: int
+  confidence: float   # the lowest token confidence in the run
+
+
+@dataclasses.dataclass
+class Candidate:
+  """One sampled continuation and how confident the head was about it."""
+  seed: int
+  text: str
+  token_ids: list[int]      # the new tokens whose text is in `text` (a stop string cuts both)
+  confidences: list[float]  # the head's confidence at each of those tokens
+  score: float              # their mean (no tokens: the confidence of the prediction that ended it)
+  flagged: list[Span]
+
+
+@dataclasses.dataclass
+class Regulated:
+  """The regulator's answer: the most confident candidate, and every candidate it sampled."""
+  text: str
+  score: float
+  chosen: int                  # index into candidates
+  candidates: list[Candidate]
+  stopped_early: bool          # a candidate exceeded the threshold before all N were sampled
+
+  @property
+  def flagged(self) -> list[Span]:
+    return self.candidates[self.chosen].flagged
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def _confidence_T(params: PyTree, tokens_1T: jax.Array, config: ModelConfig) -> jax.Array:
+  _, meta = VesperLM(config).apply({'params': params}, tokens_1T, with_metacog=True)
+  return meta.confidence_BT[0]
+
+
+def token_confidences(params: PyTree, config: ModelConfig, prompt_ids: Sequence[int],
+                      new_ids: Sequence[int]) -> np.ndarray:
+  """The head's confidence at the prediction of each new token (and, for no new tokens, of the one that
+  ended the row), from one forward pass over prompt + new tokens. float32 [max(len(new_ids), 1)]."""
+  if not config.metacog:
+    raise ValueError('token confidences need the metacognition head (model.metacog=True)')
+  tokens = list(prompt_ids) + list(new_ids)
+  padded = -(-len(tokens) // _SCORE_BUCKET) * _SCORE_BUCKET  # few shapes, few compilations
+  tokens_1T = np.zeros((1, padded), np.int32)
+  tokens_1T[0, :len(tokens)] = tokens  # causal: the padding after the tokens changes nothing before it
+  conf_T = np.asarray(_confidence_T(params, tokens_1T, config.replace(decode=False)))
+  first = len(prompt_ids) - 1  # the position whose output predicts the first new token
+  return conf_T[first:first + max(len(new_ids), 1)]
+
+
+def _score(params: PyTree, config: ModelConfig, tokenizer: TextCodec, prompt_ids: Sequence[int],
+           new_ids: Sequence[int], text: str, seed: int, flag_below: float) -> Candidate:
+  """A candidate's kept tokens, their confidences, its score and its low-confidence spans."""
+  context = list(prompt_ids[-_STREAM_CONTEXT:])
+  base = len(tokenizer.decode(context))
+  ends = [max(0, len(tokenizer.decode(context + list(new_ids[:k + 1]))) - base) for k in range(len(new_ids))]
+  ends = list(np.maximum.accumulate(ends)) if ends else []
+  starts = [0] + ends[:-1]
+  kept = [k for k in range(len(new_ids)) if starts[k] < len(text)]
+  conf = token_confidences(params, config, prompt_ids, new_ids)
+  confidences = [float(conf[k]) for k in kept]
+  score = float(np.mean(confidences)) if confidences else float(conf[0])
+  flagged, run = [], []
+  for k in kept + [None]:  # None closes the last run
+    if k is not None and conf[k] < flag_below:
+      run.append(k)
+      continue
+    if run:
+      flagged.append(Span(int(starts[run[0]]), int(min(ends[run[-1]], len(text))),
+                          float(min(conf[j] for j in run))))
+      run = []
+  return Candidate(seed, text, [int(new_ids[k]) for k in kept], confidences, score, flagged)
+
+
+def regulate(params: PyTree, config: ModelConfig, tokenizer: TextCodec, prompt: str | Sequence[int], *,
+             max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+             stop_strings: Sequence[str] = (), chunk_size: int = 1,
+             regulator: RegulatorConfig = RegulatorConfig(),
+             on_candidate: Callable[[int, Candidate], None] | None = None) -> Regulated:
+  """Confidence-guided generation: candidate i samples with seed + i; stops after the first whose mean
+  confidence exceeds `regulator.confidence_threshold`, or after `regulator.candidates`; returns the most
+  confident (the first of equals). Deterministic for a given seed. `on_candidate(i, candidate)` is
+  called as each one is scored (for a progress line). Needs the metacognition head."""
+  if not config.metacog:
+    raise ValueError('the regulator needs a model trained with the metacognition head (model.metacog=True); '
+                     'this model has none')
+  ids = _prompt_ids(tokenizer, prompt)
+  candidates = []
+  for i in range(regulator.candidates):
+    texts, new_ids = _generate_rows(params, config, tokenizer, [ids], max_new_tokens=max_new_tokens,
+                                    sampling=sampling, seed=seed + i, stop_strings=stop_strings,
+                                    chunk_size=chunk_size)
+    candidates.append(_score(params, config, tokenizer, ids, new_ids[0], texts[0], seed + i,
+                             regulator.flag_below))
+    if on_candidate is not None:
+      on_candidate(i, candidates[-1])
+    if candidates[-1].score > regulator.confidence_threshold:
+      break
+  chosen = max(range(len(candidates)), key=lambda i: (candidates[i].score, -i))
+  stopped_early = len(candidates) < regulator.candidates
+  logging.info('regulator: %d candidate(s), chose %d (mean confidence %.3f)%s', len(candidates), chosen,
+               candidates[chosen].score, ', stopped early' if stopped_early else '')
+  return Regulated(candidates[chosen].text, candidates[chosen].score, chosen, candidates, stopped_early)
+
+
+FLAG_OPEN, FLAG_CLOSE = '[[', ']]'  # how the CLIs mark low-confidence spans in printed text
+
+
+def mark_spans(text: str, spans: Sequence[Span], open_mark: str = FLAG_OPEN, close_mark: str = FLAG_CLOSE) -> str:
+  """`text` with each span wrapped in the marks (spans in order, not overlapping)."""
+  out, at = [], 0
+  for span in spans:
+    out += [text[at:span.start], open_mark, text[span.start:span.end], close_mark]
+    at = span.end
+  return ''.join(out + [text[at:]])
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -160,12 +326,53 @@ def load_from_flags() -> tuple[ModelConfig, PyTree, Tokenizer, SamplingConfig]:
   except ValueError as e:  # e.g. --top_p=0: the flag's name and range, without a traceback
     raise app.UsageError(str(e)) from e
   config, params, tokenizer = checkpoint.load_for_inference(FLAGS.workdir)
+  if FLAGS.regulate and not config.metacog:  # bad input (exit 1), found before any compilation
+    raise ValueError(f'--regulate: {FLAGS.workdir} was trained without the metacognition head '
+                     '(model.metacog=False); train with --config.model.metacog=True')
   if FLAGS.quantize:  # from the float32 weights, before any cast
     config, params = quantize.quantize_model(config, params, FLAGS.quantize,
                                              quantize_head=FLAGS.quantize_head)
   if FLAGS.dtype:
     config, params = cast_for_inference(config, params, FLAGS.dtype)
   return config, params, tokenizer, settings
+
+
+def regulator_from_flags() -> RegulatorConfig | None:
+  """The --regulate settings, or None without --regulate (chat uses this too)."""
+  if not FLAGS.regulate:
+    return None
+  return RegulatorConfig(candidates=FLAGS.candidates, confidence_threshold=FLAGS.confidence_threshold,
+                         flag_below=FLAGS.flag_below)
+
+
+def progress_line(i: int, candidate: Candidate, regulator: RegulatorConfig) -> str:
+  """The stderr line printed as candidate i is scored."""
+  return (f'[regulator: candidate {i + 1}/{regulator.candidates}, mean confidence {candidate.score:.3f}'
+          f'{" > threshold: stopping" if candidate.score > regulator.confidence_threshold else ""}]')
+
+
+def summary_line(result: Regulated, regulator: RegulatorConfig) -> str:
+  """The stderr line printed after the selection."""
+  flags_note = (f'; {len(result.flagged)} span(s) under confidence {regulator.flag_below} marked '
+                f'{FLAG_OPEN}...{FLAG_CLOSE}' if regulator.flag_below > 0 else '')
+  return (f'[regulator: chose candidate {result.chosen + 1} of {len(result.candidates)} generated, mean '
+          f'confidence {result.score:.3f}{", stopped early" if result.stopped_early else ""}{flags_note}]')
+
+
+def _main_regulated(params: PyTree, config: ModelConfig, tokenizer: Tokenizer, settings: SamplingConfig,
+                    max_new_tokens: int) -> None:
+  """--regulate: per prompt, progress lines on stderr, then the chosen text (spans marked) on stdout."""
+  regulator = regulator_from_flags()
+  for i, prompt in enumerate(FLAGS.prompt):
+    result = regulate(params, config, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=settings,
+                      seed=FLAGS.seed, stop_strings=FLAGS.stop, chunk_size=FLAGS.chunk_size,
+                      regulator=regulator,
+                      on_candidate=lambda j, c: print(progress_line(j, c, regulator), file=sys.stderr,
+                                                      flush=True))
+    header = f'--- [{i}]\n' if len(FLAGS.prompt) > 1 else ''
+    sys.stdout.write(f'{header}{prompt}{mark_spans(result.text, result.flagged)}\n')
+    sys.stdout.flush()
+    print(summary_line(result, regulator), file=sys.stderr, flush=True)
 
 
 def main(argv):
@@ -180,6 +387,9 @@ def main(argv):
   if max_new_tokens < FLAGS.max_new_tokens:
     logging.warning('max_new_tokens capped to %d: the prompt is %d tokens of a %d-token context window',
                     max_new_tokens, longest, config.max_seq_len)
+  if FLAGS.regulate:  # candidates are compared before anything is shown: no streaming
+    _main_regulated(params, config, tokenizer, settings, max_new_tokens)
+    return
   streaming = len(prompts) == 1
 
   def on_text(row: int, piece: str) -> None:
@@ -218,6 +428,14 @@ def define_common_flags() -> None:
   flags.DEFINE_enum('quantize', None, list(quantize.SCHEMES), 'Weight-only quantization of the '
                     'projections: int8 (per output channel) or int4 (groups of 128 along the input).')
   flags.DEFINE_bool('quantize_head', False, 'With --quantize, quantize the output head too.')
+  # The regulator (SPEC §9): needs a model trained with the metacognition head.
+  flags.DEFINE_bool('regulate', False, 'Confidence-guided resampling: sample up to --candidates '
+                    'continuations, keep the most confident (printed after selection, not streamed).')
+  flags.DEFINE_integer('candidates', 3, 'With --regulate: candidates sampled at most.', lower_bound=1)
+  flags.DEFINE_float('confidence_threshold', 0.85, 'With --regulate: stop once a candidate\'s mean '
+                     'confidence exceeds this.', lower_bound=0.0, upper_bound=1.0)
+  flags.DEFINE_float('flag_below', 0.5, 'With --regulate: mark tokens under this confidence '
+                     f'{FLAG_OPEN}like this{FLAG_CLOSE}; 0 = mark nothing.', lower_bound=0.0, upper_bound=1.0)
 
 
 def define_flags() -> None:

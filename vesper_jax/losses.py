@@ -1,4 +1,8 @@
-"""Next-token cross-entropy and the predictive entropy, computed together in one pass over the logits."""
+"""Next-token cross-entropy and the predictive entropy, computed together in one pass over the logits.
+
+Per-token statistics (`token_stats`, and `per_token=True` on the fused head) serve the metacognition
+head (metacog.py): the loss of each token and whether its top-1 prediction was right.
+"""
 
 import functools
 
@@ -25,6 +29,23 @@ def cross_entropy_and_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
   weights_BT = weights_BT.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
   return jnp.sum(nll_BT * weights_BT) / denom, jnp.sum(ent_BT * weights_BT) / denom
+
+
+def token_stats(logits_BTV: jax.Array, targets_BT: jax.Array) -> dict[str, jax.Array]:
+  """Per token, float32 and without gradient: nll, correct, max_prob, entropy.
+
+  `correct` is 1.0 where the target has the highest logit (ties count as correct: the same test the
+  fused head makes for free, as `z[target] − max z == 0`), `max_prob` the model's top-1 probability
+  (the confidence a model without a head would report), `entropy` the predictive entropy in nats.
+  """
+  z_BTV = jax.lax.stop_gradient(logits_BTV.astype(jnp.float32))
+  shifted_BTV = z_BTV - jnp.max(z_BTV, axis=-1, keepdims=True)
+  e_BTV = jnp.exp(shifted_BTV)
+  s_BT = jnp.sum(e_BTV, axis=-1)
+  log_s_BT = jnp.log(s_BT)
+  target_BT = jnp.take_along_axis(shifted_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return {'nll': log_s_BT - target_BT, 'correct': (target_BT >= 0.0).astype(jnp.float32),
+          'max_prob': 1.0 / s_BT, 'entropy': log_s_BT - jnp.sum(e_BTV * shifted_BTV, axis=-1) / s_BT}
 
 
 # The per-token terms carry a hand-written gradient. Autodiff of log_softmax + take_along_axis + the
@@ -78,8 +99,8 @@ HEAD_CHUNK_TOKENS = 1024  # tokens per chunk: a 1,024 × 16,384 float32 chunk of
 
 
 def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_V: jax.Array | None,
-                                   targets_BT: jax.Array, weights_BT: jax.Array | None = None
-                                   ) -> tuple[jax.Array, jax.Array]:
+                                   targets_BT: jax.Array, weights_BT: jax.Array | None = None, *,
+                                   per_token: bool = False) -> tuple[jax.Array, ...]:
   """`cross_entropy_and_entropy(x·kernel + bias, ...)` without ever holding the [B, T, V] logits.
 
   The head runs over chunks of about HEAD_CHUNK_TOKENS tokens (a slice of the positions of every row,
@@ -96,16 +117,21 @@ def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_
     kernel_DV, bias_V: the head cut to the real vocabulary (`VesperLM.head_weights`); bias may be None.
     targets_BT: int target ids.
     weights_BT: 1 for real targets, 0 for padding; the means are over real targets only.
+    per_token: also return each token's nll_BT and correct_BT (1.0 where the target has the highest
+      logit; see token_stats), without gradient, read from the chunks' logits as they pass.
   Returns:
-    (loss, entropy): scalars, float32 nats.
+    (loss, entropy): scalars, float32 nats; with per_token, (loss, entropy, nll_BT, correct_BT).
   """
   B, T, _ = x_BTD.shape
   if weights_BT is None:
     weights_BT = jnp.ones((B, T), jnp.float32)
   # Chunks are [B, C] slices of the sequence axis: the largest C dividing T with B·C ≤ the budget.
   chunk_len = max([c for c in range(1, T + 1) if T % c == 0 and B * c <= HEAD_CHUNK_TOKENS] or [1])
-  loss, entropy = _fused_head(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT.astype(jnp.float32),
-                              chunk_len)
+  loss, entropy, nll_BT, correct_BT = _fused_head(x_BTD, kernel_DV, bias_V, targets_BT,
+                                                  weights_BT.astype(jnp.float32), chunk_len, per_token)
+  if per_token:
+    return (loss, jax.lax.stop_gradient(entropy), jax.lax.stop_gradient(nll_BT),
+            jax.lax.stop_gradient(correct_BT))
   return loss, jax.lax.stop_gradient(entropy)
 
 
@@ -130,35 +156,39 @@ def _chunk_logits(x_MD, kernel_DV, bias_V):
 
 
 def _chunk_softmax_terms(z_MV, targets_M):
-  """Per token: nll, entropy, and the pieces of the softmax its gradient needs (see _forward)."""
+  """Per token: nll, entropy, correct, and the pieces of the softmax its gradient needs (see _forward)."""
   shifted_MV = z_MV - jnp.max(z_MV, axis=-1, keepdims=True)
   e_MV = jnp.exp(shifted_MV)
   s_M = jnp.sum(e_MV, axis=-1)
   log_s_M = jnp.log(s_M)
   ent_M = log_s_M - jnp.sum(e_MV * shifted_MV, axis=-1) / s_M
-  nll_M = log_s_M - jnp.take_along_axis(shifted_MV, targets_M[:, None], axis=-1)[:, 0]
-  return nll_M, ent_M, e_MV, s_M
+  target_M = jnp.take_along_axis(shifted_MV, targets_M[:, None], axis=-1)[:, 0]
+  correct_M = (target_M >= 0.0).astype(jnp.float32)  # the target holds the max (token_stats' test)
+  return log_s_M - target_M, ent_M, correct_M, e_MV, s_M
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused_head(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len):
-  (loss, entropy), _ = _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
-                                       with_grads=False)
-  return loss, entropy
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_head(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token):
+  outputs, _ = _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token,
+                               with_grads=False)
+  return outputs
 
 
-def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, with_grads=True):
+def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token,
+                    with_grads=True):
   B = x_BTD.shape[0]
   denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
 
   def body(carry, chunk):
     x_MD, targets_M, weights_M = chunk
-    nll_M, ent_M, e_MV, s_M = _chunk_softmax_terms(_chunk_logits(x_MD, kernel_DV, bias_V), targets_M)
+    nll_M, ent_M, correct_M, e_MV, s_M = _chunk_softmax_terms(_chunk_logits(x_MD, kernel_DV, bias_V),
+                                                              targets_M)
     loss_sum, ent_sum, dkernel_DV, dbias_V = carry
     loss_sum += jnp.sum(nll_M * weights_M)
     ent_sum += jnp.sum(ent_M * weights_M)
+    stats = (nll_M, correct_M) if per_token else None
     if not with_grads:
-      return (loss_sum, ent_sum, dkernel_DV, dbias_V), None
+      return (loss_sum, ent_sum, dkernel_DV, dbias_V), (None, stats)
     # d loss / d logits = (softmax − onehot(target)) · weight / denom, for the upstream cotangent 1;
     # the backward pass scales by the real one (a scalar).
     onehot_MV = jnp.arange(e_MV.shape[-1], dtype=targets_M.dtype) == targets_M[:, None]
@@ -167,14 +197,17 @@ def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
     dkernel_DV += jax.lax.dot_general(x_MD, dz_MV, (((0,), (0,)), ((), ()))).astype(jnp.float32)
     if dbias_V is not None:
       dbias_V += jnp.sum(dz_MV.astype(jnp.float32), axis=0)
-    return (loss_sum, ent_sum, dkernel_DV, dbias_V), dx_MD
+    return (loss_sum, ent_sum, dkernel_DV, dbias_V), (dx_MD, stats)
 
   zeros = lambda a: None if a is None or not with_grads else jnp.zeros(a.shape, jnp.float32)
   carry = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(kernel_DV), zeros(bias_V))
   chunks = (_to_chunks(x_BTD, chunk_len), _to_chunks(targets_BT, chunk_len),
             _to_chunks(weights_BT, chunk_len))
-  (loss_sum, ent_sum, dkernel_DV, dbias_V), dx_NMD = jax.lax.scan(body, carry, chunks)
-  outputs = (loss_sum / denom, ent_sum / denom)
+  (loss_sum, ent_sum, dkernel_DV, dbias_V), (dx_NMD, stats) = jax.lax.scan(body, carry, chunks)
+  # Without per_token the per-token outputs are placeholders (zeros of shape []) that nothing reads.
+  nll_BT, correct_BT = ((_from_chunks(stats[0], B), _from_chunks(stats[1], B)) if per_token
+                        else (jnp.zeros(()), jnp.zeros(())))
+  outputs = (loss_sum / denom, ent_sum / denom, nll_BT, correct_BT)
   if not with_grads:
     return outputs, None
   grads = (_from_chunks(dx_NMD, B), dkernel_DV.astype(kernel_DV.dtype),
@@ -182,9 +215,10 @@ def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
   return outputs, grads
 
 
-def _fused_head_bwd(chunk_len, grads, cotangents):
-  del chunk_len
-  g_loss, _ = cotangents  # the entropy leaves under stop_gradient: its cotangent is zero
+def _fused_head_bwd(chunk_len, per_token, grads, cotangents):
+  del chunk_len, per_token
+  # The entropy and the per-token outputs leave under stop_gradient: their cotangents are zero.
+  g_loss = cotangents[0]
   dx_BTD, dkernel_DV, dbias_V = grads
   scale = lambda g: None if g is None else (g_loss * g).astype(g.dtype)
   return scale(dx_BTD), scale(dkernel_DV), scale(dbias_V), None, None

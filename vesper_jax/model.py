@@ -12,7 +12,7 @@ each letter with one meaning everywhere (model, flylora, decode, train, losses):
     I  in features        O  out features of a projection   R  adapter rank (FlyLoRA / LoRA)
     E  ranks selected per token (FlyLoRA's top-k)           P  (padded) prompt length
     C  tokens per decode chunk                              M  tokens, flattened (B·T)
-    1  an axis of size one
+    U  hidden units of the metacognition head (metacog.py)   1, 2  an axis of size one, two
 
 The projections run on flattened [M, D] tokens rather than [B, T, D]. The result is the same, but each
 weight gradient is then a dot with one contracting axis, which XLA:CPU runs on the operands as they lie.
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vesper_jax import flylora
+from vesper_jax import metacog
 from vesper_jax import quantize
 from vesper_jax.era import era
 from vesper_jax.pytree import PyTree, flatten
@@ -79,6 +80,10 @@ class ModelConfig:
   quantize: str = ''                # '' (float) | 'int8' (per output channel) | 'int4' (grouped along I)
   quantize_head: bool = False       # also quantize lm_head (the embeddings always stay in float)
   quantize_group_size: int = 128    # int4: input rows per scale/offset group
+  # --- metacognition head (SPEC §9, metacog.py); no parameters exist when off.
+  metacog: bool = False             # a confidence / predicted-loss head on the final hidden states
+  metacog_hidden: int = 256         # the head's hidden width (D → metacog_hidden → 2)
+  metacog_trunk_gradient: bool = False  # let the head's loss reach the trunk (default: stop_gradient)
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -96,6 +101,7 @@ class ModelConfig:
       raise ValueError(f'model.vocab_size={self.vocab_size} must be positive')
     flylora.validate(self)
     quantize.validate(self)
+    metacog.validate(self)
 
   def replace(self, **changes) -> 'ModelConfig':
     return dataclasses.replace(self, **changes)
@@ -122,9 +128,12 @@ class ModelConfig:
 # norm, the activation, RoPE's base, the adapters' routing...). RoPE has no learned positions, so the
 # context length is free. The quantize* fields are weight fields: they replace a projection's float kernel
 # by other tensors (int8/uint8 weights, scales, offsets), so a tree made for one setting fits no other.
-RUNTIME_FIELDS = ('max_seq_len', 'dtype', 'remat', 'attention_impl', 'decode', 'lora_bias_rate')
+# metacog_trunk_gradient only decides where the head's gradient stops.
+RUNTIME_FIELDS = ('max_seq_len', 'dtype', 'remat', 'attention_impl', 'decode', 'lora_bias_rate',
+                  'metacog_trunk_gradient')
 WEIGHT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS)
 ADAPTER_FIELDS = tuple(f for f in WEIGHT_FIELDS if f.startswith('lora_'))
+METACOG_FIELDS = tuple(f for f in WEIGHT_FIELDS if f.startswith('metacog'))
 
 
 def weight_changes(old: ModelConfig, new: ModelConfig,
@@ -372,7 +381,8 @@ class VesperLM(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                attention_mask_BT: jax.Array | None = None, last_only: bool = False,
-               return_hidden: bool = False) -> jax.Array:
+               return_hidden: bool = False, with_metacog: bool = False
+               ) -> jax.Array | tuple[jax.Array, metacog.Outputs]:
     """Args:
       tokens_BT: int token ids.
       positions_BT: RoPE positions; default 0..T-1. Required in decode mode (the cache does not know
@@ -382,9 +392,11 @@ class VesperLM(nn.Module):
         saves the head's T×D×V matmul).
       return_hidden: return the final-normed hidden states instead of the logits, for a loss that
         applies the head itself (losses.head_cross_entropy_and_entropy, with `head_weights`).
+      with_metacog: also return the metacognition head's predictions on the same hidden states
+        (needs config.metacog).
     Returns:
       logits_BTV, float32, V = config.vocab_size; T = 1 when last_only. With return_hidden: x_BTD in
-      the compute dtype.
+      the compute dtype. With with_metacog: (that, metacog.Outputs).
     """
     c = self.config
     B, T = tokens_BT.shape
@@ -401,8 +413,13 @@ class VesperLM(nn.Module):
     if last_only:
       x_BTD = x_BTD[:, -1:]
     x_BTD = _norm(c, 'final_norm')(x_BTD)
+    if with_metacog and not c.metacog:
+      raise ValueError('with_metacog=True needs a model with the metacognition head (model.metacog=True)')
+    # Only computed when asked for (init creates its parameters): plain decoding never pays for it.
+    meta = (metacog.MetacogHead(c, name=metacog.NAME)(x_BTD)
+            if c.metacog and (with_metacog or self.is_initializing()) else None)
     if return_hidden and not self.is_initializing():  # init still creates the head's parameters
-      return x_BTD
+      return (x_BTD, meta) if with_metacog else x_BTD
     x_MD = x_BTD.reshape(-1, c.d_model)  # flattened tokens: see the module docstring
     if c.tie_embeddings:
       logits_MV = embed.attend(x_MD)
@@ -413,7 +430,8 @@ class VesperLM(nn.Module):
                            param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
                            name='lm_head')(x_MD)
     # The loss and the samplers work in float32; the padded classes are never real tokens.
-    return logits_MV.reshape(*x_BTD.shape[:2], -1)[..., :c.vocab_size].astype(jnp.float32)
+    logits_BTV = logits_MV.reshape(*x_BTD.shape[:2], -1)[..., :c.vocab_size].astype(jnp.float32)
+    return (logits_BTV, meta) if with_metacog else logits_BTV
 
   def head_weights(self, params: PyTree) -> tuple[jax.Array, jax.Array | None]:
     """The head as (kernel_DV, bias_V or None), cut to the real vocabulary: the logits are

@@ -34,6 +34,7 @@ from vesper_jax import evaluate as eval_lib
 from vesper_jax import finetune
 from vesper_jax import flylora
 from vesper_jax import losses
+from vesper_jax import metacog
 from vesper_jax import metrics_writer
 from vesper_jax import optim
 from vesper_jax import scaling
@@ -61,23 +62,46 @@ class TrainState:
 
 # ----------------------------------------------------------------------------------------- the step
 
-def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: VesperLM):
-  """Mean next-token cross-entropy; aux: the predictive entropy and FlyLoRA's rank counts ({} if none)."""
+def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: VesperLM,
+          metacog_weight: float = 0.0):
+  """The objective: mean next-token cross-entropy (+ λ_meta times the metacognition head's loss).
+
+  aux: (the cross-entropy alone, the predictive entropy, FlyLoRA's rank counts ({} if none), the
+  head's loss terms ({} without the head)).
+  """
   variables, inputs_BT, targets_BT = {'params': params, **model_state}, tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+  with_metacog = model.config.metacog
+  meta = stats = None
   # FlyLoRA layers sow how often each rank was selected, for the expert-bias rule (flylora.py).
   if jax.default_backend() == 'cpu':
     # On CPU the loss applies the head itself, in chunks, and never holds the [B, T, V] logits
     # (losses.py says why). Elsewhere this is unmeasured, so the logits path stays.
-    x_BTD, sown = model.apply(variables, inputs_BT, return_hidden=True, mutable=[flylora.COUNTS])
-    loss, entropy = losses.head_cross_entropy_and_entropy(x_BTD, *model.head_weights(params), targets_BT)
+    out, sown = model.apply(variables, inputs_BT, return_hidden=True, with_metacog=with_metacog,
+                            mutable=[flylora.COUNTS])
+    x_BTD, meta = out if with_metacog else (out, None)
+    loss, entropy, *per_token = losses.head_cross_entropy_and_entropy(
+        x_BTD, *model.head_weights(params), targets_BT, per_token=with_metacog)
+    if with_metacog:
+      stats = dict(zip(('nll', 'correct'), per_token))
   else:
-    logits_BTV, sown = model.apply(variables, inputs_BT, mutable=[flylora.COUNTS])
+    out, sown = model.apply(variables, inputs_BT, with_metacog=with_metacog, mutable=[flylora.COUNTS])
+    logits_BTV, meta = out if with_metacog else (out, None)
     loss, entropy = losses.cross_entropy_and_entropy(logits_BTV, targets_BT)
-  return loss, (entropy, sown.get(flylora.COUNTS, {}))
+    if with_metacog:
+      stats = losses.token_stats(logits_BTV, targets_BT)
+  counts = sown.get(flylora.COUNTS, {})
+  if not with_metacog:
+    return loss, (loss, entropy, counts, {})
+  # --- metacognition (SPEC §9): the head's loss, from the same forward pass.
+  meta_loss, terms = metacog.head_loss(meta, stats['correct'], stats['nll'])
+  terms = {'meta_loss': meta_loss, **terms}
+  return loss + metacog_weight * meta_loss, (loss, entropy, counts, terms)
 
 
-def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps, trainable=None, layout=None):
-  """Loss, entropy, gradients and FlyLoRA rank counts, summed over micro-batches with a scan.
+def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps, trainable=None, layout=None,
+                    metacog_weight=0.0):
+  """Loss, entropy, gradients, FlyLoRA rank counts and the metacognition head's loss terms, summed over
+  micro-batches with a scan.
 
   `trainable` (fine-tuning): frozen leaves sit behind stop_gradient, so their gradients (zeros) cost
   no backward matmuls. `layout` (the in-place Velvet path): `params` are its flat buffers, the model runs
@@ -85,45 +109,55 @@ def _loss_and_grads(params, model_state, tokens_BT1, model, grad_accum_steps, tr
   """
   def loss_fn(p, *args):
     p = p if layout is None else layout.unflatten(p)
-    return _loss(p if trainable is None else flylora.stop_frozen_gradients(p, trainable), *args)
+    return _loss(p if trainable is None else flylora.stop_frozen_gradients(p, trainable), *args,
+                 metacog_weight=metacog_weight)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
-    (loss, (entropy, counts)), grads = grad_fn(params, model_state, tokens_BT1, model)
-    return loss, entropy, grads, counts
+    (_, (loss, entropy, counts, terms)), grads = grad_fn(params, model_state, tokens_BT1, model)
+    return loss, entropy, grads, counts, terms
   B = tokens_BT1.shape[0]
   # Row i of micro-batch a is row i·A + a: each device keeps its own rows, so splitting the batch into
   # micro-batches moves no data between devices.
   micro_ABT1 = tokens_BT1.reshape(B // grad_accum_steps, grad_accum_steps, -1).swapaxes(0, 1)
 
   def body(carry, micro_BT1):
-    loss_sum, entropy_sum, grad_sum = carry
-    (loss, (entropy, counts)), grads = grad_fn(params, model_state, micro_BT1, model)
-    return (loss_sum + loss, entropy_sum + entropy, jax.tree.map(jnp.add, grad_sum, grads)), counts
+    loss_sum, entropy_sum, terms_sum, grad_sum = carry
+    (_, (loss, entropy, counts, terms)), grads = grad_fn(params, model_state, micro_BT1, model)
+    return (loss_sum + loss, entropy_sum + entropy, jax.tree.map(jnp.add, terms_sum, terms),
+            jax.tree.map(jnp.add, grad_sum, grads)), counts
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (loss, entropy, grads), counts_A = jax.lax.scan(body, (0.0, 0.0, zeros), micro_ABT1)
+  no_terms = ({k: jnp.zeros((), jnp.float32) for k in ('meta_loss', 'meta_bce', 'meta_mse')}
+              if model.config.metacog else {})
+  (loss, entropy, terms, grads), counts_A = jax.lax.scan(body, (0.0, 0.0, no_terms, zeros), micro_ABT1)
   scale = 1.0 / grad_accum_steps
   counts = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts_A)  # rank counts over the whole step
-  return loss * scale, entropy * scale, jax.tree.map(lambda g: g * scale, grads), counts
+  return (loss * scale, entropy * scale, jax.tree.map(lambda g: g * scale, grads), counts,
+          jax.tree.map(lambda t: t * scale, terms))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperLM,
                tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule,
                grad_accum_steps: int, trainable: PyTree | None = None,
                layout: velvet.FlatLayout | None = None, in_place: velvet.InPlace | None = None,
-               grad_clip_norm: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_clip_norm: float = 0.0, metacog_weight: float = 0.0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Pure: jitted once with explicit shardings and the state donated.
 
   A step whose loss or gradient norm is not finite changes nothing but the skip counters.
   `trainable` (a tree of bools, fine-tuning with adapters) marks what the optimizer may change.
   `layout` and `in_place` (opt.kernel 'xla_flat' | 'pallas' | 'triton'): the state holds flat buffers and
   `in_place.step` replaces tx, with clipping (`grad_clip_norm`) folded into its scalars.
+  `metacog_weight` is λ_meta, the weight of the metacognition head's loss (with model.metacog).
+  `loss` in the metrics is the cross-entropy alone; the head's loss is logged as `meta_loss`.
   """
-  loss, entropy, grads, counts = _loss_and_grads(state.params, state.model_state, batch['tokens'],
-                                                 model, grad_accum_steps, trainable, layout)
+  loss, entropy, grads, counts, meta_terms = _loss_and_grads(
+      state.params, state.model_state, batch['tokens'], model, grad_accum_steps, trainable, layout,
+      metacog_weight)
   grad_norm = optax.tree.norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  meta_ok = jnp.isfinite(meta_terms['meta_loss']) if meta_terms else True
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & meta_ok
 
   if in_place is not None:
     # --- the in-place Velvet path: one pass over each buffer, the skip and the clip as scalars.
@@ -132,7 +166,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperL
     params, opt_state = in_place.step(state.params, grads, state.opt_state, loss=loss,
                                       entropy=entropy / math.log(model.config.vocab_size),
                                       grad_scale=grad_scale, ok=ok)
-    return _advance(state, params, opt_state, ok, loss, entropy, grad_norm, schedule)
+    return _advance(state, params, opt_state, ok, loss, entropy, grad_norm, schedule, meta_terms)
 
   def update(params, opt_state):
     # Velvet reads the loss and the entropy normalised to [0, 1] by ln V; AdamW ignores both.
@@ -146,12 +180,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: VesperL
   # parameters and the optimizer state and wrote a third on every step, to serve the rare skipped one.
   params, opt_state = jax.lax.cond(ok, update, lambda params, opt_state: (params, opt_state),
                                    state.params, state.opt_state)
-  return _advance(state, params, opt_state, ok, loss, entropy, grad_norm, schedule)
+  return _advance(state, params, opt_state, ok, loss, entropy, grad_norm, schedule, meta_terms)
 
 
 def _advance(state: TrainState, params: PyTree, opt_state: PyTree, ok: jax.Array, loss: jax.Array,
-             entropy: jax.Array, grad_norm: jax.Array, schedule: optax.Schedule
-             ) -> tuple[TrainState, dict[str, jax.Array]]:
+             entropy: jax.Array, grad_norm: jax.Array, schedule: optax.Schedule,
+             meta_terms: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
   """The new state around the optimizer's result (counters), and the step's metrics."""
   streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
   new_state = state.replace(
@@ -162,7 +196,7 @@ def _advance(state: TrainState, params: PyTree, opt_state: PyTree, ok: jax.Array
   applied_lr = schedule(state.step - state.nonfinite_total)
   metrics = {'loss': loss, 'entropy': entropy, 'grad_norm': grad_norm,
              'learning_rate': applied_lr, 'skipped': (~ok).astype(jnp.int32),
-             'nonfinite_streak': streak}
+             'nonfinite_streak': streak, **meta_terms}
   # Velvet's current s_E, s_P and β1 (empty for AdamW), so runs can be read against them.
   metrics.update(velvet.velvet_scalings(new_state.opt_state))
   return new_state, metrics
@@ -255,6 +289,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
   # With adapters the base is frozen: the optimizer keeps no state for it and never updates it.
   trainable = (flylora.trainable_mask(params_shape['params'], model_cfg) if flylora.targets(model_cfg)
                else None)
+  if trainable is not None and model_cfg.metacog:  # the head trains with the adapters, the base stays frozen
+    trainable = metacog.head_trainable(trainable)
   tx = optim.make_optimizer(config.opt, t.num_steps, params_shape['params'], trainable,
                             vocab_size=model_cfg.vocab_size)
   layout = in_place = None
@@ -268,7 +304,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
       functools.partial(train_step, model=model, tx=tx,
                         schedule=optim.learning_rate_schedule(config.opt, t.num_steps),
                         grad_accum_steps=t.grad_accum_steps, trainable=trainable, layout=layout,
-                        in_place=in_place, grad_clip_norm=config.opt.grad_clip_norm),
+                        in_place=in_place, grad_clip_norm=config.opt.grad_clip_norm,
+                        metacog_weight=t.metacog_weight),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=0)
   eval_step = functools.partial(eval_lib.eval_step, model=model)
@@ -285,14 +322,19 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
 def evaluate(parts: 'Parts', state: TrainState, val_tokens: np.ndarray,
              config: ml_collections.ConfigDict) -> dict[str, float]:
   """Validation loss, perplexity and the number of targets scored: every target of the split up to
-  train.eval_tokens, in the same windows as `python -m vesper_jax.evaluate` (evaluate.score)."""
+  train.eval_tokens, in the same windows as `python -m vesper_jax.evaluate` (evaluate.score).
+  With the metacognition head, also its calibration: eval_ece, eval_auroc, eval_loss_corr (Pearson)."""
   t = config.train
   result = eval_lib.score(lambda batch: parts.eval_fn(state.params, state.model_state, batch), val_tokens,
                           seq_len=config.data.seq_len, batch_size=t.batch_size // t.grad_accum_steps,
                           max_tokens=t.eval_tokens,
                           place=lambda batch: sharding.global_batch(batch, parts.batch_sharding))
-  return {'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
-          'eval_tokens': result['tokens']}
+  out = {'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
+         'eval_tokens': result['tokens']}
+  if 'metacog' in result:
+    m = result['metacog']
+    out.update(eval_ece=m['ece'], eval_auroc=m['auroc'], eval_loss_corr=m['pearson'])
+  return out
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -409,7 +451,7 @@ def init_or_restore(config: ml_collections.ConfigDict, parts: 'Parts',
   state = parts.init_fn(jax.random.key(config.train.seed))
   if config.train.init_from:  # fine-tuning: the base's weights replace the random ones (adapters stay)
     base = finetune.load_base(config.train.init_from, parts.model.config)
-    params = flylora.graft_base(parts.param_tree(state.params), base)
+    params = finetune.graft(parts.param_tree(state.params), base)
     params = params if parts.layout is None else parts.layout.flatten(params)
     state = state.replace(params=jax.device_put(params, parts.state_shardings.params))
   return state, 0
@@ -430,7 +472,8 @@ def _loop(config: ml_collections.ConfigDict, parts: 'Parts', cache: data_lib.Tok
 
   def evaluate_and_log(step: int) -> None:
     summary.update(evaluate(parts, state, cache.val, config), eval_step=step)
-    writer.write(step, {k: summary[k] for k in ('eval_loss', 'eval_perplexity', 'eval_tokens')})
+    writer.write(step, {k: summary[k] for k in ('eval_loss', 'eval_perplexity', 'eval_tokens', 'eval_ece',
+                                                'eval_auroc', 'eval_loss_corr') if k in summary})
     progress.note(f"step {step}: eval loss {summary['eval_loss']:.4f} ({summary['eval_tokens']:,} tokens)")
 
   try:

@@ -215,7 +215,8 @@ def _finish(point: Point, point_dir: pathlib.Path, returncode: int, seconds: flo
 
 
 def read_final_metrics(point_dir: str | os.PathLike) -> dict[str, Any] | None:
-  """{'step', 'eval_loss', 'train_loss'} of a training workdir that reached train.num_steps, else None."""
+  """{'step', 'eval_loss', 'train_loss', 'tokens_per_s'} of a training workdir that reached
+  train.num_steps (tokens_per_s: the median over the run's log lines), else None."""
   point_dir = pathlib.Path(point_dir)
   try:
     num_steps = json.loads((point_dir / 'config.json').read_text())['train']['num_steps']
@@ -226,8 +227,10 @@ def read_final_metrics(point_dir: str | os.PathLike) -> dict[str, Any] | None:
   trains = [r for r in rows if 'loss' in r]
   if not evals or evals[-1]['step'] != num_steps:
     return None
+  speeds = [r['tokens_per_s'] for r in trains if 'tokens_per_s' in r]
   return {'step': num_steps, 'eval_loss': evals[-1]['eval_loss'],
-          'train_loss': trains[-1]['loss'] if trains else math.nan}
+          'train_loss': trains[-1]['loss'] if trains else math.nan,
+          'tokens_per_s': statistics.median(speeds) if speeds else math.nan}
 
 
 def _failure_reason(log_path: pathlib.Path, returncode: int) -> str:

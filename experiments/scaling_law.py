@@ -37,7 +37,7 @@ _DATA = flags.DEFINE_string('data', str(REPO.parent / 'shared' / 'data' / 'tinys
                             'Training text (its validation split is the held-out text).')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per (size, budget) (default: 1 with --quick, else 3).')
 _LRS = flags.DEFINE_list('lrs', ['3e-3', '1e-2'], 'Peak learning rates tried per size.')
-_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples for the intervals.')
+_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the intervals.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: experiments/results/scaling_law[_quick]).')
 
 # (name, num_layers, num_heads, d_model, d_ff)

@@ -90,7 +90,7 @@ def fit(params, tokens, losses, *, delta: float = HUBER_DELTA, starts: int = 8,
     # Bounds keep exponents of the power laws non-negative, as the form assumes.
     result = optimize.minimize(_objective, theta0, args=(log_n, log_d, log_l, delta), jac=True,
                                method='L-BFGS-B', bounds=[(None, None)] * 3 + [(0.0, None)] * 2,
-                               options={'maxiter': 2000, 'ftol': 1e-15, 'gtol': 1e-12})
+                               options={'maxiter': 1000, 'ftol': 1e-13, 'gtol': 1e-10})
     if best is None or result.fun < best.fun:
       best = result
   a, b, e, alpha, beta = best.x
@@ -115,7 +115,7 @@ def bootstrap(params, tokens, losses, *, samples: int = 200, seed: int = 0, conf
     idx = rng.integers(0, len(losses), len(losses))
     if len(set(zip(params[idx], tokens[idx]))) < 5:
       continue  # too few distinct runs to pin five constants
-    law = fit(params[idx], tokens[idx], losses[idx], delta=delta, starts=2, init=to_theta(center))
+    law = fit(params[idx], tokens[idx], losses[idx], delta=delta, starts=1, init=to_theta(center))
     draws.append((law.E, law.A, law.B, law.alpha, law.beta, law.beta / (law.alpha + law.beta)))
   draws = np.array(draws)
   lo, hi = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2

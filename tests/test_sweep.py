@@ -110,3 +110,32 @@ def test_welch_t_test_matches_scipy():
   ours = sweep.welch_t_test(a, b)
   ref = stats.ttest_ind(b, a, equal_var=False)
   assert ours['t'] == pytest.approx(ref.statistic) and ours['p'] == pytest.approx(ref.pvalue)
+
+
+FAKE_TRAIN = '''
+import json, os, pathlib, sys, time
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+workdir = pathlib.Path(args['workdir'])
+steps = int(args.get('config.train.num_steps', 4))
+(workdir / 'config.json').write_text(json.dumps({'train': {'num_steps': steps}}))
+time.sleep(0.5)  # long enough for two points to overlap
+lr = float(args['config.opt.learning_rate'])
+with open(workdir / 'metrics.jsonl', 'w') as f:
+  f.write(json.dumps({'step': steps, 'loss': lr, 'tokens_per_s': 1.0}) + '\\n')
+  f.write(json.dumps({'step': steps, 'eval_loss': lr + int(args['config.train.seed'])}) + '\\n')
+print('CUDA_VISIBLE_DEVICES=' + os.environ.get('CUDA_VISIBLE_DEVICES', ''), time.time())
+'''
+
+
+def test_parallel_points_get_one_device_each(tmp_path):
+  """--parallel with devices: points run side by side, each seeing one device (a stand-in trainer)."""
+  program = tmp_path / 'fake_train.py'
+  program.write_text(FAKE_TRAIN)
+  results = sweep.run_sweep(TINY, {'opt.learning_rate': ['1', '2']}, 2, tmp_path / 'sweep', parallel=2,
+                            devices=['0', '1'], program=(str(program),))
+  assert [r['eval_loss'] for r in results] == [1.0, 2.0, 2.0, 3.0]
+  logs = [(tmp_path / 'sweep' / 'points' / r['point'] / 'train.log').read_text().split() for r in results]
+  assert sorted(line[0] for line in logs) == ['CUDA_VISIBLE_DEVICES=0'] * 2 + ['CUDA_VISIBLE_DEVICES=1'] * 2
+  assert logs[0][0] != logs[1][0]  # the first two points ran at once, on different devices
+  cells = sweep.summarize(results)
+  assert [round(c['mean'], 6) for c in cells] == [1.5, 2.5] and [c['best'] for c in cells] == [True, False]

@@ -90,7 +90,7 @@ def fit(params, tokens, losses, *, delta: float = HUBER_DELTA, starts: int = 8,
     # Bounds keep exponents of the power laws non-negative, as the form assumes.
     result = optimize.minimize(_objective, theta0, args=(log_n, log_d, log_l, delta), jac=True,
                                method='L-BFGS-B', bounds=[(None, None)] * 3 + [(0.0, None)] * 2,
-                               options={'maxiter': 1000, 'ftol': 1e-13, 'gtol': 1e-10})
+                               options={'maxiter': 300, 'ftol': 1e-12, 'gtol': 1e-8})
     if best is None or result.fun < best.fun:
       best = result
   a, b, e, alpha, beta = best.x

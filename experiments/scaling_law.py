@@ -167,15 +167,21 @@ def main(argv):
   cell = sweep.summarize(results)[0]
   held.update(loss=cell['mean'], std=cell['std'], seeds=cell['n'], error=cell['mean'] - held['predicted'])
 
+  ci = lambda k: f'[{intervals[k][0]:.3g}, {intervals[k][1]:.3g}]'  # noqa: E731
   # 4. The compute-optimal split at the held-out run's compute, fitted vs Chinchilla's rule.
   flops = scaling.training_flops(held['N'], held['D'])
-  n_opt, d_opt = scaling_fit.compute_optimal(law, flops)
   n_chin, d_chin = scaling.optimal_from_flops(flops)
-  optimum = {'flops': flops, 'fit_N': n_opt, 'fit_D': d_opt, 'fit_tokens_per_param': d_opt / n_opt,
-             'chinchilla_N': n_chin, 'chinchilla_D': d_chin,
+  optimum = {'flops': flops, 'chinchilla_N': n_chin, 'chinchilla_D': d_chin,
              'chinchilla_tokens_per_param': scaling.TOKENS_PER_PARAM}
+  try:
+    n_opt, d_opt = scaling_fit.compute_optimal(law, flops)
+    optimum.update(fit_N=n_opt, fit_D=d_opt, fit_tokens_per_param=d_opt / n_opt)
+    fitted = (f'the fit says N = {n_opt:,.0f}, D = {d_opt:,.0f} ({d_opt / n_opt:.1f} tokens per parameter; '
+              f"exponent of N_opt in C: {law.beta / (law.alpha + law.beta):.2f}, 95% {ci('n_exponent')})")
+  except ValueError as e:  # α = 0: more parameters never lowered the loss at these budgets
+    optimum['fit_error'] = str(e)
+    fitted = f'the fit has no optimum ({e}): at these budgets a larger model never lowered the loss'
 
-  ci = lambda k: f'[{intervals[k][0]:.3g}, {intervals[k][1]:.3g}]'  # noqa: E731
   lines = [f"# Scaling law {'(--quick)' if quick else ''}", '',
            f'{len(sizes)} sizes × {len(steps)} budgets ({", ".join(map(str, steps))} steps of '
            f'{tokens_per_step} tokens), {seeds} seed(s) each, on `{pathlib.Path(_DATA.value).name}`; learning '
@@ -194,9 +200,7 @@ def main(argv):
   lines += ['', f"Held-out run {held['size']} (N = {held['N']:,}, D = {held['D']:,}): predicted "
             f"{held['predicted']:.4f} before training, measured {held['loss']:.4f} ± {held['std']:.4f} "
             f"({held['seeds']} seed(s)): error {held['error']:+.4f} nats.",
-            '', f"Compute-optimal split at C = 6ND = {flops:.3g} FLOPs: the fit says N = {n_opt:,.0f}, "
-            f"D = {d_opt:,.0f} ({d_opt / n_opt:.1f} tokens per parameter; exponent of N_opt in C: "
-            f"{law.beta / (law.alpha + law.beta):.2f}, 95% {ci('n_exponent')}); vesper_jax.scale (Chinchilla) "
+            '', f'Compute-optimal split at C = 6ND = {flops:.3g} FLOPs: {fitted}; vesper_jax.scale (Chinchilla) '
             f'says N = {n_chin:,.0f}, D = {d_chin:,.0f} (20 tokens per parameter, exponent 0.50). Tiny models, '
             'a 2 MB corpus and one learning-rate choice per size: read the fit as a demonstration of the '
             'method, not as a law of these models.', '', f'Total wall time {time.perf_counter() - started:.0f} s.']

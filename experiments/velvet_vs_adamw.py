@@ -18,7 +18,6 @@ run's `metrics.jsonl`; the two bests are compared by Welch's t-test over seeds. 
 """
 
 import json
-import os
 import pathlib
 import statistics
 import sys

@@ -1,6 +1,6 @@
 """FlyLoRA vs LoRA vs full fine-tuning: adapt a TinyStories model to French PIAF (SPEC §5, §13).
 
-    python experiments/flylora_vs_lora.py --quick        # tiny model, this CPU, a few minutes
+    python experiments/flylora_vs_lora.py --quick        # tiny model, 3 seeds, this CPU: ~15 minutes
     python experiments/flylora_vs_lora.py                # small model, longer runs (a GPU)
 
 1. Pretrain the model on TinyStories (`--pretrain_data`), training its byte-level BPE there.
@@ -11,7 +11,11 @@
      full    — every parameter trains.
 3. Evaluate the base and every fine-tuned model on both validation splits (up to `--eval_windows`
    windows each): the PIAF loss is what was learned, the TinyStories loss after − before is what was
-   forgotten. Each arm is reported at its best learning rate (lowest PIAF validation loss).
+   forgotten. Each arm is reported at its best learning rate (lowest mean PIAF validation loss over
+   `--seeds` seeds), with Welch's t-tests between the arms.
+
+Every run goes through the sweep runner (vesper_jax.sweep: a `python -m vesper_jax.train` process each,
+in <out>/sweeps/; re-running reuses finished runs, the pretraining included).
 
 Writes results.json, results.md (the tables) and PNGs (PIAF validation curves of each arm's best run;
 learned vs forgotten for every run) to --out.
@@ -19,15 +23,16 @@ learned vs forgotten for every run) to --out.
 
 import json
 import pathlib
-import shutil
+import statistics
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from vesper_jax import config as base_config  # noqa: E402
+from vesper_jax import sweep  # noqa: E402
 DATA = REPO.parent / 'shared' / 'data'
 
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model and short runs: minutes on a CPU.')
@@ -39,11 +44,11 @@ _FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', None, 'Default: 150 wit
 _TARGETS = flags.DEFINE_string('targets', 'gate,up', 'Adapted projections (model.lora_targets).')
 _RANK = flags.DEFINE_integer('rank', 32, 'Adapter rank r (both FlyLoRA and LoRA).')
 _K = flags.DEFINE_integer('k', 8, "FlyLoRA's top-k.")
-_LRS_ADAPTERS = flags.DEFINE_list('lrs_adapters', ['3e-3', '1e-2', '3e-2'], 'Sweep for flylora and lora.')
-_LRS_FULL = flags.DEFINE_list('lrs_full', ['3e-4', '1e-3', '3e-3'], 'Sweep for full fine-tuning.')
+_LRS_ADAPTERS = flags.DEFINE_list('lrs_adapters', ['1e-2', '3e-2'], 'Sweep for flylora and lora.')
+_LRS_FULL = flags.DEFINE_list('lrs_full', ['1e-3', '3e-3'], 'Sweep for full fine-tuning.')
 _EVAL_WINDOWS = flags.DEFINE_integer('eval_windows', 512, 'Validation windows per split (at most).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every run (init, batch order, A).')
-_REUSE = flags.DEFINE_bool('reuse_pretrain', True, 'Reuse a finished pretraining run found in --out.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the adapters\' frozen A (model.lora_seed); pretraining uses seed 0.')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Fine-tuning seeds per (method, learning rate): train.seed 0 .. seeds-1.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: '
                            'experiments/results/flylora_vs_lora[_quick]).')
 
@@ -55,7 +60,6 @@ def _config(base_name: str, quick: bool, out: pathlib.Path, steps: int, sources:
   config = base_config.short_run(base_config.load_config_file(base_name), steps)
   config.data.sources = sources
   config.data.cache_dir = str(out / 'cache')
-  config.train.seed = _SEED.value
   if quick:
     config.data.seq_len = 64
     config.train.batch_size = 16
@@ -134,13 +138,19 @@ def _plot(best: dict[str, dict], runs: list[dict], base: dict, out: pathlib.Path
   return ['piaf_val_loss.png', 'tradeoff.png']
 
 
+def _mean_std(xs: list[float]) -> str:
+  return f'{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}'
+
+
 def main(argv):
   del argv
-  from vesper_jax import checkpoint, data as data_lib, flylora, train  # pylint: disable=g-import-not-at-top
+  from vesper_jax import checkpoint, data as data_lib, flylora  # pylint: disable=g-import-not-at-top
   from vesper_jax.model import ModelConfig, param_counts  # pylint: disable=g-import-not-at-top
 
   quick = _QUICK.value
   base_name = _CONFIG.value or ('tiny' if quick else 'small')
+  config_file = REPO / 'configs' / f'{base_name}.py'
+  reference = base_config.load_config_file(base_name)
   out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' /
                      f"flylora_vs_lora{'_quick' if quick else ''}")
   out.mkdir(parents=True, exist_ok=True)
@@ -149,22 +159,21 @@ def main(argv):
       raise FileNotFoundError(f'{path} does not exist (the real corpora live in ../shared/data)')
   started = time.perf_counter()
 
-  # 1. Pretraining (its BPE is trained on TinyStories and shared by every later run).
+  def report(r):
+    what = f"eval loss {r['eval_loss']:.4f}" if r['status'] == 'done' else f"FAILED: {r['reason']}"
+    print(f"  {r['point']}: {what} ({r['seconds']:.0f} s)", flush=True)
+
+  # 1. Pretraining, one run (its BPE is trained on TinyStories and shared by every later run); a sweep of
+  # one point, so a re-run reuses it.
   pretrain_steps = _PRETRAIN_STEPS.value or (400 if quick else 4000)
   pretrain = _config(base_name, quick, out, pretrain_steps, _PRETRAIN_DATA.value)
-  pretrain_dir = out / 'runs' / 'pretrain'
-  ckpt = checkpoint.Checkpointer(pretrain_dir, 1, False) if pretrain_dir.exists() else None
-  done = ckpt.latest_step() if ckpt else None
-  if ckpt:
-    ckpt.close()
-  if _REUSE.value and done == pretrain_steps:
-    print(f'reusing the pretrained model in {pretrain_dir}', flush=True)
-  else:
-    shutil.rmtree(pretrain_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = train.train_and_evaluate(pretrain, pretrain_dir)
-    print(f"pretrained {pretrain_steps} steps on {pathlib.Path(_PRETRAIN_DATA.value).name}: eval loss "
-          f"{summary['eval_loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+  (base_result,) = sweep.run_sweep(config_file, {}, 1, out / 'sweeps' / 'pretrain', on_point=report,
+                                   overrides=sweep.config_overrides(pretrain, reference))
+  if base_result['status'] != 'done':
+    raise RuntimeError(f"pretraining failed: {base_result['reason']}")
+  pretrain_dir = out / 'sweeps' / 'pretrain' / 'points' / base_result['point']
+  print(f"pretrained {pretrain_steps} steps on {pathlib.Path(_PRETRAIN_DATA.value).name}: eval loss "
+        f"{base_result['eval_loss']:.4f}", flush=True)
 
   # The two validation splits, tokenized with the base's tokenizer.
   seq_len = pretrain.data.seq_len
@@ -183,35 +192,49 @@ def main(argv):
   base = evaluate(base_cfg, base_params)
   print(f"base: PIAF {base['piaf_loss']:.4f}, TinyStories {base['tinystories_loss']:.4f}", flush=True)
 
-  # 2. Fine-tuning, three ways, each over its learning-rate sweep.
+  # 2. Fine-tuning, three ways, each a sweep over its learning rates × seeds (train.seed: the batch order
+  # and the initialisation; A is fixed by model.lora_seed).
   runs = []
   for arm in ARMS:
-    for lr in [float(x) for x in (_LRS_FULL.value if arm == 'full' else _LRS_ADAPTERS.value)]:
-      config = _finetune_config(base_name, quick, out, pretrain_dir, arm, lr)
-      workdir = out / 'runs' / f'{arm}_lr{lr:g}'
-      shutil.rmtree(workdir, ignore_errors=True)
-      t0 = time.perf_counter()
-      summary = train.train_and_evaluate(config, workdir)
-      seconds = time.perf_counter() - t0
+    lrs = _LRS_FULL.value if arm == 'full' else _LRS_ADAPTERS.value
+    overrides = sweep.config_overrides(_finetune_config(base_name, quick, out, pretrain_dir, arm, 1.0),
+                                       reference)
+    del overrides['opt.learning_rate']
+    print(arm, flush=True)
+    results = sweep.run_sweep(config_file, {'opt.learning_rate': lrs}, _SEEDS.value, out / 'sweeps' / arm,
+                              overrides=overrides, on_point=report)
+    for r in results:
+      if r['status'] != 'done':
+        continue
+      workdir = out / 'sweeps' / arm / 'points' / r['point']
       model_cfg, params, _ = checkpoint.load_for_inference(workdir)
       trainable = flylora.trainable_mask(params, model_cfg)
       counts = param_counts(params, trainable)
-      report = flylora.param_report(params, model_cfg, trainable) if arm != 'full' else {}
-      run = {'arm': arm, 'lr': lr, 'trainable': counts['trainable'], 'total': counts['total'],
-             'lora_same_rank': report.get('lora_same_rank'), 'tokens_per_s': summary['tokens_per_s'],
-             'seconds': seconds, 'curve': _curve(workdir), **evaluate(model_cfg, params)}
-      runs.append(run)
-      print(f"{arm:8s} lr={lr:<7g} trainable {run['trainable']:>9,}  PIAF {run['piaf_loss']:.4f}  "
-            f"TinyStories {run['tinystories_loss']:.4f}  ({seconds:.0f} s)", flush=True)
+      report_ = flylora.param_report(params, model_cfg, trainable) if arm != 'full' else {}
+      runs.append({'arm': arm, 'lr': float(r['params']['opt.learning_rate']), 'seed': r['seed'],
+                   'trainable': counts['trainable'], 'total': counts['total'],
+                   'lora_same_rank': report_.get('lora_same_rank'), 'tokens_per_s': r['tokens_per_s'],
+                   'seconds': r['seconds'], 'curve': _curve(workdir), **evaluate(model_cfg, params)})
 
-  best = {}
+  # Per (arm, lr): seeds pooled; each arm's best lr by mean PIAF loss.
+  cells = {}
   for run in runs:
-    if run['arm'] not in best or run['piaf_loss'] < best[run['arm']]['piaf_loss']:
-      best[run['arm']] = run
+    cells.setdefault((run['arm'], run['lr']), []).append(run)
+  mean = lambda rs, key: statistics.mean(r[key] for r in rs)  # noqa: E731
+  best = {}
+  for (arm, lr), rs in cells.items():
+    if arm not in best or mean(rs, 'piaf_loss') < mean(cells[(arm, best[arm])], 'piaf_loss'):
+      best[arm] = lr
+  best_runs = {arm: cells[(arm, lr)] for arm, lr in best.items()}
+  tests = {}
+  for a, b in (('lora', 'flylora'), ('full', 'flylora'), ('full', 'lora')):
+    for key in ('piaf_loss', 'tinystories_loss'):
+      tests[f'{b} vs {a}: {key}'] = sweep.welch_t_test([r[key] for r in best_runs[a]],
+                                                       [r[key] for r in best_runs[b]])
 
   # 3. The table.
-  full_n = best['full']['trainable']
-  lora_n = best['lora']['trainable']
+  full_n = best_runs['full'][0]['trainable']
+  lora_n = best_runs['lora'][0]['trainable']
   ft = _finetune_config(base_name, quick, out, pretrain_dir, 'flylora', 0.0)
   model_desc = ModelConfig(**ft.model)
   lines = [
@@ -222,36 +245,39 @@ def main(argv):
       f'`{pathlib.Path(_FINETUNE_DATA.value).name}` (AdamW, warmup {ft.opt.warmup_steps} then cosine, no '
       f'weight decay, clip {ft.opt.grad_clip_norm}). Adapters on `{_TARGETS.value}`, rank {_RANK.value} '
       f'(FlyLoRA: top-{_K.value}, ρ = {flylora.density(model_desc):g}, α = 2r). Losses in nats over up to '
-      f'{_EVAL_WINDOWS.value} validation windows per split; each arm at its best learning rate (lowest '
-      f'PIAF loss) from its sweep. Seed {_SEED.value}.', '',
+      f'{_EVAL_WINDOWS.value} validation windows per split, mean ± std over {_SEEDS.value} seeds; each arm at '
+      'its best learning rate (lowest mean PIAF loss) from its sweep.', '',
       f"Base before fine-tuning: PIAF {base['piaf_loss']:.4f}, TinyStories {base['tinystories_loss']:.4f}.",
       '',
       f'| method | lr | trainable params | vs full FT | vs LoRA r={_RANK.value} | PIAF val loss | '
-      'TinyStories loss (Δ forgetting) | tokens/s |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|']
+      'TinyStories loss | Δ forgetting | seeds |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for arm in ARMS:
-    r = best[arm]
+    rs = best_runs[arm]
     lines.append(
-        f"| {arm} | {r['lr']:g} | {r['trainable']:,} | {100 * r['trainable'] / full_n:.2f}% | "
-        f"{100 * r['trainable'] / lora_n:.1f}% | {r['piaf_loss']:.4f} | {r['tinystories_loss']:.4f} "
-        f"({r['tinystories_loss'] - base['tinystories_loss']:+.4f}) | {r['tokens_per_s']:,.0f} |")
-  lines += ['', 'tokens/s: training throughput of the last logging window, on whatever machine ran this '
-            '(indicative only on a shared CPU). "vs LoRA": trainable parameters relative to plain LoRA of '
-            'the same rank on the same targets.']
-  lines += ['', 'Every run of the sweeps:', '', '| method | lr | PIAF val loss | TinyStories loss |',
-            '|---|---:|---:|---:|']
-  lines += [f"| {r['arm']} | {r['lr']:g} | {r['piaf_loss']:.4f} | {r['tinystories_loss']:.4f} |" for r in runs]
-  lines += ['', f'Total wall time {time.perf_counter() - started:.0f} s.']
+        f"| {arm} | {best[arm]:g} | {rs[0]['trainable']:,} | {100 * rs[0]['trainable'] / full_n:.2f}% | "
+        f"{100 * rs[0]['trainable'] / lora_n:.1f}% | {_mean_std([r['piaf_loss'] for r in rs])} | "
+        f"{_mean_std([r['tinystories_loss'] for r in rs])} | "
+        f"{mean(rs, 'tinystories_loss') - base['tinystories_loss']:+.4f} | {len(rs)} |")
+  lines += ['', "Welch's t-tests (best learning rate of each arm, over seeds; t of the first minus the second):",
+            '', '| comparison | t | p |', '|---|---:|---:|']
+  lines += [f"| {k} | {v['t']:.2f} | {v['p']:.3f} |" for k, v in tests.items()]
+  lines += ['', 'Every cell of the sweeps:', '', '| method | lr | PIAF val loss | TinyStories loss | seeds |',
+            '|---|---:|---:|---:|---:|']
+  lines += [f"| {arm} | {lr:g} | {_mean_std([r['piaf_loss'] for r in rs])} | "
+            f"{_mean_std([r['tinystories_loss'] for r in rs])} | {len(rs)} |" for (arm, lr), rs in cells.items()]
+  lines += ['', f'Total wall time {time.perf_counter() - started:.0f} s (finished runs of an earlier call are '
+            'reused, not re-run).']
   table = '\n'.join(lines)
   (out / 'results.md').write_text(table + '\n')
-  pngs = _plot(best, runs, base, out)
+  pngs = _plot({arm: min(rs, key=lambda r: r['piaf_loss']) for arm, rs in best_runs.items()}, runs, base, out)
   (out / 'results.json').write_text(json.dumps(
       {'quick': quick, 'config': base_name, 'pretrain_data': _PRETRAIN_DATA.value,
        'finetune_data': _FINETUNE_DATA.value, 'pretrain_steps': pretrain_steps,
        'finetune_steps': ft.train.num_steps, 'targets': _TARGETS.value, 'rank': _RANK.value, 'k': _K.value,
-       'seed': _SEED.value, 'base': base, 'runs': runs, 'best': best, 'plots': pngs}, indent=1))
+       'seeds': _SEEDS.value, 'base': base, 'runs': runs, 'best_lr': best, 'welch': tests, 'plots': pngs},
+      indent=1))
   print('\n' + table + f'\n\nwrote {out}/results.json, results.md, {", ".join(pngs)}\n', flush=True)
-  logging.info('done')
 
 
 if __name__ == '__main__':

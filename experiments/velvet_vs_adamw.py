@@ -1,6 +1,6 @@
 """Velvet vs AdamW: same model, data and step budget; a learning-rate sweep per optimizer; several seeds.
 
-    python experiments/velvet_vs_adamw.py --quick                      # this CPU, a few minutes
+    python experiments/velvet_vs_adamw.py --quick                      # this CPU, ~10 minutes
     python experiments/velvet_vs_adamw.py                              # GPU: configs/small.py, 2000 steps
     python experiments/velvet_vs_adamw.py --protocol=original [--quick]
 
@@ -12,31 +12,30 @@ validation loss is each optimizer's best; the two bests are compared as mean ± 
 the learning rate ×1.5 and β1 = 0.95, so this runs AdamW(lr) against AdamW(1.5·lr, β1 = 0.95); real
 Velvet does not appear in it.
 
-Each run is `vesper_jax.train.train_and_evaluate(config, workdir)`, reading its per-step losses back from
-`<workdir>/metrics.jsonl`. Writes results.json, results.md (the tables) and PNG curves to --out.
+Each optimizer's runs are one sweep (`vesper_jax.sweep`: a `python -m vesper_jax.train` process per
+run, in <out>/sweeps/<optimizer>/; re-running skips finished runs), the per-step losses read back from each
+run's `metrics.jsonl`; the two bests are compared by Welch's t-test over seeds. Writes results.json, results.md (the tables) and PNG curves to --out.
 """
 
 import json
-import math
-import os
 import pathlib
-import shutil
 import statistics
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from vesper_jax import config as base_config  # noqa: E402
+from vesper_jax import sweep  # noqa: E402
 
 _PROTOCOL = flags.DEFINE_enum('protocol', 'sweep', ['sweep', 'original'], 'Which comparison to run.')
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model, short runs, small batches: minutes on a CPU.')
 _CONFIG = flags.DEFINE_string('config', None, 'configs/<name>.py (default: tiny with --quick, else small).')
 _DATA = flags.DEFINE_string('data', str(REPO.parent / 'shared' / 'data' / 'tinystories_2MB.txt'),
                             'Training text (data.sources).')
-_STEPS = flags.DEFINE_integer('num_steps', None, 'Steps per run (default: 60 with --quick, else 2000).')
+_STEPS = flags.DEFINE_integer('num_steps', None, 'Steps per run (default: 200 with --quick, else 2000).')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per (optimizer, learning rate): 0 .. seeds-1.')
 _LRS_ADAMW = flags.DEFINE_list('lrs_adamw', None, 'AdamW sweep (default: 1e-3,3e-3,1e-2 with --quick; '
                                 '3e-4,1e-3,3e-3 full).')
@@ -48,17 +47,12 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory (default: experiments/
                            '[_original][_quick]).')
 
 
-def _run_config(base_name: str, quick: bool, steps: int, cache_dir: pathlib.Path, *, name: str, lr: float,
-                seed: int, b1: float | None = None):
-  """The config of one run: the base config with the data, the budget and this run's optimizer."""
+def _run_config(base_name: str, quick: bool, steps: int, cache_dir: pathlib.Path):
+  """The settings every run shares: the base config with the data and the budget (the optimizer, its
+  learning rate and the seed are the sweep's)."""
   config = base_config.short_run(base_config.load_config_file(base_name), steps, evaluations=6)
   config.data.sources = _DATA.value
   config.data.cache_dir = str(cache_dir)  # one token cache (and compilation cache) for every run
-  config.train.seed = seed
-  config.opt.name = name
-  config.opt.learning_rate = lr
-  if b1 is not None:
-    config.opt.b1 = b1
   if quick:
     config.data.seq_len = 64
     config.train.batch_size = 8
@@ -160,11 +154,9 @@ def _plot(results: list[dict], best: dict[str, dict], out: pathlib.Path) -> list
 
 def main(argv):
   del argv
-  from vesper_jax import train  # pylint: disable=g-import-not-at-top  (after absl parsed the flags)
-
   quick, protocol = _QUICK.value, _PROTOCOL.value
   base_name = _CONFIG.value or ('tiny' if quick else 'small')
-  steps = _STEPS.value or (60 if quick else 2000)
+  steps = _STEPS.value or (200 if quick else 2000)
   suffix = ('_original' if protocol == 'original' else '') + ('_quick' if quick else '')
   out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' / f'velvet_vs_adamw{suffix}')
   out.mkdir(parents=True, exist_ok=True)
@@ -173,25 +165,34 @@ def main(argv):
     raise FileNotFoundError(f'--data={_DATA.value} does not exist (the real corpora live in ../shared/data)')
   arms = _arms(protocol, quick, base_config.load_config_file(base_name).opt.learning_rate)
 
+  config0 = _run_config(base_name, quick, steps, cache_dir)
+  common = sweep.config_overrides(config0, base_config.load_config_file(base_name))
   results = []
   started = time.perf_counter()
-  for arm in arms:
-    for seed in range(_SEEDS.value):
-      config = _run_config(base_name, quick, steps, cache_dir, name=arm['name'], lr=arm['lr'], seed=seed,
-                           b1=arm['b1'])
-      workdir = out / 'runs' / f"{arm['arm'].split(' ')[0]}_lr{arm['lr']:g}_seed{seed}"
-      shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an older one
-      t0 = time.perf_counter()
-      summary = train.train_and_evaluate(config, workdir)
-      seconds = time.perf_counter() - t0
-      curves = _read_metrics(workdir)
-      results.append({**arm, 'seed': seed, 'final_eval_loss': summary['eval_loss'],
-                      'final_train_loss': summary['loss'], 'skipped_updates': summary['skipped_updates'],
-                      'seconds': seconds, 'curves': curves})
-      logging.info('%s lr=%g seed=%d: eval loss %.4f (%.0f s)', arm['arm'], arm['lr'], seed,
-                   summary['eval_loss'], seconds)
-      print(f"{arm['arm']:45s} lr={arm['lr']:<8g} seed={seed}  eval loss {summary['eval_loss']:.4f}  "
-            f'({seconds:.0f} s)', flush=True)
+  # One sweep per arm (vesper_jax.sweep: a process per run; a re-run skips the finished ones).
+  for label in dict.fromkeys(arm['arm'] for arm in arms):
+    mine = [arm for arm in arms if arm['arm'] == label]
+    overrides = {**common, 'opt.name': mine[0]['name']}
+    if mine[0]['b1'] is not None:
+      overrides['opt.b1'] = str(mine[0]['b1'])
+    sweep_dir = out / 'sweeps' / label.split(' ')[0]
+
+    def report(r, label=label):
+      what = f"eval loss {r['eval_loss']:.4f}" if r['status'] == 'done' else f"FAILED: {r['reason']}"
+      print(f"{label:45s} {r['point']}: {what} ({r['seconds']:.0f} s)", flush=True)
+
+    points = sweep.run_sweep(REPO / 'configs' / f'{base_name}.py',
+                             {'opt.learning_rate': [f"{arm['lr']:g}" for arm in mine]}, _SEEDS.value,
+                             sweep_dir, overrides=overrides, on_point=report)
+    for arm in mine:
+      for r in points:
+        if r['params']['opt.learning_rate'] == f"{arm['lr']:g}" and r['status'] == 'done':
+          results.append({**arm, 'seed': r['seed'], 'final_eval_loss': r['eval_loss'],
+                          'final_train_loss': r['train_loss'], 'tokens_per_s': r['tokens_per_s'],
+                          'seconds': r['seconds'],
+                          'curves': _read_metrics(sweep_dir / 'points' / r['point'])})
+      if not any(r['arm'] == arm['arm'] and r['lr'] == arm['lr'] for r in results):
+        raise RuntimeError(f"every run of {arm['arm']} at lr {arm['lr']:g} failed (see {sweep_dir}/points)")
 
   # Per (arm, lr): mean ± std of the final validation loss over seeds; each arm's best lr.
   cells = []
@@ -206,11 +207,11 @@ def main(argv):
       best[cell['arm']] = cell
   base, other = list(best.values())[0], list(best.values())[-1]
   diff = other['mean'] - base['mean']
-  # Welch's t on the two best cells: how many standard errors apart the means are.
-  se = math.sqrt(base['std']**2 / base['n'] + other['std']**2 / other['n'])
-  t_stat = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
-
-  config0 = _run_config(base_name, quick, steps, cache_dir, name='adamw', lr=1.0, seed=0)
+  # Welch's t-test on the two best cells, over seeds.
+  seed_losses = lambda c: [r['final_eval_loss'] for r in results  # noqa: E731
+                           if r['arm'] == c['arm'] and r['lr'] == c['lr']]
+  welch = sweep.welch_t_test(seed_losses(base), seed_losses(other))
+  t_stat = welch['t']
   setup = (f"config `{base_name}`{' (--quick: seq_len 64, batch 8)' if quick else ''}, data "
            f'`{pathlib.Path(_DATA.value).name}`, {steps} steps of {config0.train.batch_size}×'
            f'{config0.data.seq_len} tokens, warmup {config0.opt.warmup_steps} then cosine, clip '
@@ -228,15 +229,15 @@ def main(argv):
       lines.append(f"\n{arm}: the best learning rate is at the edge of its sweep; widen the sweep before "
                    'reading the comparison.')
   lines += ['', f"Best {other['arm']} − best {base['arm']}: {diff:+.4f} nats "
-            f"({100 * diff / base['mean']:+.2f}%), Welch t = {t_stat:.2f} over {base['n']}+{other['n']} seeds "
-            f"({'within noise' if abs(t_stat) < 2 else 'beyond 2 standard errors'}).",
+            f"({100 * diff / base['mean']:+.2f}%), Welch t = {t_stat:.2f}, p = {welch['p']:.3f} over "
+            f"{base['n']}+{other['n']} seeds ({'not significant at 5%' if not welch['p'] < 0.05 else 'significant at 5%'}).",
             f'Total wall time {time.perf_counter() - started:.0f} s.']
   table = '\n'.join(lines)
   (out / 'results.md').write_text(table + '\n')
   pngs = _plot(results, best, out)
   (out / 'results.json').write_text(json.dumps(
       {'protocol': protocol, 'quick': quick, 'config': base_name, 'data': _DATA.value, 'num_steps': steps,
-       'seeds': _SEEDS.value, 'cells': cells, 'best': best, 'difference': diff, 'welch_t': t_stat,
+       'seeds': _SEEDS.value, 'cells': cells, 'best': best, 'difference': diff, 'welch': welch,
        'runs': results, 'plots': pngs}, indent=1))
   print(f'\nwrote {out}/results.json, results.md, {", ".join(pngs)}\n')
   print(table)

@@ -1,4 +1,4 @@
-"""Every notebook under notebooks/ runs top to bottom without an error."""
+"""Every notebook under notebooks/ runs top to bottom without an error and draws at least one figure."""
 
 import pathlib
 
@@ -20,3 +20,6 @@ def test_notebook_executes(path: pathlib.Path, tmp_path, monkeypatch):
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': str(REPO)}})
   client.execute()
+  figures = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])
+             if 'image/png' in o.get('data', {})]
+  assert figures, f'{path.name} drew no figure'

@@ -261,7 +261,7 @@ def _nan_loss_step(parts, state, batch):
   """One in-place step whose loss is NaN (as a diverged model gives), through train.train_step."""
   real_loss = train._loss
   try:
-    train._loss = lambda *a: jax.tree.map(lambda x: x * jnp.nan, real_loss(*a))
+    train._loss = lambda *a, **k: jax.tree.map(lambda x: x * jnp.nan, real_loss(*a, **k))
     step = functools.partial(train.train_step, model=parts.model, tx=parts.tx,
                              schedule=lambda count: 1e-3, grad_accum_steps=1, layout=parts.layout,
                              in_place=parts.in_place, grad_clip_norm=1.0)
@@ -276,7 +276,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(cache_dir, tmp_path, monkeypat
   before = checkpoint.load_params(tmp_path)[1]
 
   real_loss = train._loss
-  monkeypatch.setattr(train, '_loss', lambda *a: jax.tree.map(lambda x: x * jnp.nan, real_loss(*a)))
+  monkeypatch.setattr(train, '_loss', lambda *a, **k: jax.tree.map(lambda x: x * jnp.nan, real_loss(*a, **k)))
   config = short_run_config(cache_dir, **{'train.num_steps': 20, 'checkpoint.every_steps': 2,
                                  'train.max_nonfinite_steps': 3})
   with pytest.raises(train.NonFiniteError, match='3 consecutive') as error:

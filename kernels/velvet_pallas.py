@@ -75,6 +75,23 @@ def _kernel(*refs, n: int, block_size: int, eps: float, weight_decay: float, wri
   plt.store(v_out, v, mask=inside)
 
 
+def check_buffers(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, block_size: int,
+                  keep: jax.Array | None = None) -> int:
+  """The checks every fused update kernel (this one, velvet_triton's) makes of its flat buffers; returns
+  their length."""
+  (n,) = p.shape
+  for name, x in (('g', g), ('m', m), ('v', v)) + ((('keep', keep),) if keep is not None else ()):
+    if x.shape != p.shape:
+      raise ValueError(f'velvet_update: {name} has shape {x.shape}, p has {p.shape}')
+  if m.dtype != jnp.float32 or v.dtype != jnp.float32:
+    raise ValueError(f'velvet_update: moments must be float32, got m {m.dtype}, v {v.dtype}')
+  if block_size & (block_size - 1):
+    raise ValueError(f'velvet_update: block_size={block_size} must be a power of two')
+  if n >= 2**31 - block_size:
+    raise ValueError(f'velvet_update: {n} elements overflow the kernel\'s int32 offsets; split the buffer')
+  return n
+
+
 def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
                   keep: jax.Array | None = None, *, eps: float, weight_decay: float,
                   write_params: bool, block_size: int = BLOCK_SIZE, num_warps: int = NUM_WARPS,
@@ -96,16 +113,7 @@ def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, 
   Returns:
     (p_new or u, m_new, v_new), each the same shape and dtype as the buffer it replaces.
   """
-  (n,) = p.shape
-  for name, x in (('g', g), ('m', m), ('v', v)) + ((('keep', keep),) if keep is not None else ()):
-    if x.shape != p.shape:
-      raise ValueError(f'velvet_update: {name} has shape {x.shape}, p has {p.shape}')
-  if m.dtype != jnp.float32 or v.dtype != jnp.float32:
-    raise ValueError(f'velvet_update: moments must be float32, got m {m.dtype}, v {v.dtype}')
-  if block_size & (block_size - 1):
-    raise ValueError(f'velvet_update: block_size={block_size} must be a power of two')
-  if n >= 2**31 - block_size:
-    raise ValueError(f'velvet_update: {n} elements overflow the kernel\'s int32 indexing; split the buffer')
+  n = check_buffers(p, g, m, v, block_size, keep)
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
   has_keep = keep is not None

@@ -21,6 +21,7 @@ Importing this module never fails: without Triton (a CPU machine, CI) `AVAILABLE
 import jax
 import jax.numpy as jnp
 
+from vesper_jax.kernels import velvet_pallas
 from vesper_jax.kernels.velvet_pallas import BLOCK_SIZE, NUM_WARPS, pack_scalars  # noqa: F401 (re-exported)
 
 # Two guards: Triton alone is enough to compile the kernel for a GPU target (the CPU test does), jax-triton
@@ -111,16 +112,7 @@ def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, 
     raise RuntimeError(f"opt.kernel='triton': {unavailable_reason()}")
   if not write_params:
     raise ValueError('velvet_triton.velvet_update: only the in-place form (write_params=True) exists')
-  (n,) = p.shape
-  for name, x in (('g', g), ('m', m), ('v', v)):
-    if x.shape != p.shape:
-      raise ValueError(f'velvet_update: {name} has shape {x.shape}, p has {p.shape}')
-  if m.dtype != jnp.float32 or v.dtype != jnp.float32:
-    raise ValueError(f'velvet_update: moments must be float32, got m {m.dtype}, v {v.dtype}')
-  if block_size & (block_size - 1):
-    raise ValueError(f'velvet_update: block_size={block_size} must be a power of two')
-  if n >= 2**31 - block_size:
-    raise ValueError(f'velvet_update: {n} elements overflow the kernel\'s int32 offsets; split the buffer')
+  n = velvet_pallas.check_buffers(p, g, m, v, block_size)
   out_shape = (jax.ShapeDtypeStruct(p.shape, p.dtype), jax.ShapeDtypeStruct(m.shape, jnp.float32),
                jax.ShapeDtypeStruct(v.shape, jnp.float32))
   # Inputs: 0 scalars, 1 p, 2 g, 3 m, 4 v → outputs 0 p, 1 m, 2 v (the gradient is read only).

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import decode_stepwise, load_config, naive_greedy, tiny_model, tiny_model_config
+from vesper_jax import attention_cpu
 from vesper_jax import decode
 from vesper_jax import model as M
 from vesper_jax.sampling import GREEDY
@@ -120,10 +121,13 @@ def test_bfloat16_compute_keeps_float32_params():
   params = _params(cfg)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
-  # Every matmul really runs in bfloat16: 7 projections and 2 attention products per layer, and the head.
+  # Every matmul really runs in bfloat16: 7 projections and 2 attention products per layer (per head
+  # group and causal block on CPU: one block of 64 holds these 16 positions), and the head.
   dots = _dot_operand_dtypes(jax.make_jaxpr(
       lambda p, t: M.VesperLM(cfg).apply({'params': p}, t))(params, tokens).jaxpr)
-  assert len(dots) == 9 * cfg.num_layers + 1
+  attention_products = 2 * (attention_cpu._parallel_groups(tokens.shape[0])
+                            if jax.default_backend() == 'cpu' else 1)
+  assert len(dots) == (7 + attention_products) * cfg.num_layers + 1
   assert all(d == ('bfloat16', 'bfloat16') for d in dots), dots
   f32_dots = _dot_operand_dtypes(jax.make_jaxpr(
       lambda p, t: M.VesperLM(cfg.replace(dtype='float32')).apply({'params': p}, t))(params, tokens).jaxpr)
@@ -212,10 +216,12 @@ def test_weight_changes_names_only_what_changes_the_weights():
       ('lora_targets', '', 'q'), ('lora_rank', 32, 8), ('lora_k', 8, 2)]
 
 
-@pytest.mark.parametrize('num_kv_heads,padded', [(None, False), (2, True), (1, True)])
-def test_cpu_attention_equals_dot_product_attention(num_kv_heads, padded):
-  # The CPU formulation has a hand-written backward: check its output and all three gradients against
-  # jax.nn.dot_product_attention's XLA version, with grouped-query heads and padded keys.
+@pytest.mark.parametrize('num_kv_heads,padded,block_tokens', [
+    (None, False, 64), (None, False, 5), (2, True, 4), (1, True, 5), (4, True, 1)])
+def test_cpu_attention_equals_dot_product_attention(num_kv_heads, padded, block_tokens):
+  # The CPU formulation (causal blocks, head groups, a hand-written backward): its output and all three
+  # gradients against jax.nn.dot_product_attention's XLA version, with grouped-query heads, padded keys,
+  # one block (64 > T), uneven blocks (12 = 5 + 5 + 2) and blocks of one position.
   B, T, N, H = 2, 12, 4, 8
   K = num_kv_heads or N
   keys = jax.random.split(jax.random.key(6), 5)
@@ -231,11 +237,26 @@ def test_cpu_attention_equals_dot_product_attention(num_kv_heads, padded):
     return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
                                         is_causal=True, implementation='xla')
 
-  ours = lambda q, k, v: M.causal_attention_cpu(q, k, v, mask)
+  ours = lambda q, k, v: attention_cpu.causal_attention(q, k, v, mask, block_tokens=block_tokens)
   np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-6)
   for got, want in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
                        jax.grad(functools.partial(loss, reference), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cpu_attention_head_groups_change_nothing(monkeypatch):
+  # The sequences are split into independent groups (one per core) only for speed: 1, 2 and 4 groups
+  # give the same output and gradients (to float32 rounding: the dot kernels tile a batch differently).
+  B, T, N, H = 4, 16, 4, 8
+  q, k, v, w = (jax.random.normal(key, (B, T, N, H)) for key in jax.random.split(jax.random.key(3), 4))
+  results = []
+  for groups in (1, 2, 4):
+    monkeypatch.setattr(attention_cpu, '_parallel_groups', lambda B, groups=groups: groups)
+    f = lambda q, k, v: jnp.sum(attention_cpu.causal_attention(q, k, v, block_tokens=8) * w)
+    results.append(jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v))
+  for other in results[1:]:
+    for got, want in zip(jax.tree.leaves(other), jax.tree.leaves(results[0])):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('overrides', [{}, {'tie_embeddings': True}, {'use_bias': True, 'vocab_size': 1000}])

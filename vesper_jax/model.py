@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vesper_jax import attention_cpu
 from vesper_jax import flylora
 from vesper_jax import metacog
 from vesper_jax import quantize
@@ -191,10 +192,7 @@ def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False
                   param_dtype=jnp.float32, kernel_init=nn.initializers.normal(std), name=name)
 
 
-# ------------------------------------------------------------------------------ attention on CPU
-# Shape key here: G query heads per key/value head (N = K·G); Q the G·T query rows of one K head.
-
-_MASKED = float(jnp.finfo(jnp.float32).min)  # finite, as in dot_product_attention: no NaN on empty rows
+# ------------------------------------------------------------------------------ attention
 
 
 def attention_implementation(c: ModelConfig, unmasked: bool) -> str | None:
@@ -209,78 +207,6 @@ def attention_implementation(c: ModelConfig, unmasked: bool) -> str | None:
     return c.attention_impl
   cudnn_fits = c.dtype in ('bfloat16', 'float16') and c.head_dim % 8 == 0 and c.head_dim <= 128
   return 'cudnn' if jax.default_backend() == 'gpu' and cudnn_fits and unmasked else None
-
-
-def causal_attention_cpu(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-                         attention_mask_BT: jax.Array | None = None) -> jax.Array:
-  """Causal (grouped-query) softmax attention, as `jax.nn.dot_product_attention(..., is_causal=True)`.
-
-  The model's choice on CPU when `attention_impl` is None. XLA's version keeps the [B, N, T, S]
-  probabilities (and copies of them in other layouts) alive from the forward to the backward pass of
-  every layer; this one keeps q, k, v, the output and one log-sum-exp per query, and recomputes the
-  scores in the backward pass (FlashAttention's backward, without the tiling): one more T×S×H matmul per
-  layer, in exchange for a smaller working set (see losses.py on XLA:CPU's per-step temporaries). The
-  G query heads that share a key/value head are stacked into one [G·T] axis, so that every matmul
-  contracts a single axis: XLA:CPU copied an operand into a transposed layout for a dot contracting
-  two (the same cause as for the projections, see the module docstring).
-  """
-  B, T, N, H = q_BTNH.shape
-  K = k_BTKH.shape[2]
-  G = N // K
-  q_BKQH = (q_BTNH * H ** -0.5).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-  k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-  # Row g·T + t is query position t; the leading axis is 1 until padding makes it B.
-  mask_B1QS = jnp.tile(jnp.tril(jnp.ones((T, T), jnp.bool_)), (G, 1))[None, None]
-  if attention_mask_BT is not None:  # padding: a padded key is never attended to
-    mask_B1QS = mask_B1QS & attention_mask_BT.astype(jnp.bool_)[:, None, None, :]
-  out_BKQH = _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_B1QS)
-  return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-
-
-@jax.custom_vjp
-def _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_B1QS):
-  return _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_B1QS)[0]
-
-
-def _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_B1QS):
-  # The softmax runs in float32 whatever the compute dtype (the scores are accumulated in float32).
-  s_BKQS = jnp.einsum('bkqh,bksh->bkqs', q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
-  s_BKQS = jnp.where(mask_B1QS, s_BKQS, _MASKED)
-  m_BKQ1 = jnp.max(s_BKQS, axis=-1, keepdims=True)
-  e_BKQS = jnp.exp(s_BKQS - m_BKQ1)
-  l_BKQ1 = jnp.sum(e_BKQS, axis=-1, keepdims=True)
-  # Normalising the [Q, H] output rather than the [Q, S] weights: fewer divisions, same result.
-  out_BKQH = jnp.einsum('bkqs,bksh->bkqh', e_BKQS.astype(v_BKSH.dtype), v_BKSH,
-                        preferred_element_type=jnp.float32) / l_BKQ1
-  out_BKQH = out_BKQH.astype(v_BKSH.dtype)
-  lse_BKQ1 = m_BKQ1 + jnp.log(l_BKQ1)
-  return out_BKQH, (q_BKQH, k_BKSH, v_BKSH, mask_B1QS, out_BKQH, lse_BKQ1)
-
-
-def _attention_core_bwd(residuals, dout_BKQH):
-  q_BKQH, k_BKSH, v_BKSH, mask_B1QS, out_BKQH, lse_BKQ1 = residuals
-  # Tie the recomputation to the incoming gradient: otherwise XLA may schedule every layer's
-  # recomputed scores right after the forward pass, and hold them all until their layer's backward.
-  q_BKQH, k_BKSH, lse_BKQ1, dout_BKQH = jax.lax.optimization_barrier(
-      (q_BKQH, k_BKSH, lse_BKQ1, dout_BKQH))
-  # Worked in the transposed [S, Q] orientation, so that dv and dk (sums over the queries) are plain
-  # matmuls; only dq needs ds in [Q, S], one explicit transpose. XLA:CPU ran the sums over Q of the
-  # [Q, S] form as slower generic dots.
-  s_BKSQ = jnp.einsum('bksh,bkqh->bksq', k_BKSH, q_BKQH, preferred_element_type=jnp.float32)
-  s_BKSQ = jnp.where(jnp.swapaxes(mask_B1QS, -1, -2), s_BKSQ, _MASKED)
-  p_BKSQ = jnp.exp(s_BKSQ - jnp.swapaxes(lse_BKQ1, -1, -2))
-  dv_BKSH = jnp.einsum('bksq,bkqh->bksh', p_BKSQ.astype(dout_BKQH.dtype), dout_BKQH)
-  dp_BKSQ = jnp.einsum('bksh,bkqh->bksq', v_BKSH, dout_BKQH, preferred_element_type=jnp.float32)
-  # softmax backward: ds = p·(dp − Σ_s p·dp), and Σ_s p·dp = Σ_h dout·out.
-  delta_BK1Q = jnp.swapaxes(jnp.sum(dout_BKQH.astype(jnp.float32) * out_BKQH.astype(jnp.float32),
-                                    axis=-1, keepdims=True), -1, -2)
-  ds_BKSQ = (p_BKSQ * (dp_BKSQ - delta_BK1Q)).astype(q_BKQH.dtype)
-  dk_BKSH = jnp.einsum('bksq,bkqh->bksh', ds_BKSQ, q_BKQH)
-  dq_BKQH = jnp.einsum('bkqs,bksh->bkqh', jnp.swapaxes(ds_BKSQ, -1, -2), k_BKSH)
-  return dq_BKQH, dk_BKSH, dv_BKSH, None
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Attention(nn.Module):
@@ -306,7 +232,7 @@ class Attention(nn.Module):
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                               implementation=c.attention_impl)
     elif c.attention_impl is None and jax.default_backend() == 'cpu':
-      out_BTNH = causal_attention_cpu(q_BTNH, k_BTKH, v_BTKH, attention_mask_BT)
+      out_BTNH = attention_cpu.causal_attention(q_BTNH, k_BTKH, v_BTKH, attention_mask_BT)
     else:
       mask = None if attention_mask_BT is None else attention_mask_BT.astype(bool)[:, None, None, :]
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True,

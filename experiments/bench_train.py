@@ -10,8 +10,11 @@ Times `train.build(...)`'s jitted step on random tokens (data loading is not the
 measured), after a compile-and-warmup step; prints a table and writes JSON.
 
 `--torch` adds the same model and step written in PyTorch (eager and `torch.compile`), timed in the
-same process with the steps interleaved (one JAX step, one eager step, one compiled step, repeated), so
-that a machine shared with other work slows all three alike; each row then reports the median step.
+same process in alternating blocks (`--block` JAX steps, then as many eager steps, then compiled steps,
+repeated until each has `--steps`), so that a machine whose speed drifts slows all three alike; each row
+reports the median step. Each block starts with one untimed step: a framework's thread pool keeps
+spinning for a while after its step, and the first step after a switch pays for the other's (interleaved
+step by step, torch.compile measured 27% slower and the JAX step 5% slower than alone).
 PyTorch is not a dependency of this project: install it beside it to use the flag (the row is skipped,
 with the reason printed, when it is missing or the config has no PyTorch counterpart). On a GPU the anchor
 is nanoGPT's recipe: float32 parameters, bfloat16 autocast for a bfloat16 config, fused AdamW, SDPA
@@ -49,7 +52,9 @@ _DTYPE = flags.DEFINE_string('dtype', '', 'Override model.dtype (e.g. float32 on
 _ATTENTION = flags.DEFINE_string('attention_impl', '', "Override model.attention_impl ('xla', 'cudnn').")
 _ACTIVATION = flags.DEFINE_string('activation', '', "Override model.activation ('era', 'silu', 'gelu').")
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model and step in PyTorch (eager and '
-                           'torch.compile), interleaved with the JAX step; needs torch installed.')
+                           'torch.compile), in blocks alternating with the JAX step; needs torch.')
+_BLOCK = flags.DEFINE_integer('block', 5, 'With --torch: timed steps per framework in a row (after one '
+                              'untimed step each time the framework takes over).')
 _VELVET_KERNELS = flags.DEFINE_list('velvet_kernels', [], "opt.kernel values to time Velvet with, one row "
                                     "each ('xla', 'xla_flat', 'pallas', 'triton'; default: the config's).")
 _CACHE = flags.DEFINE_string('compilation_cache_dir', '', 'Persistent compilation cache (a second run '
@@ -290,7 +295,7 @@ def torch_step(config, compiled: bool):
 
 
 def bench_with_torch(name: str, optimizer: str, kernel: str = '') -> list[dict]:
-  """The JAX step and its PyTorch counterparts, interleaved step by step; medians of per-step times."""
+  """The JAX step and its PyTorch counterparts, in alternating blocks; medians of per-step times."""
   config = load(name, optimizer, kernel)
   jstep, jax_first_s, parts, mesh = jax_step(config)
   reason = torch_skip_reason(config)
@@ -304,11 +309,14 @@ def bench_with_torch(name: str, optimizer: str, kernel: str = '') -> list[dict]:
                'torch.compile': torch_step(config, compiled=True)}
   times = {k: [] for k in runners}
   losses = {}
-  for _ in range(_STEPS.value):
+  while len(times['vesper_jax']) < _STEPS.value:
+    block = min(_BLOCK.value, _STEPS.value - len(times['vesper_jax']))
     for framework, (step, _) in runners.items():
-      t0 = time.perf_counter()
-      loss = step()
-      times[framework].append(time.perf_counter() - t0)
+      step()  # untimed: absorbs the previous framework's spinning threads (see the module docstring)
+      for _ in range(block):
+        t0 = time.perf_counter()
+        loss = step()
+        times[framework].append(time.perf_counter() - t0)
       losses[framework] = float(loss['loss']) if framework == 'vesper_jax' else loss
   rows = []
   for framework, (_, first_s) in runners.items():

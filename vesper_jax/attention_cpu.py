@@ -15,12 +15,14 @@ rounding), differently, for three reasons measured on the 2-core CPU (README, "C
    output and one log-sum-exp per query, and recomputes the scores in the backward pass (FlashAttention's
    backward): one more score product per block, a much smaller set of step temporaries (see losses.py).
 
-Shape key as in model.py; G query heads per key/value head (N = K·G), and Q the G·L query rows of one
-key/value head in a block of L positions (the G heads that share a key/value head are stacked into one
-axis, so that every product contracts a single axis: XLA:CPU copied an operand into a transposed layout
-for a dot contracting two). A query row with no visible key (every key padding) gets a uniform average
-of the keys of its block's range where XLA's gets one over all keys: either is garbage that the loss
-weights out.
+Shape key as in model.py, plus: Z blocks of L query positions, G query heads per key/value head
+(N = K·G), and Q = G·L the query rows of one key/value head in a block (the G heads that share a
+key/value head are stacked into one axis, so that every product contracts a single axis: XLA:CPU copied
+an operand into a transposed layout for a dot contracting two). The queries are held block-major,
+[Z, B, K, Q, H], so that a block is one contiguous array: sliced out of [B, K, T, H], each block's rows
+were a copy (the step 1% slower, its compile ~0.8 s longer). A query row with no visible key (every key
+padding) gets a uniform average of the keys up to its block's end where XLA's gets one over all keys:
+either is garbage that the loss weights out.
 """
 
 import functools
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK_TOKENS = 64  # query positions per block: 64 and 32 ran the small step alike, 128 and 256 slower
+BLOCK_TOKENS = 64  # query positions per block: 64 and 32 ran small's step alike, 128 4% and 256 7% slower
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, as in dot_product_attention: no NaN on empty rows
 
 
@@ -42,7 +44,8 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
   Args:
     q_BTNH, k_BTKH, v_BTKH: queries, keys and values (RoPE already applied); N a multiple of K.
     attention_mask_BT: 1 for real tokens, 0 for padding (a padded key is never attended to).
-    block_tokens: query positions per block (the last block may be shorter).
+    block_tokens: query positions per block (T is padded to a multiple: the padded positions are
+      never attended to, and their outputs are dropped).
   Returns:
     [B, T, N, H], in v's dtype; the softmax runs in float32 whatever the compute dtype.
   """
@@ -58,13 +61,22 @@ def _causal_attention(q_BTNH, k_BTKH, v_BTKH, attention_mask_BT, block_tokens):
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]
   G = N // K
-  q_BKGTH = (q_BTNH * H ** -0.5).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
-  k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+  L = min(block_tokens, T)
+  Z = -(-T // L)
   key_ok_BS = (jnp.ones((1, T), jnp.bool_) if attention_mask_BT is None
                else attention_mask_BT.astype(jnp.bool_))
-  bounds = tuple(range(0, T, block_tokens)) + (T,)
-  out_BKGTH = _blocked_core(q_BKGTH, k_BKSH, v_BKSH, key_ok_BS, bounds)
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  if Z * L != T:  # the last block padded: its extra queries are dropped, its extra keys never seen
+    pad = ((0, 0), (0, Z * L - T), (0, 0), (0, 0))
+    q_BTNH, k_BTKH, v_BTKH = (jnp.pad(a, pad) for a in (q_BTNH, k_BTKH, v_BTKH))
+    key_ok_BS = jnp.pad(jnp.broadcast_to(key_ok_BS, (key_ok_BS.shape[0], T)), ((0, 0), (0, Z * L - T)))
+  # Block-major queries: block i's rows are one contiguous [B, K, Q, H] array (no copy per block).
+  q_ZBKQH = ((q_BTNH * H ** -0.5).reshape(B, Z, L, K, G, H).transpose(1, 0, 3, 4, 2, 5)
+             .reshape(Z, B, K, G * L, H))
+  k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+  out_ZBKQH = _blocked_core(q_ZBKQH, k_BKSH, v_BKSH, key_ok_BS, L)
+  out_BTNH = (out_ZBKQH.reshape(Z, B, K, G, L, H).transpose(1, 0, 4, 2, 3, 5)
+              .reshape(B, Z * L, N, H))
+  return out_BTNH[:, :T]
 
 
 def _parallel_groups(B: int) -> int:
@@ -79,27 +91,23 @@ def _parallel_groups(B: int) -> int:
 
 
 def _visible(key_ok_BS: jax.Array, G: int, a: int, b: int) -> jax.Array:
-  """[B|1, 1, Q, b]: row g·L + t of block [a, b) (position a + t) sees key s ≤ a + t that is real."""
+  """[B|1, 1, Q, b]: row g·L + t of the block at [a, b) (position a + t) sees the real keys s ≤ a + t."""
   causal_LS = np.arange(b)[None, :] <= (a + np.arange(b - a))[:, None]
   return jnp.asarray(np.tile(causal_LS, (G, 1)))[None, None] & key_ok_BS[:, None, None, :b]
 
 
-def _rows(x_BKGT_, a: int, b: int) -> jax.Array:
-  """Positions [a, b) of every head in a group stacked as Q = G·L rows: [B, K, G, T, ...] -> [B, K, Q, ...]."""
-  B, K, G = x_BKGT_.shape[:3]
-  return x_BKGT_[:, :, :, a:b].reshape(B, K, G * (b - a), *x_BKGT_.shape[4:])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_core(q_BKGTH, k_BKSH, v_BKSH, key_ok_BS, bounds):
-  return _blocked_core_fwd(q_BKGTH, k_BKSH, v_BKSH, key_ok_BS, bounds)[0]
+def _blocked_core(q_ZBKQH, k_BKSH, v_BKSH, key_ok_BS, L):
+  return _blocked_core_fwd(q_ZBKQH, k_BKSH, v_BKSH, key_ok_BS, L)[0]
 
 
-def _blocked_core_fwd(q_BKGTH, k_BKSH, v_BKSH, key_ok_BS, bounds):
-  B, K, G, _, H = q_BKGTH.shape
+def _blocked_core_fwd(q_ZBKQH, k_BKSH, v_BKSH, key_ok_BS, L):
+  Z, _, _, Q, _ = q_ZBKQH.shape
+  G = Q // L
   outs, lses = [], []
-  for a, b in zip(bounds[:-1], bounds[1:]):
-    s_BKQS = jnp.einsum('bkqh,bksh->bkqs', _rows(q_BKGTH, a, b), k_BKSH[:, :, :b],
+  for i in range(Z):
+    a, b = i * L, (i + 1) * L
+    s_BKQS = jnp.einsum('bkqh,bksh->bkqs', q_ZBKQH[i], k_BKSH[:, :, :b],
                         preferred_element_type=jnp.float32)
     s_BKQS = jnp.where(_visible(key_ok_BS, G, a, b), s_BKQS, _MASKED)
     m_BKQ1 = jnp.max(s_BKQS, axis=-1, keepdims=True)
@@ -108,26 +116,28 @@ def _blocked_core_fwd(q_BKGTH, k_BKSH, v_BKSH, key_ok_BS, bounds):
     # Normalising the [Q, H] output rather than the [Q, S] weights: fewer divisions, same result.
     out_BKQH = jnp.einsum('bkqs,bksh->bkqh', e_BKQS.astype(v_BKSH.dtype), v_BKSH[:, :, :b],
                           preferred_element_type=jnp.float32) / l_BKQ1
-    outs.append(out_BKQH.astype(v_BKSH.dtype).reshape(B, K, G, b - a, H))
-    lses.append((m_BKQ1 + jnp.log(l_BKQ1)).reshape(B, K, G, b - a))
-  out_BKGTH, lse_BKGT = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
-  return out_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, key_ok_BS, out_BKGTH, lse_BKGT)
+    outs.append(out_BKQH.astype(v_BKSH.dtype))
+    lses.append((m_BKQ1 + jnp.log(l_BKQ1))[..., 0])
+  out_ZBKQH, lse_ZBKQ = jnp.stack(outs), jnp.stack(lses)
+  return out_ZBKQH, (q_ZBKQH, k_BKSH, v_BKSH, key_ok_BS, out_ZBKQH, lse_ZBKQ)
 
 
-def _blocked_core_bwd(bounds, residuals, dout_BKGTH):
-  q_BKGTH, k_BKSH, v_BKSH, key_ok_BS, out_BKGTH, lse_BKGT = residuals
+def _blocked_core_bwd(L, residuals, dout_ZBKQH):
+  q_ZBKQH, k_BKSH, v_BKSH, key_ok_BS, out_ZBKQH, lse_ZBKQ = residuals
   # Tie the recomputation to the incoming gradient: otherwise XLA may schedule every layer's
   # recomputed scores right after the forward pass, and hold them all until their layer's backward.
-  q_BKGTH, k_BKSH, lse_BKGT, dout_BKGTH = jax.lax.optimization_barrier(
-      (q_BKGTH, k_BKSH, lse_BKGT, dout_BKGTH))
-  B, K, G, T, H = q_BKGTH.shape
+  q_ZBKQH, k_BKSH, lse_ZBKQ, dout_ZBKQH = jax.lax.optimization_barrier(
+      (q_ZBKQH, k_BKSH, lse_ZBKQ, dout_ZBKQH))
+  Z, _, _, Q, _ = q_ZBKQH.shape
+  G, S = Q // L, k_BKSH.shape[2]
   # softmax backward: ds = p·(dp − Σ_s p·dp), and Σ_s p·dp = Σ_h dout·out.
-  delta_BKGT = jnp.sum(dout_BKGTH.astype(jnp.float32) * out_BKGTH.astype(jnp.float32), axis=-1)
+  delta_ZBKQ = jnp.sum(dout_ZBKQH.astype(jnp.float32) * out_ZBKQH.astype(jnp.float32), axis=-1)
   dqs, dk_BKSH, dv_BKSH = [], jnp.zeros(k_BKSH.shape, jnp.float32), jnp.zeros(v_BKSH.shape, jnp.float32)
-  for a, b in zip(bounds[:-1], bounds[1:]):
-    q_BKQH, dout_BKQH = _rows(q_BKGTH, a, b), _rows(dout_BKGTH, a, b)
-    lse_BK1Q, delta_BK1Q = _rows(lse_BKGT, a, b)[:, :, None], _rows(delta_BKGT, a, b)[:, :, None]
-    k_BKbH, v_BKbH = k_BKSH[:, :, :b], v_BKSH[:, :, :b]
+  for i in range(Z):
+    a, b = i * L, (i + 1) * L
+    q_BKQH, dout_BKQH = q_ZBKQH[i], dout_ZBKQH[i]
+    lse_BK1Q, delta_BK1Q = lse_ZBKQ[i][:, :, None], delta_ZBKQ[i][:, :, None]
+    k_BKbH, v_BKbH = k_BKSH[:, :, :b], v_BKSH[:, :, :b]  # b: the keys up to the block's end
     # In the transposed [S, Q] orientation, so that dv and dk (sums over the queries) are plain
     # matmuls; only dq needs ds in [Q, S], one explicit transpose. XLA:CPU ran the sums over Q of the
     # [Q, S] form as slower generic dots.
@@ -139,13 +149,11 @@ def _blocked_core_bwd(bounds, residuals, dout_BKGTH):
     dp_BKbQ = jnp.einsum('bksh,bkqh->bksq', v_BKbH, dout_BKQH, preferred_element_type=jnp.float32)
     ds_BKbQ = (p_BKbQ * (dp_BKbQ - delta_BK1Q)).astype(q_BKQH.dtype)
     dk_BKbH = jnp.einsum('bksq,bkqh->bksh', ds_BKbQ, q_BKQH, preferred_element_type=jnp.float32)
-    dqs.append(jnp.einsum('bkqs,bksh->bkqh', jnp.swapaxes(ds_BKbQ, -1, -2), k_BKbH)
-               .reshape(B, K, G, b - a, H))
+    dqs.append(jnp.einsum('bkqs,bksh->bkqh', jnp.swapaxes(ds_BKbQ, -1, -2), k_BKbH))
     # Keys [0, b) only: the sums over blocks run in float32 and XLA fuses the padded adds.
-    pad = ((0, 0), (0, 0), (0, T - b), (0, 0))
+    pad = ((0, 0), (0, 0), (0, S - b), (0, 0))
     dk_BKSH, dv_BKSH = dk_BKSH + jnp.pad(dk_BKbH, pad), dv_BKSH + jnp.pad(dv_BKbH, pad)
-  return (jnp.concatenate(dqs, axis=3), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype),
-          None)
+  return jnp.stack(dqs), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype), None
 
 
 _blocked_core.defvjp(_blocked_core_fwd, _blocked_core_bwd)

@@ -217,11 +217,11 @@ def test_weight_changes_names_only_what_changes_the_weights():
 
 
 @pytest.mark.parametrize('num_kv_heads,padded,block_tokens', [
-    (None, False, 64), (None, False, 5), (2, True, 4), (1, True, 5), (4, True, 1)])
+    (None, False, 64), (None, False, 5), (2, True, 4), (1, True, 5), (4, True, 3)])
 def test_cpu_attention_equals_dot_product_attention(num_kv_heads, padded, block_tokens):
   # The CPU formulation (causal blocks, head groups, a hand-written backward): its output and all three
   # gradients against jax.nn.dot_product_attention's XLA version, with grouped-query heads, padded keys,
-  # one block (64 > T), uneven blocks (12 = 5 + 5 + 2) and blocks of one position.
+  # one block (64 > T), uneven blocks (12 positions padded to 3 blocks of 5) and even ones (4 or 3 each).
   B, T, N, H = 2, 12, 4, 8
   K = num_kv_heads or N
   keys = jax.random.split(jax.random.key(6), 5)

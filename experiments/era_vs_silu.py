@@ -110,10 +110,8 @@ def _plots(cells: list[dict], speed: dict, micro: dict, out: pathlib.Path) -> li
 def main(argv):
   del argv
   quick = _QUICK.value
-  out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' / f"era_vs_silu{'_quick' if quick else ''}")
-  out.mkdir(parents=True, exist_ok=True)
-  if not pathlib.Path(_DATA.value).exists():
-    raise FileNotFoundError(f'--data={_DATA.value} does not exist (the real corpora live in ../shared/data)')
+  out = sweep.experiment_output(
+      _OUT.value or REPO / 'experiments' / 'results' / f"era_vs_silu{'_quick' if quick else ''}", _DATA.value)
   configs = _CONFIGS.value or (['tiny'] if quick else ['tiny', 'small'])
   steps = _STEPS.value or (150 if quick else 2000)
   started = time.perf_counter()

@@ -151,12 +151,9 @@ def main(argv):
   base_name = _CONFIG.value or ('tiny' if quick else 'small')
   config_file = REPO / 'configs' / f'{base_name}.py'
   reference = base_config.load_config_file(base_name)
-  out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' /
-                     f"flylora_vs_lora{'_quick' if quick else ''}")
-  out.mkdir(parents=True, exist_ok=True)
-  for path in (_PRETRAIN_DATA.value, _FINETUNE_DATA.value):
-    if not pathlib.Path(path).exists():
-      raise FileNotFoundError(f'{path} does not exist (the real corpora live in ../shared/data)')
+  out = sweep.experiment_output(
+      _OUT.value or REPO / 'experiments' / 'results' / f"flylora_vs_lora{'_quick' if quick else ''}",
+      _PRETRAIN_DATA.value, _FINETUNE_DATA.value)
   started = time.perf_counter()
 
   def report(r):

@@ -110,10 +110,8 @@ def _plot(rows: list[dict], law, held: dict, out: pathlib.Path) -> None:
 def main(argv):
   del argv
   quick = _QUICK.value
-  out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' / f"scaling_law{'_quick' if quick else ''}")
-  out.mkdir(parents=True, exist_ok=True)
-  if not pathlib.Path(_DATA.value).exists():
-    raise FileNotFoundError(f'--data={_DATA.value} does not exist (the real corpora live in ../shared/data)')
+  out = sweep.experiment_output(
+      _OUT.value or REPO / 'experiments' / 'results' / f"scaling_law{'_quick' if quick else ''}", _DATA.value)
   sizes, held_out = (SIZES_QUICK, HELD_OUT_QUICK) if quick else (SIZES_FULL, HELD_OUT_FULL)
   steps = STEPS_QUICK if quick else STEPS_FULL
   seeds = _SEEDS.value or (1 if quick else 3)

@@ -158,11 +158,9 @@ def main(argv):
   base_name = _CONFIG.value or ('tiny' if quick else 'small')
   steps = _STEPS.value or (200 if quick else 2000)
   suffix = ('_original' if protocol == 'original' else '') + ('_quick' if quick else '')
-  out = pathlib.Path(_OUT.value or REPO / 'experiments' / 'results' / f'velvet_vs_adamw{suffix}')
-  out.mkdir(parents=True, exist_ok=True)
+  out = sweep.experiment_output(_OUT.value or REPO / 'experiments' / 'results' / f'velvet_vs_adamw{suffix}',
+                                _DATA.value)
   cache_dir = out / 'cache'
-  if not pathlib.Path(_DATA.value).exists():
-    raise FileNotFoundError(f'--data={_DATA.value} does not exist (the real corpora live in ../shared/data)')
   arms = _arms(protocol, quick, base_config.load_config_file(base_name).opt.learning_rate)
 
   config0 = _run_config(base_name, quick, steps, cache_dir)

@@ -139,3 +139,13 @@ def test_parallel_points_get_one_device_each(tmp_path):
   assert logs[0][0] != logs[1][0]  # the first two points ran at once, on different devices
   cells = sweep.summarize(results)
   assert [round(c['mean'], 6) for c in cells] == [1.5, 2.5] and [c['best'] for c in cells] == [True, False]
+
+
+def test_experiment_output_checks_inputs_before_creating_anything(tmp_path):
+  out = tmp_path / 'results' / 'exp'
+  data = tmp_path / 'corpus.txt'
+  with pytest.raises(FileNotFoundError, match='corpus.txt does not exist'):
+    sweep.experiment_output(out, data)
+  assert not out.exists()
+  data.write_text('text')
+  assert sweep.experiment_output(out, data) == out and out.is_dir()

@@ -214,6 +214,19 @@ def _finish(point: Point, point_dir: pathlib.Path, returncode: int, seconds: flo
   return result
 
 
+def experiment_output(out: str | os.PathLike, *data_files: str | os.PathLike) -> pathlib.Path:
+  """An experiment's output directory, created once its input files are known to exist.
+
+  Raises FileNotFoundError naming the first missing input (nothing is created then).
+  """
+  for path in data_files:
+    if not pathlib.Path(path).exists():
+      raise FileNotFoundError(f'{path} does not exist (the real corpora live in ../shared/data)')
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
 def read_final_metrics(point_dir: str | os.PathLike) -> dict[str, Any] | None:
   """{'step', 'eval_loss', 'train_loss', 'tokens_per_s'} of a training workdir that reached
   train.num_steps (tokens_per_s: the median over the run's log lines), else None."""

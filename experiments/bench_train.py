@@ -40,6 +40,7 @@ from vesper_jax import host_memory
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
+from vesper_jax.kernels import attention_cpu_ffi
 from vesper_jax.model import abstract_param_counts, attention_implementation, ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -137,7 +138,10 @@ def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=N
 def _attention(config) -> str:
   """The attention the JAX step really runs (model.attention_implementation resolves 'auto')."""
   if config.model.attention_impl is None and jax.default_backend() == 'cpu':
-    return 'cpu (model.py)'
+    c = ModelConfig(**config.model)
+    kernel = (c.dtype == 'float32' and c.head_dim % attention_cpu_ffi.LANES == 0
+              and jax.device_count() == 1 and attention_cpu_ffi.available())
+    return 'cpu kernel' if kernel else 'cpu (jax)'
   return attention_implementation(ModelConfig(**config.model), unmasked=True) or 'xla'
 
 

@@ -2,7 +2,11 @@
 
 The model's choice on CPU when `ModelConfig.attention_impl` is None (model.Attention). It computes what
 `jax.nn.dot_product_attention(q, k, v, is_causal=True)` computes (output and gradients, to float32
-rounding), differently, for three reasons measured on the 2-core CPU (README, "CPU train step"):
+rounding). In float32 on one device it runs the C++ kernel of kernels/attention_cpu.cc (built on first
+use, see kernels/attention_cpu_ffi.py): ~2.4x faster than the JAX version below on small's attention
+(forward + backward) and one op to compile instead of ~100 per layer. Otherwise (bfloat16, a mesh, no
+compiler, `VESPER_CPU_KERNELS=0`) it runs that JAX version, which differs from XLA's own for three
+reasons measured on the 2-core CPU (README, "CPU train step"):
 
 1. Causal blocks. The queries are cut into blocks of `BLOCK_TOKENS` positions; block i only meets the
    keys up to its own last position. At 256 positions and blocks of 64 that is 10/16 of the score and
@@ -32,23 +36,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vesper_jax.kernels import attention_cpu_ffi
+
 BLOCK_TOKENS = 64  # query positions per block: 64 and 32 ran small's step alike, 128 4% and 256 7% slower
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, as in dot_product_attention: no NaN on empty rows
 
 
 def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
                      attention_mask_BT: jax.Array | None = None, *,
-                     block_tokens: int = BLOCK_TOKENS) -> jax.Array:
+                     block_tokens: int = BLOCK_TOKENS, kernel: bool | None = None) -> jax.Array:
   """Causal (grouped-query) attention, as `jax.nn.dot_product_attention(..., is_causal=True)`.
 
   Args:
     q_BTNH, k_BTKH, v_BTKH: queries, keys and values (RoPE already applied); N a multiple of K.
     attention_mask_BT: 1 for real tokens, 0 for padding (a padded key is never attended to).
-    block_tokens: query positions per block (T is padded to a multiple: the padded positions are
-      never attended to, and their outputs are dropped).
+    block_tokens: query positions per block of the JAX version (T is padded to a multiple: the padded
+      positions are never attended to, and their outputs are dropped).
+    kernel: the C++ kernel (True), the JAX version (False), or the kernel where it applies (None).
   Returns:
     [B, T, N, H], in v's dtype; the softmax runs in float32 whatever the compute dtype.
   """
+  if kernel is None:
+    kernel = attention_cpu_ffi.supports(q_BTNH, k_BTKH, v_BTKH)
+  if kernel:
+    return attention_cpu_ffi.causal_attention(q_BTNH, k_BTKH, v_BTKH, attention_mask_BT)
   groups = _parallel_groups(q_BTNH.shape[0])
   if groups > 1:  # independent groups of sequences, each with its own dots (see the module docstring)
     masks = [None] * groups if attention_mask_BT is None else jnp.split(attention_mask_BT, groups)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vesper_jax import attention_cpu
+from vesper_jax import dense
 from vesper_jax import flylora
 from vesper_jax import metacog
 from vesper_jax import quantize
@@ -188,8 +189,8 @@ def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False
     return quantize.dense(config, features, name)
   if flylora.is_target(config, name):  # same name and kernel path, plus the adapter's tensors
     return flylora.LoRADense(config, features, nn.initializers.normal(std), name=name)
-  return nn.Dense(features, use_bias=config.use_bias, dtype=config.compute_dtype,
-                  param_dtype=jnp.float32, kernel_init=nn.initializers.normal(std), name=name)
+  return dense.Dense(features, use_bias=config.use_bias, dtype=config.compute_dtype,
+                     kernel_init=nn.initializers.normal(std), name=name)
 
 
 # ------------------------------------------------------------------------------ attention

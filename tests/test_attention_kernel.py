@@ -1,0 +1,121 @@
+"""The CPU attention kernel (kernels/attention_cpu.cc) against jax.nn.dot_product_attention, and its choice."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_model_config
+from vesper_jax import attention_cpu
+from vesper_jax import model as M
+from vesper_jax.kernels import attention_cpu_ffi
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != 'cpu' or not attention_cpu_ffi.available(),
+    reason='the CPU attention kernel did not build here (no C++ compiler, or not a CPU backend): the '
+           'model uses the JAX version, which tests/test_model.py checks')
+
+
+def _reference(q, k, v, mask):
+  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
+                                      is_causal=True, implementation='xla')
+
+
+def _operands(B, T, N, K, H, seed=6):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (B, T, N, H))
+  k, v = jax.random.normal(keys[1], (B, T, K, H)), jax.random.normal(keys[2], (B, T, K, H))
+  weights = jax.random.normal(keys[3], (B, T, N, H))  # a loss that weighs every output differently
+  return q, k, v, weights
+
+
+@pytest.mark.parametrize('B, T, N, K, H, padded', [
+    (2, 12, 4, 4, 16, False),   # less than one vector of keys, one query block
+    (2, 37, 4, 2, 32, True),    # grouped-query heads, padding, T not a multiple of 16
+    (3, 70, 6, 3, 64, True),    # three query blocks of 32, the last one partial
+    (1, 96, 2, 1, 48, False),   # one key/value head for two query heads, three full blocks
+])
+def test_kernel_equals_dot_product_attention(B, T, N, K, H, padded):
+  q, k, v, weights = _operands(B, T, N, K, H)
+  mask = None
+  if padded:  # random padding, but every query sees at least position 0
+    mask = (jax.random.uniform(jax.random.key(9), (B, T)) < 0.7).at[:, 0].set(True)
+
+  def loss(attention, *qkv):
+    return jnp.sum(attention(*qkv) * weights)
+
+  ours = lambda q, k, v: attention_cpu.causal_attention(q, k, v, mask, kernel=True)
+  want = lambda q, k, v: _reference(q, k, v, mask)
+  np.testing.assert_allclose(ours(q, k, v), want(q, k, v), atol=2e-6)
+  for got, expected in zip(jax.jit(jax.grad(functools.partial(loss, ours), (0, 1, 2)))(q, k, v),
+                           jax.grad(functools.partial(loss, want), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_kernel_query_that_sees_no_key_gets_zeros():
+  # Left padding: the first query positions see only padding. Their output (and every gradient
+  # through them) is zero, not NaN; every other position is exact.
+  B, T, N, H = 2, 20, 2, 16
+  q, k, v, weights = _operands(B, T, N, N, H, seed=3)
+  mask = jnp.ones((B, T), bool).at[0, :5].set(False)
+  out = attention_cpu.causal_attention(q, k, v, mask, kernel=True)
+  np.testing.assert_array_equal(out[0, :5], 0.0)
+  np.testing.assert_allclose(out[0, 5:], _reference(q, k, v, mask)[0, 5:], atol=2e-6)
+  np.testing.assert_allclose(out[1], _reference(q, k, v, mask)[1], atol=2e-6)
+  grads = jax.grad(lambda q, k, v: jnp.sum(attention_cpu.causal_attention(q, k, v, mask, kernel=True)
+                                           * weights), (0, 1, 2))(q, k, v)
+  assert all(np.isfinite(g).all() for g in grads)
+  np.testing.assert_array_equal(grads[0][0, :5], 0.0)   # no query gradient where nothing was seen
+  np.testing.assert_array_equal(grads[1][0, :5], 0.0)   # nor for the padded keys and values
+  np.testing.assert_array_equal(grads[2][0, :5], 0.0)
+
+
+def test_kernel_is_chosen_only_where_it_applies():
+  f32 = jnp.zeros((1, 4, 2, 16), jnp.float32)
+  assert attention_cpu_ffi.supports(f32, f32, f32) == (jax.device_count() == 1)
+  bf16 = f32.astype(jnp.bfloat16)
+  assert not attention_cpu_ffi.supports(bf16, bf16, bf16)     # bfloat16: the JAX version
+  odd = jnp.zeros((1, 4, 2, 8), jnp.float32)
+  assert not attention_cpu_ffi.supports(odd, odd, odd)        # head size not a multiple of 16
+
+
+def test_model_with_kernel_equals_model_without(monkeypatch):
+  # The tiny model (head size 32), loss and every parameter's gradient, with the kernel and with the
+  # JAX version it replaces.
+  cfg = tiny_model_config()
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
+  mask = jnp.ones((2, 24), jnp.int32).at[1, 20:].set(0)
+
+  def loss(params):
+    logits = M.VesperLM(cfg).apply({'params': params}, tokens, attention_mask_BT=mask)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+  with_kernel = jax.value_and_grad(loss)(params)
+  monkeypatch.setattr(attention_cpu_ffi, 'supports', lambda *a: False)
+  without = jax.value_and_grad(loss)(params)
+  for got, want in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _available_in_subprocess(tmp_path, **env):
+  code = 'from vesper_jax.kernels import attention_cpu_ffi as f; print(f.available())'
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'VESPER_KERNEL_CACHE': str(tmp_path), **env})
+  assert done.returncode == 0, done.stderr
+  return done.stdout.strip(), done.stderr
+
+
+def test_kernel_off_switch_and_failed_build_fall_back(tmp_path):
+  # VESPER_CPU_KERNELS=0 turns it off; a compiler that fails leaves a warning that says so, no library
+  # in the cache, and the JAX version in use.
+  assert _available_in_subprocess(tmp_path, VESPER_CPU_KERNELS='0')[0] == 'False'
+  out, err = _available_in_subprocess(tmp_path, CXX='false')
+  assert out == 'False'
+  assert 'did not build' in err and 'false' in err
+  assert not list(tmp_path.glob('*.so'))

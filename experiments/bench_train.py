@@ -40,7 +40,7 @@ from vesper_jax import host_memory
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
-from vesper_jax.kernels import attention_cpu_ffi
+from vesper_jax.kernels import cpu_kernels
 from vesper_jax.model import abstract_param_counts, attention_implementation, ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -48,6 +48,8 @@ _CONFIGS = flags.DEFINE_list('configs', ['tiny', 'small'], 'Config names under c
 _OPTIMIZERS = flags.DEFINE_list('optimizers', ['adamw'], 'opt.name values to time.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warmup step).')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Override train.batch_size (0 = the config\'s).')
+_ACCUM = flags.DEFINE_integer('grad_accum_steps', 0, 'Override train.grad_accum_steps (0 = the config\'s): '
+                              'the batch as this many micro-batches, in JAX and in the PyTorch anchor.')
 _SEQ = flags.DEFINE_integer('seq_len', 0, 'Override data.seq_len (0 = the config\'s).')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Override model.dtype (e.g. float32 on CPU).')
 _ATTENTION = flags.DEFINE_string('attention_impl', '', "Override model.attention_impl ('xla', 'cudnn').")
@@ -72,6 +74,8 @@ def load(name: str, optimizer: str, kernel: str = ''):
     config.train.batch_size = _BATCH.value
   if _SEQ.value:
     config.data.seq_len = _SEQ.value
+  if _ACCUM.value:
+    config.train.grad_accum_steps = _ACCUM.value
   if _DTYPE.value:
     config.model.dtype = _DTYPE.value
   if _ATTENTION.value:
@@ -131,16 +135,21 @@ def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=N
           'attention': _attention(config) if framework == 'vesper_jax' else 'sdpa',
           'device': jax.devices()[0].device_kind if on_device else 'cpu',
           'devices': mesh.size if mesh is not None else 1, 'dtype': config.model.dtype,
-          'batch_size': B, 'seq_len': T, 'params': counts['total'], 'step_ms': 1e3 * step_s,
+          'batch_size': B, 'seq_len': T, 'grad_accum_steps': config.train.grad_accum_steps, 'params': counts['total'], 'step_ms': 1e3 * step_s,
           'tokens_per_s': tokens_per_s, 'mfu': mfu, 'first_step_s': first_step_s, 'loss': loss}
+
+
+def _micro(row) -> str:
+  A = row.get('grad_accum_steps', 1)
+  return f' ({A}×{row["batch_size"] // A})' if A > 1 else ''
 
 
 def _attention(config) -> str:
   """The attention the JAX step really runs (model.attention_implementation resolves 'auto')."""
   if config.model.attention_impl is None and jax.default_backend() == 'cpu':
     c = ModelConfig(**config.model)
-    kernel = (c.dtype == 'float32' and c.head_dim % attention_cpu_ffi.LANES == 0
-              and jax.device_count() == 1 and attention_cpu_ffi.available())
+    kernel = (c.dtype == 'float32' and c.head_dim % cpu_kernels.LANES == 0
+              and jax.device_count() == 1 and cpu_kernels.available())
     return 'cpu kernel' if kernel else 'cpu (jax)'
   return attention_implementation(ModelConfig(**config.model), unmasked=True) or 'xla'
 
@@ -158,8 +167,6 @@ def torch_skip_reason(config) -> str | None:
     return 'FlyLoRA adapters have no PyTorch counterpart here'
   if config.opt.name != 'adamw':
     return f'opt.name={config.opt.name}: the PyTorch anchor uses torch.optim.AdamW'
-  if config.train.grad_accum_steps != 1:
-    return 'the PyTorch anchor runs one micro-batch per step'
   on_gpu = jax.default_backend() == 'gpu'
   if on_gpu and not torch.cuda.is_available():
     return 'JAX runs on a GPU but this torch has no CUDA'
@@ -176,14 +183,16 @@ def torch_step(config, compiled: bool):
   vocabulary, float32 cross-entropy over the real one; then global-norm clipping and AdamW with weight
   decay on matrices only (the embeddings and head too iff opt.decay_embeddings). Not done here: the
   learning-rate schedule (a scalar), the non-finite check and the entropy metric the JAX step also
-  computes.
+  computes. With train.grad_accum_steps = A, the gradient is accumulated over A micro-batches of B / A
+  sequences (each loss scaled by 1 / A), as the JAX step does.
   """
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   from torch import nn  # pylint: disable=import-outside-toplevel
 
   m, o = ModelConfig(**config.model), config.opt
-  B, T = config.train.batch_size, config.data.seq_len
+  A = config.train.grad_accum_steps
+  B, T = config.train.batch_size // A, config.data.seq_len  # B: the micro-batch
   D, N, K, H, V = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.vocab_size
   torch.manual_seed(0)
   device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
@@ -273,11 +282,15 @@ def torch_step(config, compiled: bool):
                                 lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
                                 fused=device == 'cuda')
 
-  def train_step(inputs_BT, targets_BT):
-    with autocast:
-      loss = model(inputs_BT, targets_BT)
+  def train_step(inputs_ABT, targets_ABT):
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for inputs_BT, targets_BT in zip(inputs_ABT, targets_ABT):
+      with autocast:
+        loss = model(inputs_BT, targets_BT) / A
+      loss.backward()
+      total = total + loss.detach()
+    loss = total
     if o.grad_clip_norm > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
     optimizer.step()
@@ -285,11 +298,12 @@ def torch_step(config, compiled: bool):
 
   if compiled:
     train_step = torch.compile(train_step)
-  tokens = torch.from_numpy(np.random.default_rng(0).integers(0, V, (B, T + 1))).long()
-  inputs_BT, targets_BT = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+  tokens = torch.from_numpy(np.random.default_rng(0).integers(0, V, (A, B, T + 1))).long()
+  inputs_ABT = tokens[..., :-1].contiguous().to(device)
+  targets_ABT = tokens[..., 1:].contiguous().to(device)
 
   def step():
-    return train_step(inputs_BT, targets_BT).item()
+    return train_step(inputs_ABT, targets_ABT).item()
 
   t0 = time.perf_counter()
   step()
@@ -358,7 +372,7 @@ def main(argv):
     mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
     print(f"| {r['config']} | {r['framework']} | {r['optimizer']} | {r['kernel']} | {r['activation']} | "
           f"{r['attention']} | "
-          f"{r['devices']}× {r['device']} | {r['dtype']} | {r['batch_size']}×{r['seq_len']} | "
+          f"{r['devices']}× {r['device']} | {r['dtype']} | {r['batch_size']}×{r['seq_len']}{_micro(r)} | "
           f"{r['params']:,} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['first_step_s']:.1f} | {mfu} |")
   # vesper_jax against each anchor of the same config (measured in this run).
   for r in rows:

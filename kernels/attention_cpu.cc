@@ -1,9 +1,9 @@
 // Causal softmax attention for training on CPU: forward and backward as XLA FFI handlers.
 //
-// Built and registered at run time by kernels/attention_cpu_ffi.py (g++, -march=native); the model uses
-// it through vesper_jax/attention_cpu.py. Why a kernel: XLA:CPU runs the per-head attention products as
-// small batched dots on one thread at a fraction of the matmul rate, and compiles one fusion per block
-// (README, "CPU train step"). Here one work item is one (sequence, key/value head): its G query heads,
+// Built and registered at run time by kernels/cpu_kernels.py (g++, -march=native); called through
+// kernels/attention_cpu_ffi.py from vesper_jax/attention_cpu.py. Why a kernel: XLA:CPU runs the per-head
+// attention products as small batched dots on one thread at a fraction of the matmul rate, and compiles
+// one fusion per block (README, "CPU train step"). Here one work item is one (sequence, key/value head): its G query heads,
 // all query blocks, and (backward) its own dK, dV sums, so items never write the same memory and run on
 // XLA's intra-op thread pool.
 //
@@ -13,64 +13,17 @@
 // Float32 throughout. The backward pass recomputes the scores from q, k and lse (FlashAttention's).
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_common.h"
 
 namespace {
 
-constexpr int kLanes = 16;      // floats per vector (AVX-512; GCC splits them on narrower machines)
+using namespace vesper;  // NOLINT: the shared vector helpers
+
 constexpr int kQueryBlock = 32;  // query rows per block: the block's scores stay in L2 up to T = 2048
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-// Element by element, so that GCC emits one vbroadcastss (from memory): `v16{} + x` cost a scalar add
-// of 0.0 (not an identity for -0.0 under strict IEEE) before every broadcast of the GEMM's inner loop.
-inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-inline long round_up(long x) { return (x + kLanes - 1) / kLanes * kLanes; }
-
-inline float hmax(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
-}
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
-// exp(x) for x <= ~0 (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n
-// put in the exponent bits): ~1 ulp, and a loop of it vectorises, which std::exp's does not without
-// -ffast-math. Below -87 it returns ~1e-38 instead of underflowing to 0; callers zero masked entries.
-inline v16 vexp(v16 x) {
-  x = x < splat(-87.f) ? splat(-87.f) : x;
-  const v16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln2)
-  v16 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-  v16 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
 
 // C[i, j] (+)= sum_k A[i*am + k*ak] * B[k*ldb + j] for i < M, j < N, k < D; N a multiple of 16.
 // A register tile of MR rows x NV vectors: 6 x 4 holds 24 accumulators of AVX-512's 32 registers.
@@ -132,27 +85,6 @@ void causal_scores(long r0, long rows, long H, const float* q, long ldq, const f
     gemm(mr, std::min(ldk, round_up(r0 + i + mr)), H, q + i * ldq, ldq, 1, kt, ldk, s + i * lds, lds,
          false);
   }
-}
-
-// Runs fn(0) .. fn(n - 1) on the calling thread and XLA's intra-op pool. Items are claimed from a shared
-// counter, so a pool task that starts late (its thread busy elsewhere) finds nothing left and returns
-// without touching fn: the caller never waits for a task to start, only for claimed items to finish.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, long n, F&& fn) {
-  struct State {
-    std::atomic<long> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, &fn] {
-    for (long i; (i = state->next.fetch_add(1)) < n;) {
-      fn(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const long helpers = std::min<long>(pool.num_threads(), n - 1);
-  for (long t = 0; t < helpers; ++t) pool.Schedule([work] { work(); });
-  work();
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 struct Dims {

@@ -1,4 +1,8 @@
-"""The CPU attention kernel (kernels/attention_cpu.cc) against jax.nn.dot_product_attention, and its choice."""
+"""The CPU kernels (kernels/*.cc) against the JAX code they replace, and when they are chosen.
+
+The suite runs with 8 simulated devices, where the kernels are never chosen by themselves (one device
+only, see cpu_kernels.usable): these tests call them explicitly, or force them.
+"""
 
 import functools
 import os
@@ -12,13 +16,16 @@ import pytest
 
 from conftest import tiny_model_config
 from vesper_jax import attention_cpu
+from vesper_jax import losses
 from vesper_jax import model as M
 from vesper_jax.kernels import attention_cpu_ffi
+from vesper_jax.kernels import cpu_kernels
+from vesper_jax.kernels import cross_entropy_cpu_ffi
 
 pytestmark = pytest.mark.skipif(
-    jax.default_backend() != 'cpu' or not attention_cpu_ffi.available(),
-    reason='the CPU attention kernel did not build here (no C++ compiler, or not a CPU backend): the '
-           'model uses the JAX version, which tests/test_model.py checks')
+    jax.default_backend() != 'cpu' or not cpu_kernels.available(),
+    reason='the CPU kernels did not build here (no C++ compiler, or not a CPU backend): the model uses '
+           'the JAX code, which tests/test_model.py and tests/test_losses.py check')
 
 
 def _reference(q, k, v, mask):
@@ -75,9 +82,11 @@ def test_kernel_query_that_sees_no_key_gets_zeros():
   np.testing.assert_array_equal(grads[2][0, :5], 0.0)
 
 
-def test_kernel_is_chosen_only_where_it_applies():
+def test_kernels_are_chosen_only_where_they_apply():
   f32 = jnp.zeros((1, 4, 2, 16), jnp.float32)
   assert attention_cpu_ffi.supports(f32, f32, f32) == (jax.device_count() == 1)
+  assert cross_entropy_cpu_ffi.supports(f32[0, 0]) == (jax.device_count() == 1)
+  assert not cross_entropy_cpu_ffi.supports(f32[0, 0].astype(jnp.bfloat16))
   bf16 = f32.astype(jnp.bfloat16)
   assert not attention_cpu_ffi.supports(bf16, bf16, bf16)     # bfloat16: the JAX version
   odd = jnp.zeros((1, 4, 2, 8), jnp.float32)
@@ -104,7 +113,7 @@ def test_model_with_kernel_equals_model_without(monkeypatch):
 
 
 def _available_in_subprocess(tmp_path, **env):
-  code = 'from vesper_jax.kernels import attention_cpu_ffi as f; print(f.available())'
+  code = 'from vesper_jax.kernels import cpu_kernels as f; print(f.available())'
   done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                         env={**os.environ, 'VESPER_KERNEL_CACHE': str(tmp_path), **env})
   assert done.returncode == 0, done.stderr
@@ -119,3 +128,50 @@ def test_kernel_off_switch_and_failed_build_fall_back(tmp_path):
   assert out == 'False'
   assert 'did not build' in err and 'false' in err
   assert not list(tmp_path.glob('*.so'))
+
+
+@pytest.mark.parametrize('M, V', [(5, 50), (33, 1003), (16, 4096)])
+def test_softmax_cross_entropy_equals_the_jax_terms(M, V):
+  # dz, nll, entropy, correct against losses._chunk_softmax_terms, including V not a multiple of 16, a
+  # target that is the row's max (correct = 1), a negative id (counts from the end, as XLA's gather)
+  # and an id out of range (NaN nll, no one-hot), as the JAX code does.
+  keys = jax.random.split(jax.random.key(M), 3)
+  z = jax.random.normal(keys[0], (M, V)) * 3
+  targets = jax.random.randint(keys[1], (M,), 0, V).at[1].set(-1).at[2].set(V + 4)
+  z = z.at[3, targets[3]].set(100.0)
+  weights = jax.random.uniform(keys[2], (M,))
+  dz, nll, ent, correct = jax.jit(cross_entropy_cpu_ffi.softmax_cross_entropy)(z, targets, weights)
+  nll_r, ent_r, correct_r, e, s = losses._chunk_softmax_terms(z, targets)
+  dz_r = (e / s[:, None] - (jnp.arange(V) == targets[:, None])) * weights[:, None]
+  np.testing.assert_allclose(dz, dz_r, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(nll, nll_r, rtol=1e-6, atol=1e-6)   # NaN where the reference has NaN
+  np.testing.assert_allclose(ent, ent_r, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(correct, correct_r)
+  assert correct[3] == 1.0 and np.isnan(nll[2])
+
+
+@pytest.mark.parametrize('bias, per_token', [(False, False), (True, True)])
+def test_fused_head_with_kernel_equals_without(monkeypatch, bias, per_token):
+  # The fused head's loss, entropy, per-token outputs and gradients (x, kernel, bias), with padding,
+  # through the kernel (forced: one device is not required for correctness) and through XLA.
+  B, T, D, V = 4, 12, 32, 300
+  keys = jax.random.split(jax.random.key(2), 5)
+  x = jax.random.normal(keys[0], (B, T, D))
+  kernel = jax.random.normal(keys[1], (D, V)) * 0.2
+  b = jax.random.normal(keys[2], (V,)) * 0.1 if bias else None
+  targets = jax.random.randint(keys[3], (B, T), 0, V)
+  weights = (jax.random.uniform(keys[4], (B, T)) < 0.8).astype(jnp.float32)
+
+  def run():
+    f = lambda x, k, b: losses.head_cross_entropy_and_entropy(x, k, b, targets, weights,
+                                                              per_token=per_token)
+    out = f(x, kernel, b)
+    grads = jax.grad(lambda *a: f(*a)[0], (0, 1, 2) if bias else (0, 1))(x, kernel, b)
+    return out, grads
+
+  monkeypatch.setattr(cpu_kernels, 'usable', lambda *a: True)
+  with_kernel = run()
+  monkeypatch.setattr(cpu_kernels, 'usable', lambda *a: False)
+  without = run()
+  for got, want in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -16,11 +16,13 @@ import pytest
 
 from conftest import tiny_model_config
 from vesper_jax import attention_cpu
+from vesper_jax import era as era_lib
 from vesper_jax import losses
 from vesper_jax import model as M
 from vesper_jax.kernels import attention_cpu_ffi
 from vesper_jax.kernels import cpu_kernels
 from vesper_jax.kernels import cross_entropy_cpu_ffi
+from vesper_jax.kernels import era_cpu_ffi
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != 'cpu' or not cpu_kernels.available(),
@@ -87,7 +89,9 @@ def test_kernels_are_chosen_only_where_they_apply():
   assert attention_cpu_ffi.supports(f32, f32, f32) == (jax.device_count() == 1)
   assert cross_entropy_cpu_ffi.supports(f32[0, 0]) == (jax.device_count() == 1)
   assert not cross_entropy_cpu_ffi.supports(f32[0, 0].astype(jnp.bfloat16))
+  assert era_cpu_ffi.supports(f32) == (jax.device_count() == 1)
   bf16 = f32.astype(jnp.bfloat16)
+  assert not era_cpu_ffi.supports(bf16)
   assert not attention_cpu_ffi.supports(bf16, bf16, bf16)     # bfloat16: the JAX version
   odd = jnp.zeros((1, 4, 2, 8), jnp.float32)
   assert not attention_cpu_ffi.supports(odd, odd, odd)        # head size not a multiple of 16
@@ -175,3 +179,31 @@ def test_fused_head_with_kernel_equals_without(monkeypatch, bias, per_token):
   without = run()
   for got, want in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape, temperature, weight, detach', [
+    ((5, 37), 1.0, 0.1, False),        # F not a multiple of 16
+    ((2, 3, 1024), 0.7, 0.3, False),   # leading axes; small's d_ff
+    ((8, 100), 2.0, 0.1, True),        # entropy detached: no gradient through H
+])
+def test_era_kernel_equals_the_jax_era(monkeypatch, shape, temperature, weight, detach):
+  x = jax.random.normal(jax.random.key(4), shape) * 3   # saturated gates too
+  w = jax.random.normal(jax.random.key(5), shape)
+  ours = lambda x: era_cpu_ffi.era(x, temperature, weight, detach)
+  monkeypatch.setattr(era_cpu_ffi, 'supports', lambda x: False)   # era_lib.era: the JAX code
+  want = lambda x: era_lib.era(x, temperature, weight, detach)
+  np.testing.assert_allclose(ours(x), want(x), rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(jax.jit(jax.grad(lambda x: jnp.sum(ours(x) * w)))(x),
+                             jax.grad(lambda x: jnp.sum(want(x) * w))(x), rtol=1e-5, atol=2e-6)
+
+
+def test_era_kernel_is_what_era_runs_where_it_applies(monkeypatch):
+  x = jax.random.normal(jax.random.key(4), (4, 64))
+  monkeypatch.setattr(cpu_kernels, 'usable', lambda *a: True)
+  calls = []
+  monkeypatch.setattr(era_cpu_ffi, 'era', lambda *a: calls.append(a) or a[0])
+  era_lib.era(x, 1.0, 0.1, False)
+  assert len(calls) == 1
+  era_lib.era(x, 1.0, 0.0, False)   # λ = 0 is SiLU: left to XLA
+  era_lib.era(x, jnp.float32(1.0), 0.1, False)   # a traced temperature: the JAX code
+  assert len(calls) == 1

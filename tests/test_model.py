@@ -237,7 +237,8 @@ def test_cpu_attention_equals_dot_product_attention(num_kv_heads, padded, block_
     return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
                                         is_causal=True, implementation='xla')
 
-  ours = lambda q, k, v: attention_cpu.causal_attention(q, k, v, mask, block_tokens=block_tokens)
+  ours = lambda q, k, v: attention_cpu.causal_attention(q, k, v, mask, block_tokens=block_tokens,
+                                                        kernel=False)
   np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-6)
   for got, want in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
                        jax.grad(functools.partial(loss, reference), (0, 1, 2))(q, k, v)):
@@ -252,7 +253,7 @@ def test_cpu_attention_head_groups_change_nothing(monkeypatch):
   results = []
   for groups in (1, 2, 4):
     monkeypatch.setattr(attention_cpu, '_parallel_groups', lambda B, groups=groups: groups)
-    f = lambda q, k, v: jnp.sum(attention_cpu.causal_attention(q, k, v, block_tokens=8) * w)
+    f = lambda q, k, v: jnp.sum(attention_cpu.causal_attention(q, k, v, block_tokens=8, kernel=False) * w)
     results.append(jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v))
   for other in results[1:]:
     for got, want in zip(jax.tree.leaves(other), jax.tree.leaves(results[0])):

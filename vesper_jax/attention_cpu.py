@@ -2,9 +2,10 @@
 
 The model's choice on CPU when `ModelConfig.attention_impl` is None (model.Attention). It computes what
 `jax.nn.dot_product_attention(q, k, v, is_causal=True)` computes (output and gradients, to float32
-rounding). In float32 on one device it runs the C++ kernel of kernels/attention_cpu.cc (built on first
-use, see kernels/attention_cpu_ffi.py): ~2.4x faster than the JAX version below on small's attention
-(forward + backward) and one op to compile instead of ~100 per layer. Otherwise (bfloat16, a mesh, no
+rounding). In float32 on one device it runs the C++ kernel of kernels/attention_cpu.cc (through
+kernels/attention_cpu_ffi.py; built on first use by kernels/cpu_kernels.py): alone 2.4x faster than the
+JAX version below on small's attention (forward + backward), 3% on the whole step, and one op to compile
+instead of ~100 per layer. Otherwise (bfloat16, a mesh, no
 compiler, `VESPER_CPU_KERNELS=0`) it runs that JAX version, which differs from XLA's own for three
 reasons measured on the 2-core CPU (README, "CPU train step"):
 

@@ -40,7 +40,7 @@ from vesper_jax import host_memory
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
-from vesper_jax.kernels import cpu_kernels
+from vesper_jax.kernels import attention_cpu_ffi
 from vesper_jax.model import abstract_param_counts, attention_implementation, ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -135,7 +135,8 @@ def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=N
           'attention': _attention(config) if framework == 'vesper_jax' else 'sdpa',
           'device': jax.devices()[0].device_kind if on_device else 'cpu',
           'devices': mesh.size if mesh is not None else 1, 'dtype': config.model.dtype,
-          'batch_size': B, 'seq_len': T, 'grad_accum_steps': config.train.grad_accum_steps, 'params': counts['total'], 'step_ms': 1e3 * step_s,
+          'batch_size': B, 'seq_len': T, 'grad_accum_steps': config.train.grad_accum_steps,
+          'params': counts['total'], 'step_ms': 1e3 * step_s,
           'tokens_per_s': tokens_per_s, 'mfu': mfu, 'first_step_s': first_step_s, 'loss': loss}
 
 
@@ -148,9 +149,8 @@ def _attention(config) -> str:
   """The attention the JAX step really runs (model.attention_implementation resolves 'auto')."""
   if config.model.attention_impl is None and jax.default_backend() == 'cpu':
     c = ModelConfig(**config.model)
-    kernel = (c.dtype == 'float32' and c.head_dim % cpu_kernels.LANES == 0
-              and jax.device_count() == 1 and cpu_kernels.available())
-    return 'cpu kernel' if kernel else 'cpu (jax)'
+    qkv = jax.ShapeDtypeStruct((1, 1, c.num_heads, c.head_dim), jnp.dtype(c.dtype))
+    return 'cpu kernel' if attention_cpu_ffi.supports(qkv, qkv, qkv) else 'cpu (jax)'
   return attention_implementation(ModelConfig(**config.model), unmasked=True) or 'xla'
 
 

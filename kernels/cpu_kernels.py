@@ -5,8 +5,8 @@ cpu_common.h) into one library with the system's C++ compiler (`$CXX`, else g++,
 against the XLA FFI headers that ship with jaxlib, once per source / compiler / jaxlib / CPU: the
 library is cached under `$VESPER_KERNEL_CACHE` (default ~/.cache/vesper_jax/kernels); ~7 s to build.
 Where there is no compiler, or the build fails, it logs why once and returns False, and the callers
-keep their JAX code (vesper_jax/attention_cpu.py, losses.py, era.py). `VESPER_CPU_KERNELS=0` turns the kernels off (to compare, or
-to rule them out).
+keep their JAX code (vesper_jax/attention_cpu.py, losses.py, era.py). `VESPER_CPU_KERNELS=0` turns
+the kernels off (to compare, or to rule them out).
 
 One device only (`usable`): XLA's SPMD partitioner does not know how to split these calls, so over a
 mesh of several devices it would gather every operand to every device; there the JAX code runs, which
@@ -79,7 +79,7 @@ def build(compiler: str) -> Path:
   try:
     cmd = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', f'-I{_DIR}', *(str(_DIR / n) for n in SOURCES),
            '-o', tmp]
-    logging.info('vesper_jax: building the CPU kernels (once per machine, ~5 s): %s', ' '.join(cmd))
+    logging.info('vesper_jax: building the CPU kernels (once per machine, ~7 s): %s', ' '.join(cmd))
     try:
       done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:
@@ -101,13 +101,14 @@ def available() -> bool:
   compiler = _compiler()
   if compiler is None:
     logging.warning('vesper_jax: no C++ compiler (g++, c++, clang++ or $CXX) found: the CPU kernels '
-                    '(attention, the head\'s softmax) run as plain JAX ops, slower (README, "CPU train step")')
+                    '(attention, the head\'s softmax, ERA) run as plain JAX ops, slower (README, "CPU '
+                    'train step")')
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(build(compiler)))
   except (OSError, RuntimeError) as e:
-    logging.warning('vesper_jax: the CPU kernels did not build, so attention and the head\'s softmax run '
-                    'as plain JAX ops: %s', e)
+    logging.warning('vesper_jax: the CPU kernels did not build, so attention, the head\'s softmax and '
+                    'ERA run as plain JAX ops: %s', e)
     return False
   for name, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
@@ -125,5 +126,3 @@ def usable(*operands: jax.Array) -> bool:
   """Whether a kernel may run on these operands: float32, one device, and the library available."""
   return (all(a.dtype == jnp.float32 for a in operands) and jax.device_count() == 1
           and jax.default_backend() == 'cpu' and available())
-
-

@@ -5,9 +5,9 @@ The model's choice on CPU when `ModelConfig.attention_impl` is None (model.Atten
 rounding). In float32 on one device it runs the C++ kernel of kernels/attention_cpu.cc (through
 kernels/attention_cpu_ffi.py; built on first use by kernels/cpu_kernels.py): alone 2.4x faster than the
 JAX version below on small's attention (forward + backward), 3% on the whole step, and one op to compile
-instead of ~100 per layer. Otherwise (bfloat16, a mesh, no
-compiler, `VESPER_CPU_KERNELS=0`) it runs that JAX version, which differs from XLA's own for three
-reasons measured on the 2-core CPU (README, "CPU train step"):
+instead of ~100 per layer. Otherwise (bfloat16, a mesh, no compiler, `VESPER_CPU_KERNELS=0`) it runs
+that JAX version, which differs from XLA's own for three reasons measured on the 2-core CPU (README,
+"CPU train step"):
 
 1. Causal blocks. The queries are cut into blocks of `BLOCK_TOKENS` positions; block i only meets the
    keys up to its own last position. At 256 positions and blocks of 64 that is 10/16 of the score and

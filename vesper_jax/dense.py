@@ -3,10 +3,10 @@
 Under `jax.grad`, a projection y = x·W gets dW = xᵀ·dy, a product that contracts the token axis of both
 operands. XLA:CPU hands that layout to Eigen, at 150–180 GFLOP/s on the 2-core CPU, where the same
 product with xᵀ copied out first ([D, M] row-major, a copy of 1.5–4 MiB) runs in YNNPACK at 185–205
-(experiments in README, "CPU train step": 8–20% per weight gradient, ~30 ms a step for `small` at
-8 × 256, plus ~20 ms in the head, losses.py). XLA's algebraic simplifier folds a plain transpose back
-into the product, so the copy is held apart with an optimization barrier, on CPU only: on a GPU the
-library takes either layout and the copy would only cost.
+(README, "CPU train step": 8–20% per weight gradient, ~40 ms a step for `small` at 8 × 256; the head's
+own weight gradient, losses.py, gained nothing in the step this way and is left as it was). XLA's
+algebraic simplifier folds a plain transpose back into the product, so the copy is held apart with an
+optimization barrier, on CPU only: on a GPU the library takes either layout and the copy would only cost.
 
 `Dense` declares exactly `nn.Dense`'s parameters (`kernel` [in, out] and optional `bias`, float32, same
 initialisers and names), so checkpoints, export and LoRA / quantized variants are unaffected.

@@ -48,8 +48,10 @@ _CONFIGS = flags.DEFINE_list('configs', ['tiny', 'small'], 'Config names under c
 _OPTIMIZERS = flags.DEFINE_list('optimizers', ['adamw'], 'opt.name values to time.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warmup step).')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Override train.batch_size (0 = the config\'s).')
-_ACCUM = flags.DEFINE_integer('grad_accum_steps', 0, 'Override train.grad_accum_steps (0 = the config\'s): '
-                              'the batch as this many micro-batches, in JAX and in the PyTorch anchor.')
+_ACCUM = flags.DEFINE_integer('grad_accum_steps', -1, 'Override train.grad_accum_steps (-1 = the config\'s; '
+                              '0 = auto): the batch as this many micro-batches.')
+_TORCH_ACCUM = flags.DEFINE_integer('torch_grad_accum_steps', -1, 'Micro-batches of the PyTorch anchor '
+                                    '(-1 = as many as the JAX step uses).')
 _SEQ = flags.DEFINE_integer('seq_len', 0, 'Override data.seq_len (0 = the config\'s).')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Override model.dtype (e.g. float32 on CPU).')
 _ATTENTION = flags.DEFINE_string('attention_impl', '', "Override model.attention_impl ('xla', 'cudnn').")
@@ -74,7 +76,7 @@ def load(name: str, optimizer: str, kernel: str = ''):
     config.train.batch_size = _BATCH.value
   if _SEQ.value:
     config.data.seq_len = _SEQ.value
-  if _ACCUM.value:
+  if _ACCUM.value >= 0:
     config.train.grad_accum_steps = _ACCUM.value
   if _DTYPE.value:
     config.model.dtype = _DTYPE.value
@@ -115,10 +117,11 @@ def bench(name: str, optimizer: str, kernel: str = '') -> dict:
   for _ in range(_STEPS.value):
     metrics = step()
   step_s = (time.perf_counter() - t0) / _STEPS.value
-  return _row(config, name, 'vesper_jax', step_s, compile_s, float(metrics['loss']), parts, mesh)
+  return _row(config, name, 'vesper_jax', parts.grad_accum_steps, step_s, compile_s, float(metrics['loss']),
+              parts, mesh)
 
 
-def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=None) -> dict:
+def _row(config, name, framework, accum, step_s, first_step_s, loss, parts=None, mesh=None) -> dict:
   counts = abstract_param_counts(ModelConfig(**config.model))
   B, T = config.train.batch_size, config.data.seq_len
   on_device = framework == 'vesper_jax' or jax.default_backend() == 'gpu'  # the anchor follows JAX to a GPU
@@ -135,7 +138,7 @@ def _row(config, name, framework, step_s, first_step_s, loss, parts=None, mesh=N
           'attention': _attention(config) if framework == 'vesper_jax' else 'sdpa',
           'device': jax.devices()[0].device_kind if on_device else 'cpu',
           'devices': mesh.size if mesh is not None else 1, 'dtype': config.model.dtype,
-          'batch_size': B, 'seq_len': T, 'grad_accum_steps': config.train.grad_accum_steps,
+          'batch_size': B, 'seq_len': T, 'grad_accum_steps': accum,
           'params': counts['total'], 'step_ms': 1e3 * step_s,
           'tokens_per_s': tokens_per_s, 'mfu': mfu, 'first_step_s': first_step_s, 'loss': loss}
 
@@ -175,7 +178,7 @@ def torch_skip_reason(config) -> str | None:
   return None
 
 
-def torch_step(config, compiled: bool):
+def torch_step(config, compiled: bool, accum: int):
   """(step, first_step_s): the model and step of `config` in PyTorch, on random tokens.
 
   The same computation as the JAX step: embedding, pre-norm blocks with split-half RoPE, causal
@@ -183,15 +186,15 @@ def torch_step(config, compiled: bool):
   vocabulary, float32 cross-entropy over the real one; then global-norm clipping and AdamW with weight
   decay on matrices only (the embeddings and head too iff opt.decay_embeddings). Not done here: the
   learning-rate schedule (a scalar), the non-finite check and the entropy metric the JAX step also
-  computes. With train.grad_accum_steps = A, the gradient is accumulated over A micro-batches of B / A
-  sequences (each loss scaled by 1 / A), as the JAX step does.
+  computes. With `accum` = A, the gradient is accumulated over A micro-batches of B / A sequences (each
+  loss scaled by 1 / A), as the JAX step does with train.grad_accum_steps = A.
   """
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   from torch import nn  # pylint: disable=import-outside-toplevel
 
   m, o = ModelConfig(**config.model), config.opt
-  A = config.train.grad_accum_steps
+  A = accum
   B, T = config.train.batch_size // A, config.data.seq_len  # B: the micro-batch
   D, N, K, H, V = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.vocab_size
   torch.manual_seed(0)
@@ -317,14 +320,18 @@ def bench_with_torch(name: str, optimizer: str, kernel: str = '') -> list[dict]:
   config = load(name, optimizer, kernel)
   jstep, jax_first_s, parts, mesh = jax_step(config)
   reason = torch_skip_reason(config)
+  accum = _TORCH_ACCUM.value if _TORCH_ACCUM.value >= 1 else parts.grad_accum_steps
   if reason is not None:
     print(f'{name}: PyTorch anchor skipped: {reason}', flush=True)
     runners = {'vesper_jax': (jstep, jax_first_s)}
   else:
     import torch  # pylint: disable=import-outside-toplevel
     print(f'{name}: PyTorch {torch.__version__}, {torch.get_num_threads()} threads', flush=True)
-    runners = {'vesper_jax': (jstep, jax_first_s), 'torch eager': torch_step(config, compiled=False),
-               'torch.compile': torch_step(config, compiled=True)}
+    if config.train.batch_size % accum:
+      raise ValueError(f'--torch_grad_accum_steps={accum} does not divide the batch of '
+                       f'{config.train.batch_size}')
+    runners = {'vesper_jax': (jstep, jax_first_s), 'torch eager': torch_step(config, False, accum),
+               'torch.compile': torch_step(config, True, accum)}
   times = {k: [] for k in runners}
   losses = {}
   while len(times['vesper_jax']) < _STEPS.value:
@@ -338,7 +345,8 @@ def bench_with_torch(name: str, optimizer: str, kernel: str = '') -> list[dict]:
       losses[framework] = float(loss['loss']) if framework == 'vesper_jax' else loss
   rows = []
   for framework, (_, first_s) in runners.items():
-    row = _row(config, name, framework, statistics.median(times[framework]), first_s, losses[framework],
+    row = _row(config, name, framework, parts.grad_accum_steps if framework == 'vesper_jax' else accum,
+               statistics.median(times[framework]), first_s, losses[framework],
                *((parts, mesh) if framework == 'vesper_jax' else ()))
     row['step_ms_min'] = 1e3 * min(times[framework])
     rows.append(row)
@@ -381,7 +389,7 @@ def main(argv):
     for j in rows:  # every JAX row of the config (AdamW and each Velvet kernel) against the AdamW anchor
       if j['framework'] == 'vesper_jax' and j['config'] == r['config']:
         print(f"{r['config']}: vesper_jax {j['optimizer']}/{j['kernel']} / {r['framework']} = "
-              f"{j['tokens_per_s'] / r['tokens_per_s']:.2f}×")
+              f"{j['tokens_per_s'] / r['tokens_per_s']:.3f}×")
   print(f'wrote {out}')
 
 

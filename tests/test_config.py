@@ -46,6 +46,7 @@ def _set(config, key, value):
     ('train.eval_tokens', -1, 'train.eval_tokens=-1 must be >= 0'),
     ('train.num_steps', 0, 'train.num_steps=0 must be at least 1'),
     ('train.grad_accum_steps', 3, 'train.batch_size=16 is not divisible by train.grad_accum_steps=3'),
+    ('train.grad_accum_steps', -2, r'train.grad_accum_steps=-2 must be >= 0 \(0 = auto\)'),
     ('train.mesh_fsdp', 3, 'train.mesh_fsdp=3 does not divide the 8 devices'),
     ('train.mesh_data', 0, 'train.mesh_data=0'),
 ])
@@ -66,6 +67,27 @@ def test_batch_layout_against_the_devices_and_processes():
   # auto_scale picks num_steps later: 0 is then allowed.
   base_config.validate(_set(_set(load_config('tiny'), 'train.auto_scale', True), 'train.num_steps', 0),
                        num_devices=8, num_processes=1)
+
+
+@pytest.mark.parametrize('batch, seq_len, devices, platform, expected', [
+    (32, 256, 1, 'cpu', 4),    # small's 32 x 256 on one CPU: 4 micro-batches of 8 x 256 = 2,048 tokens
+    (8, 256, 1, 'cpu', 1),     # already 2,048 tokens
+    (48, 256, 1, 'cpu', 6),    # the most micro-batches that keep 2,048 tokens
+    (12, 256, 1, 'cpu', 1),    # 2 micro-batches would hold 1,536: fewer than the target, so one
+    (4, 4096, 1, 'cpu', 4),    # one sequence per micro-batch is the least there is
+    (32, 256, 8, 'cpu', 1),    # per device: 1,024 tokens each already
+    (64, 256, 2, 'cpu', 4),    # 16 sequences per micro-batch, 8 per device
+    (24, 512, 2, 'cpu', 3),    # 8 sequences per micro-batch over 2 devices: 2,048 tokens each
+    (32, 256, 1, 'gpu', 1),    # one big batch off CPU
+])
+def test_auto_grad_accum_steps(batch, seq_len, devices, platform, expected):
+  config = _set(_set(load_config('tiny'), 'train.batch_size', batch), 'data.seq_len', seq_len)
+  assert base_config.get_config().train.grad_accum_steps == 0  # auto is the default
+  assert base_config.grad_accum_steps(_set(config, 'train.grad_accum_steps', 0), devices, platform) == expected
+  micro = batch // expected
+  assert batch % expected == 0 and micro % devices == 0
+  # A value set in the config is used as it is, on any platform.
+  assert base_config.grad_accum_steps(_set(config, 'train.grad_accum_steps', 2), devices, platform) == 2
 
 
 def test_short_run_overrides():

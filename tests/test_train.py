@@ -135,6 +135,16 @@ def test_gradient_accumulation_equals_one_big_batch(cache_dir):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+def test_auto_grad_accum_steps_follows_the_tokens_per_device(cache_dir):
+  # train.grad_accum_steps = 0 (the default): on CPU, micro-batches of about 2,048 tokens per device.
+  config = short_run_config(cache_dir, **{'train.batch_size': 128, 'train.grad_accum_steps': 0})  # 4,096
+  assert train.build(config, sharding.make_mesh(1, 1, jax.devices()[:1])).grad_accum_steps == 2
+  assert train.build(config, sharding.make_mesh(-1, 1)).grad_accum_steps == 1  # 512 tokens per device
+  with config.unlocked():
+    config.train.grad_accum_steps = 4
+  assert train.build(config, sharding.make_mesh(1, 1, jax.devices()[:1])).grad_accum_steps == 4
+
+
 def test_nonfinite_update_is_skipped_and_counted(cache_dir):
   config = short_run_config(cache_dir)
   state, step, batch = _tiny_state(config, batch_size=4)
@@ -294,7 +304,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(cache_dir, tmp_path, monkeypat
     ({'train.bogus_key': 1}, "unknown config key 'train.bogus_key'"),
     ({'data.seq_len': 1024}, r'data.seq_len=1024 must be in \[1, model.max_seq_len=256\]'),
     ({'data.sources': '/nonexistent/corpus.txt'}, '/nonexistent/corpus.txt'),
-    ({'train.grad_accum_steps': 0}, 'train.grad_accum_steps=0 must be at least 1'),
+    ({'train.grad_accum_steps': -1}, r'train.grad_accum_steps=-1 must be >= 0 \(0 = auto\)'),
 ])
 def test_bad_config_fails_before_compiling(cache_dir, tmp_path, override, match, monkeypatch):
   built = []

@@ -140,7 +140,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.seed = 0
   config.train.num_steps = 400
   config.train.batch_size = 16          # global batch, in sequences, per optimizer step
-  config.train.grad_accum_steps = 1     # micro-batches per step (batch_size must divide evenly)
+  # Micro-batches per step (batch_size must divide evenly); 0 = auto: 1 on a GPU/TPU, on CPU about
+  # CPU_MICRO_BATCH_TOKENS tokens per device per micro-batch (faster there: README, CPU train step).
+  config.train.grad_accum_steps = 0
   config.train.mesh_data = -1           # device mesh axis sizes; -1 fills the remaining devices
   config.train.mesh_fsdp = 1
   config.train.eval_every = 100         # evaluate on the validation split every N steps (and at the end)
@@ -174,7 +176,7 @@ def get_config() -> ml_collections.ConfigDict:
 OPTIMIZERS = ('adamw', 'velvet')
 ON_ERROR = ('skip', 'fail')
 # Counts and cadences: 0 would divide by zero or never fire mid-run.
-_AT_LEAST_ONE = ('train.batch_size', 'train.grad_accum_steps', 'train.eval_every',
+_AT_LEAST_ONE = ('train.batch_size', 'train.eval_every',
                  'train.max_nonfinite_steps', 'checkpoint.every_steps', 'checkpoint.keep',
                  'logging.every_steps')
 
@@ -209,7 +211,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     raise ValueError(f'data.bpe_sample_bytes={d.bpe_sample_bytes} must be >= 0 (0 = the whole corpus)')
   if t.num_steps < 1 and not t.auto_scale:
     raise ValueError(f'train.num_steps={t.num_steps} must be at least 1')
-  if t.batch_size % t.grad_accum_steps:
+  if t.grad_accum_steps < 0:
+    raise ValueError(f'train.grad_accum_steps={t.grad_accum_steps} must be >= 0 (0 = auto)')
+  if t.grad_accum_steps and t.batch_size % t.grad_accum_steps:
     raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
                      f'train.grad_accum_steps={t.grad_accum_steps}')
   if o.name not in OPTIMIZERS:
@@ -228,13 +232,42 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes
   mesh_data, mesh_fsdp = sharding.mesh_shape(t.mesh_data, t.mesh_fsdp, num_devices)
-  micro = t.batch_size // t.grad_accum_steps
+  micro = t.batch_size // grad_accum_steps(config, mesh_data * mesh_fsdp, jax.default_backend())
   if micro % (mesh_data * mesh_fsdp):
     raise ValueError(f'the micro-batch of {micro} sequences (train.batch_size / train.grad_accum_steps) '
                      f'does not split over the {mesh_data * mesh_fsdp} devices of the mesh '
                      f'(train.mesh_data={t.mesh_data}, train.mesh_fsdp={t.mesh_fsdp})')
   if t.batch_size % num_processes:
     raise ValueError(f'train.batch_size={t.batch_size} does not split over {num_processes} processes')
+
+
+# Tokens per device in one micro-batch that train.grad_accum_steps = 0 aims for on CPU. XLA:CPU's matrix
+# products slow down as their row count grows past this (166-177 GFLOP/s with 8,192 rows against
+# 192-202 with 2,048 on the 2-core AVX-512 machine), and the activations of a smaller micro-batch stay in
+# cache between ops: `small` at 32 x 256 steps in 1,248 ms per 8 sequences as 4 x 8, 1,321 as 2 x 16,
+# 1,444 as one batch, and 1,232-1,285 as 8 x 4 (README, CPU train step).
+CPU_MICRO_BATCH_TOKENS = 2048
+
+
+def grad_accum_steps(config: ml_collections.ConfigDict, num_devices: int, platform: str) -> int:
+  """Micro-batches per step: train.grad_accum_steps, or for 0 (auto) the choice for `platform`.
+
+  Auto is 1 off CPU (one big batch keeps an accelerator busy). On CPU it is the most micro-batches that
+  each still hold at least CPU_MICRO_BATCH_TOKENS tokens per device and split evenly over the
+  `num_devices` the batch is sharded over; 1 when even the whole batch holds fewer.
+  """
+  t = config.train
+  if t.grad_accum_steps or platform != 'cpu':
+    return t.grad_accum_steps or 1
+  best = 1
+  for steps in range(1, t.batch_size + 1):
+    micro = t.batch_size // steps
+    if t.batch_size % steps or micro % num_devices:
+      continue
+    if micro * config.data.seq_len // num_devices < CPU_MICRO_BATCH_TOKENS:
+      break
+    best = steps
+  return best
 
 
 def _check_triton() -> None:

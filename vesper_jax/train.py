@@ -269,6 +269,7 @@ class Parts:
   eval_fn: Callable               # (params, model_state, batch) -> (nll sum, count); jitted
   layout: velvet.FlatLayout | None = None  # the in-place Velvet path's flat buffers (else None)
   in_place: velvet.InPlace | None = None
+  grad_accum_steps: int = 1       # micro-batches per step (train.grad_accum_steps, 0 = auto, resolved)
 
   def param_tree(self, params: PyTree) -> PyTree:
     """The parameter tree of a state's `params` (a view of the flat buffers on the in-place path)."""
@@ -285,6 +286,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
   model_cfg = ModelConfig(**config.model)
   model = VesperLM(model_cfg)
   seq_len = config.data.seq_len
+  accum = base_config.grad_accum_steps(config, mesh.size, mesh.devices.flat[0].platform)
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
   # With adapters the base is frozen: the optimizer keeps no state for it and never updates it.
   trainable = (flylora.trainable_mask(params_shape['params'], model_cfg) if flylora.targets(model_cfg)
@@ -303,7 +305,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx,
                         schedule=optim.learning_rate_schedule(config.opt, t.num_steps),
-                        grad_accum_steps=t.grad_accum_steps, trainable=trainable, layout=layout,
+                        grad_accum_steps=accum, trainable=trainable, layout=layout,
                         in_place=in_place, grad_clip_norm=config.opt.grad_clip_norm,
                         metacog_weight=t.metacog_weight),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
@@ -314,7 +316,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
                     in_shardings=(state_shardings.params, state_shardings.model_state,
                                   {'tokens': batch_sharding, 'weights': batch_sharding}))
   return Parts(model, tx, trainable, init_fn, abstract_state, state_shardings, batch_sharding, step_fn,
-               eval_fn, layout, in_place)
+               eval_fn, layout, in_place, accum)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -326,7 +328,7 @@ def evaluate(parts: 'Parts', state: TrainState, val_tokens: np.ndarray,
   With the metacognition head, also its calibration: eval_ece, eval_auroc, eval_loss_corr (Pearson)."""
   t = config.train
   result = eval_lib.score(lambda batch: parts.eval_fn(state.params, state.model_state, batch), val_tokens,
-                          seq_len=config.data.seq_len, batch_size=t.batch_size // t.grad_accum_steps,
+                          seq_len=config.data.seq_len, batch_size=t.batch_size // parts.grad_accum_steps,
                           max_tokens=t.eval_tokens,
                           place=lambda batch: sharding.global_batch(batch, parts.batch_sharding))
   out = {'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
@@ -356,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   parts = build(config, mesh)
   _check_layout(workdir, parts)
   ckpt_lib.write_layout(workdir, parts.layout)  # how checkpoint readers find the tree in flat buffers
-  _log_model(parts, mesh)
+  _log_model(config, parts, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   try:
     state, start = init_or_restore(config, parts, checkpointer)
@@ -428,11 +430,15 @@ def _check_layout(workdir: pathlib.Path, parts: 'Parts') -> None:
                      'opt.decay_embeddings changed): resume with the old values, or use a new --workdir')
 
 
-def _log_model(parts: 'Parts', mesh: jax.sharding.Mesh) -> None:
+def _log_model(config: ml_collections.ConfigDict, parts: 'Parts', mesh: jax.sharding.Mesh) -> None:
   counts = param_counts(parts.abstract_params())
   logging.info('Model: %s parameters (%s non-embedding) on mesh %s over %d devices (%s)',
                f"{counts['total']:,}", f"{counts['non_embedding']:,}", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind)
+  B, A = config.train.batch_size, parts.grad_accum_steps
+  logging.info('Batch: %d sequences of %d tokens per step, as %d micro-batch%s of %d%s', B,
+               config.data.seq_len, A, 'es' if A > 1 else '', B // A,
+               ' (train.grad_accum_steps=0: auto)' if not config.train.grad_accum_steps else '')
   if parts.trainable is not None:
     flylora.param_report(parts.abstract_params(), parts.model.config, parts.trainable)
     logging.info('Optimizer state: %s elements', f'{optim.count_state(parts.abstract_state.opt_state):,}')

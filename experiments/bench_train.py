@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vesper_jax import config as base_config
-from vesper_jax import host_memory
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
@@ -394,5 +393,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.retain_freed_memory()  # as every vesper_jax entry point does (cli.run)
   app.run(main)

@@ -1,5 +1,6 @@
 """host_memory: freed host memory is kept for reuse, so a repeated large allocation is not faulted in again."""
 
+import os
 import subprocess
 import sys
 
@@ -7,12 +8,11 @@ import pytest
 
 # A thread other than the main one (as XLA's workers) allocates, touches and frees a 64 MiB block three
 # times; prints the page faults of each touch. Run in a fresh process: the settings apply to threads
-# that start after `retain_freed_memory()` (as every entry point calls it).
+# that start after them (importing vesper_jax applies them).
 _SCRIPT = """
 import ctypes, resource, sys, threading
 if sys.argv[1] == 'vesper_jax':
-  from vesper_jax import host_memory
-  host_memory.retain_freed_memory()
+  import vesper_jax
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -32,9 +32,9 @@ print(*faults)
 """
 
 
-def _page_faults(first_import: str) -> list[int]:
+def _page_faults(first_import: str, **env: str) -> list[int]:
   out = subprocess.run([sys.executable, '-c', _SCRIPT, first_import], check=True, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=60, env={**os.environ, **env})
   return [int(n) for n in out.stdout.split()]
 
 
@@ -43,3 +43,5 @@ def test_a_freed_large_block_is_reused_without_page_faults():
   pages = 64 * 2**20 // 4096
   assert min(_page_faults('jax')) >= pages // 2          # glibc's default: a fresh mmap every time
   assert max(_page_faults('vesper_jax')[1:]) < pages // 100  # after the first: the same memory, reused
+  # The opt-out: importing vesper_jax then leaves glibc's defaults alone.
+  assert min(_page_faults('vesper_jax', VESPER_SYSTEM_MALLOC='1')) >= pages // 2

@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from vesper_jax import host_memory
 
 # Exceptions that mean "the input is wrong", not "the code is wrong" (DataError is a ValueError).
 USER_ERRORS = (ValueError, OSError)
@@ -35,8 +34,6 @@ class _QuietLibraries(std_logging.Filter):
 def run(prog: str, main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
         flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
   """Defines the entry point's flags, parses them and runs `main`, turning user errors into one line."""
-  # Before JAX starts its CPU backend (first array op, in main): host_memory.py says why.
-  host_memory.retain_freed_memory()
   define_flags()
 
   def parse(argv: list[str]) -> list[str]:

@@ -43,5 +43,7 @@ def test_a_freed_large_block_is_reused_without_page_faults():
   pages = 64 * 2**20 // 4096
   assert min(_page_faults('jax')) >= pages // 2          # glibc's default: a fresh mmap every time
   assert max(_page_faults('vesper_jax')[1:]) < pages // 100  # after the first: the same memory, reused
-  # The opt-out: importing vesper_jax then leaves glibc's defaults alone.
+  # The opt-out, and a process whose JAX runs on an accelerator: glibc's defaults are left alone.
   assert min(_page_faults('vesper_jax', VESPER_SYSTEM_MALLOC='1')) >= pages // 2
+  assert min(_page_faults('vesper_jax', JAX_PLATFORMS='cuda')) >= pages // 2
+  assert max(_page_faults('vesper_jax', JAX_PLATFORMS='cpu')[1:]) < pages // 100

@@ -13,16 +13,21 @@ reused: no faults after the first steps.
   M_TRIM_THRESHOLD=-1    freed memory at the top of the heap is kept, never returned (trimming off).
 
 The cost is memory that stays mapped after its peak (the next step needs it again) and one malloc lock
-for all threads. It is applied when `vesper_jax` is imported (the package's __init__), so the entry
-points, benchmarks, scripts and notebooks all get it: a script that imported only JAX and the library's
-modules without it ran `small`'s 8 x 256 step 13% slower (1,393 against 1,582 tok/s,
-../shared/bench/cpu_side_by_side.py). It takes full effect when the import comes before JAX starts its CPU
-backend (threads keep the arena they started with), as it does when a program imports what it uses first.
-VESPER_SYSTEM_MALLOC=1 keeps glibc's defaults (e.g. to compare, or for a host program that needs many
-malloc arenas). Other C libraries (macOS, musl) are left alone.
+for all threads: other multi-threaded work in the process contends for it (tokenizers' parallel encoding
+in `prepare`: 7 s with glibc's arenas, 15 s with one, 10 s on one thread; measured on the 2-core machine
+by tests/test_data_scale.py's prepare run). The step gains more than that costs on a CPU-only machine, so
+it is applied when `vesper_jax` is imported (the package's __init__), and the entry points, benchmarks,
+scripts and notebooks all get the same step: a script without it ran `small`'s 8 x 256 step 13% slower
+(1,393 against 1,582 tok/s, ../shared/bench/cpu_side_by_side.py). Not applied where JAX will run on an
+accelerator (JAX_PLATFORMS names one first, or a CUDA / TPU plugin is installed and JAX_PLATFORMS does not
+say cpu): there the step does not use host malloc and data preparation keeps its arenas.
+VESPER_SYSTEM_MALLOC=1 keeps glibc's defaults anywhere (e.g. to compare). It takes full effect when the
+import comes before JAX starts its CPU backend (threads keep the arena they started with). Other C
+libraries (macOS, musl) are left alone.
 """
 
 import ctypes
+import importlib.util
 import os
 import sys
 
@@ -43,7 +48,20 @@ def retain_freed_memory() -> bool:
 
 
 def apply_default() -> bool:
-  """`retain_freed_memory()` unless the environment says VESPER_SYSTEM_MALLOC=1 (then nothing changes)."""
-  if os.environ.get('VESPER_SYSTEM_MALLOC', '0') not in ('', '0'):
+  """`retain_freed_memory()` for a CPU-only process, unless VESPER_SYSTEM_MALLOC=1; returns whether applied."""
+  if os.environ.get('VESPER_SYSTEM_MALLOC', '0') not in ('', '0') or _accelerator_expected():
     return False
   return retain_freed_memory()
+
+
+# Modules whose presence means jax picks a GPU / TPU by default (jax[cuda12], jax[cuda13], jax[tpu]).
+_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')
+
+
+def _accelerator_expected() -> bool:
+  """Whether JAX will run on an accelerator, judged without importing jax (that would start nothing, but
+  this runs at import): JAX_PLATFORMS's first entry, else an installed accelerator plugin."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() != 'cpu'
+  return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)

@@ -59,8 +59,8 @@ _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')
 
 
 def _accelerator_expected() -> bool:
-  """Whether JAX will run on an accelerator, judged without importing jax (that would start nothing, but
-  this runs at import): JAX_PLATFORMS's first entry, else an installed accelerator plugin."""
+  """Whether JAX will run on an accelerator, judged without importing jax (this runs while vesper_jax is
+  imported): JAX_PLATFORMS's first entry, else an installed accelerator plugin."""
   platforms = os.environ.get('JAX_PLATFORMS', '').strip()
   if platforms:
     return platforms.split(',')[0].strip() != 'cpu'

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vesper_jax import config as base_config
+from vesper_jax import platforms
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import train
@@ -123,7 +124,7 @@ def bench(name: str, optimizer: str, kernel: str = '') -> dict:
 def _row(config, name, framework, accum, step_s, first_step_s, loss, parts=None, mesh=None) -> dict:
   counts = abstract_param_counts(ModelConfig(**config.model))
   B, T = config.train.batch_size, config.data.seq_len
-  on_device = framework == 'vesper_jax' or jax.default_backend() == 'gpu'  # the anchor follows JAX to a GPU
+  on_device = framework == 'vesper_jax' or platforms.hardware() == 'gpu'  # the anchor follows JAX to a GPU
   tokens_per_s = B * T / step_s
   mfu = None
   if parts is not None:
@@ -149,11 +150,11 @@ def _micro(row) -> str:
 
 def _attention(config) -> str:
   """The attention the JAX step really runs (model.attention_implementation resolves 'auto')."""
-  if config.model.attention_impl is None and jax.default_backend() == 'cpu':
-    c = ModelConfig(**config.model)
+  c = ModelConfig(**config.model).replace(platform=platforms.resolve())  # as train.build decides it
+  if c.attention_impl is None and c.runs_on == 'cpu':
     qkv = jax.ShapeDtypeStruct((1, 1, c.num_heads, c.head_dim), jnp.dtype(c.dtype))
     return 'cpu kernel' if attention_cpu_ffi.supports(qkv, qkv, qkv) else 'cpu (jax)'
-  return attention_implementation(ModelConfig(**config.model), unmasked=True) or 'xla'
+  return attention_implementation(c, unmasked=True) or 'xla'
 
 
 # ----------------------------------------------------------------------------------- the PyTorch anchor
@@ -169,7 +170,7 @@ def torch_skip_reason(config) -> str | None:
     return 'FlyLoRA adapters have no PyTorch counterpart here'
   if config.opt.name != 'adamw':
     return f'opt.name={config.opt.name}: the PyTorch anchor uses torch.optim.AdamW'
-  on_gpu = jax.default_backend() == 'gpu'
+  on_gpu = platforms.hardware() == 'gpu'
   if on_gpu and not torch.cuda.is_available():
     return 'JAX runs on a GPU but this torch has no CUDA'
   if m.dtype not in ('float32', 'bfloat16') or (m.dtype == 'bfloat16' and not on_gpu):
@@ -197,7 +198,7 @@ def torch_step(config, compiled: bool, accum: int):
   B, T = config.train.batch_size // A, config.data.seq_len  # B: the micro-batch
   D, N, K, H, V = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.vocab_size
   torch.manual_seed(0)
-  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+  device = 'cuda' if platforms.hardware() == 'gpu' else 'cpu'
   # nanoGPT's mixed precision: float32 parameters, the forward under bfloat16 autocast.
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=m.dtype == 'bfloat16')
 

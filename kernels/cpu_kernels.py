@@ -123,6 +123,9 @@ def require() -> None:
 
 
 def usable(*operands: jax.Array) -> bool:
-  """Whether a kernel may run on these operands: float32, one device, and the library available."""
-  return (all(a.dtype == jnp.float32 for a in operands) and jax.device_count() == 1
-          and jax.default_backend() == 'cpu' and available())
+  """Whether a kernel may run on these operands: float32, one device, and the library available.
+
+  The callers ask only when the CPU platform's choices are made (vesper_jax/platforms.py): the model,
+  the loss and ERA decide that from the platform they carry, not from here.
+  """
+  return all(a.dtype == jnp.float32 for a in operands) and jax.device_count() == 1 and available()

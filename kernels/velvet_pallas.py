@@ -2,7 +2,9 @@
 
 One launch walks the whole buffer in blocks of `block_size` elements. Each element is read once from
 p, g, m and v and written once to (p or u), m and v, in place (`input_output_aliases`): 28 bytes per
-float32 parameter, the floor for this update. The scalars that change every step (velvet.StepScalars:
+float32 parameter, the floor for this update. The math between the loads and the stores is not written
+here: the kernel body calls `velvet_elementwise.update`, the function the XLA paths call on whole arrays,
+so the kernel cannot disagree with them. The scalars that change every step (velvet_elementwise.StepScalars:
 the step size, β1_t, the bias corrections, b2 and the clip factor) come in as one small float32 vector,
 so a new step never recompiles, and a skipped step (identity scalars) writes every element back unchanged.
 
@@ -22,16 +24,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from vesper_jax import platforms
+from vesper_jax import velvet_elementwise
+
 BLOCK_SIZE = 1024  # elements per program: a power of two (Triton); 4 warps → 8 floats per thread
 NUM_WARPS = 4
-NUM_SCALARS = 8    # length of the scalars vector (a power of two, as Triton loads require)
-
-# Slots of the scalars vector: velvet.StepScalars's fields, in order.
-_STEP, _BETA1, _ONE_MINUS_BETA1, _C1, _C2, _B2, _ONE_MINUS_B2, _GRAD_SCALE = range(NUM_SCALARS)
+# Length of the scalars vector: StepScalars's fields, in order (a power of two, as Triton loads require).
+NUM_SCALARS = 8
 
 
-def pack_scalars(scalars) -> jax.Array:
-  """A `velvet.StepScalars` as the kernel reads it: float32[NUM_SCALARS] (grad_scale None → 1)."""
+def pack_scalars(scalars: velvet_elementwise.StepScalars) -> jax.Array:
+  """A step's `velvet_elementwise.StepScalars` as the kernels read them: float32[NUM_SCALARS].
+
+  A None grad_scale (the optax path, clipped before) becomes 1, which the select leaves exact.
+  """
   values = scalars._replace(grad_scale=1.0) if scalars.grad_scale is None else scalars
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
 
@@ -47,29 +53,16 @@ def _kernel(*refs, n: int, block_size: int, eps: float, weight_decay: float, wri
   inside = idx < n
 
   def load(ref):
-    return plt.load(ref, mask=inside, other=0).astype(jnp.float32)
+    # Explicit masks: Pallas-Triton offsets block pointers without bounds checks (the module docstring).
+    return plt.load(ref, mask=inside, other=0)
 
-  step, beta1, one_minus_beta1 = s_ref[_STEP], s_ref[_BETA1], s_ref[_ONE_MINUS_BETA1]
-  c1, c2, b2, one_minus_b2 = s_ref[_C1], s_ref[_C2], s_ref[_B2], s_ref[_ONE_MINUS_B2]
-  grad_scale = s_ref[_GRAD_SCALE]
-  g, m, v = load(g_ref), load(m_ref), load(v_ref)
-  # The same expressions, in the same order, as velvet._leaf_update (the XLA path): the two must agree.
-  g = jnp.where(grad_scale > 0, g * grad_scale, 0.0)  # a skipped step (scale 0) may carry NaN gradients
-  m = one_minus_beta1 * g + beta1 * m
-  v = one_minus_b2 * (g * g) + b2 * v
-  direction = (m / c1) / (jnp.sqrt(v / c2) + eps)
-  # p is read only when something needs it: an update-only call on an undecayed buffer moves 24 B/elem.
-  p_raw = plt.load(p_ref, mask=inside, other=0) if (weight_decay or write_params) else None
-  if weight_decay:
-    direction = direction + weight_decay * p_raw.astype(jnp.float32)
-  out = (step * direction).astype(out_ref.dtype)
-  if write_params:
-    out = p_raw + out  # in the parameters' dtype, as optax.apply_updates adds
-  if keep_ref is not None:
-    keep = plt.load(keep_ref, mask=inside, other=0) != 0
-    out = jnp.where(keep, out, p_raw if write_params else 0.0)
-    m = jnp.where(keep, m, 0.0)
-    v = jnp.where(keep, v, 0.0)
+  scalars = velvet_elementwise.StepScalars(*(s_ref[i] for i in range(NUM_SCALARS)))
+  # p is loaded only when something reads it: an update-only call on an undecayed buffer moves 24 B/elem.
+  p = load(p_ref) if (weight_decay or write_params) else None
+  keep = None if keep_ref is None else load(keep_ref) != 0
+  out, m, v = velvet_elementwise.update(p, load(g_ref), load(m_ref), load(v_ref), keep, scalars=scalars,
+                                        eps=eps, weight_decay=weight_decay, write_params=write_params)
+  # The cast matters only when p was not loaded: then u comes back float32 (p's dtype otherwise).
   plt.store(out_ref, out.astype(out_ref.dtype), mask=inside)
   plt.store(m_out, m, mask=inside)
   plt.store(v_out, v, mask=inside)
@@ -109,13 +102,15 @@ def velvet_update(scalars: jax.Array, p: jax.Array, g: jax.Array, m: jax.Array, 
       False → returns the update u (optax's contract: the caller adds it), aliased onto `g`.
     block_size: elements per program, a power of two.
     num_warps: Triton warps per program (GPU only).
-    interpret: run the Pallas interpreter; None = only when the default backend is the CPU.
+    interpret: run the Pallas interpreter; None = only where the devices are CPUs (what the hardware can
+      compile, platforms.hardware: not a per-platform choice, so a platform='gpu' run on a CPU still
+      interprets).
   Returns:
     (p_new or u, m_new, v_new), each the same shape and dtype as the buffer it replaces.
   """
   n = check_buffers(p, g, m, v, block_size, keep)
   if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
+    interpret = platforms.hardware() == 'cpu'
   has_keep = keep is not None
   kernel = functools.partial(_kernel, n=n, block_size=block_size, eps=float(eps),
                              weight_decay=float(weight_decay), write_params=write_params,

@@ -5,8 +5,13 @@ The same update as kernels/velvet_pallas.py with `write_params=True`, in `triton
 one launch per buffer, each program `block_size` elements; each element is read once from p, g, m, v and
 written once to p, m, v, the three outputs aliased onto their inputs (`input_output_aliases`), so the
 step moves the 28-byte-per-float32-parameter floor. The per-step scalars are the Pallas kernel's vector
-(`pack_scalars`, velvet.StepScalars in order): a new step never recompiles, and a skipped step (identity
-scalars) writes every element back unchanged.
+(`pack_scalars`, velvet_elementwise.StepScalars in order): a new step never recompiles, and a skipped
+step (identity scalars) writes every element back unchanged.
+
+The only copy of the math: a @triton.jit body cannot call the JAX function that every other path calls
+(`velvet_elementwise.update`), so `_velvet_block` transcribes it, expression for expression, and
+tests/test_velvet_kernel.py::test_triton_matches_xla_on_gpu holds it to that function on a GPU. A change
+to the math goes there first, then here.
 
 Rounding: division and square root are the IEEE round-to-nearest forms (`tl.div_rn`, `tl.sqrt_rn`): plain
 `/` and `tl.sqrt` are approximate in Triton, and the XLA path that this kernel must agree with is not.
@@ -21,6 +26,7 @@ Importing this module never fails: without Triton (a CPU machine, CI) `AVAILABLE
 import jax
 import jax.numpy as jnp
 
+from vesper_jax import platforms
 from vesper_jax.kernels import velvet_pallas
 from vesper_jax.kernels.velvet_pallas import BLOCK_SIZE, NUM_WARPS, pack_scalars  # noqa: F401 (re-exported)
 
@@ -49,7 +55,7 @@ if triton is not None:
                     weight_decay: tl.constexpr):
     offsets = tl.program_id(0) * block_size + tl.arange(0, block_size)
     inside = offsets < n
-    # The slots of pack_scalars: velvet.StepScalars's fields, in order.
+    # The slots of pack_scalars: velvet_elementwise.StepScalars's fields, in order.
     step, beta1, one_minus_beta1 = tl.load(s_ptr + 0), tl.load(s_ptr + 1), tl.load(s_ptr + 2)
     c1, c2, b2, one_minus_b2 = tl.load(s_ptr + 3), tl.load(s_ptr + 4), tl.load(s_ptr + 5), tl.load(s_ptr + 6)
     grad_scale = tl.load(s_ptr + 7)
@@ -57,7 +63,8 @@ if triton is not None:
     g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=inside, other=0.0)
     v = tl.load(v_ptr + offsets, mask=inside, other=0.0)
-    # The same expressions, in the same order, as velvet._leaf_update (the XLA path).
+    # velvet_elementwise.update transcribed (no keep, write_params=True): the same expressions in the same
+    # order, so that it rounds as the other paths do.
     g = tl.where(grad_scale > 0, g * grad_scale, 0.0)  # a skipped step (scale 0) may carry NaN gradients
     m = one_minus_beta1 * g + beta1 * m
     v = one_minus_b2 * (g * g) + b2 * v
@@ -90,8 +97,9 @@ def unavailable_reason() -> str | None:
     first_line = (str(_IMPORT_ERROR).strip().splitlines() or [type(_IMPORT_ERROR).__name__])[0]
     return ("needs jax-triton and Triton on a CUDA machine (pip install 'vesper_jax[triton]'), which "
             f"are not importable here ({first_line})")
-  if jax.default_backend() != 'gpu':
-    return f'runs on a CUDA GPU only; this backend is {jax.default_backend()!r}'
+  device = platforms.hardware()
+  if device != 'gpu':
+    return f'runs on a CUDA GPU only; this machine\'s devices are {device!r}'
   return None
 
 

@@ -135,7 +135,7 @@ def test_no_parameters_without_the_head_and_its_shapes_with_it():
                                                       with_metacog=True)
 
 
-def _grads(model_config, params, tokens, backend_cpu=True):
+def _grads(model_config, params, tokens):
   fn = jax.jit(functools.partial(train._loss_and_grads, model=VesperLM(model_config), grad_accum_steps=1,
                                  metacog_weight=0.1))
   return fn(params, {}, tokens)
@@ -259,15 +259,14 @@ def test_export_round_trip_with_the_head_and_refusals_by_name(tmp_path, caplog):
   assert 'leaves out the metacognition head' in caplog.text
 
 
-def test_the_logits_path_gives_the_fused_paths_loss_terms_and_gradients(monkeypatch):
+def test_the_logits_path_gives_the_fused_paths_loss_terms_and_gradients():
   """Off CPU the train step materialises the logits (losses.token_stats) instead of the fused head's
   per-token outputs: both give the same head loss and gradients."""
-  cfg = tiny_model_config(vocab_size=512, metacog=True)
+  cfg = tiny_model_config(vocab_size=512, metacog=True, platform='cpu')
   params = init_params(cfg, jax.random.key(6))
   tokens = jax.random.randint(jax.random.key(7), (4, 17), 0, 512)
   fused = _grads(cfg, params, tokens)
-  monkeypatch.setattr(train.jax, 'default_backend', lambda: 'gpu')
-  logits = _grads(cfg, params, tokens)
+  logits = _grads(cfg.replace(platform='gpu'), params, tokens)  # the GPU's choices, run on the CPU
   np.testing.assert_allclose(float(logits[0]), float(fused[0]), rtol=1e-6)
   for key in ('meta_loss', 'meta_bce', 'meta_mse'):
     np.testing.assert_allclose(float(logits[4][key]), float(fused[4][key]), rtol=1e-5, err_msg=key)

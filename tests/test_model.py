@@ -125,8 +125,7 @@ def test_bfloat16_compute_keeps_float32_params():
   # group and causal block on CPU: one block of 64 holds these 16 positions), and the head.
   dots = _dot_operand_dtypes(jax.make_jaxpr(
       lambda p, t: M.VesperLM(cfg).apply({'params': p}, t))(params, tokens).jaxpr)
-  attention_products = 2 * (attention_cpu._parallel_groups(tokens.shape[0])
-                            if jax.default_backend() == 'cpu' else 1)
+  attention_products = 2 * (attention_cpu._parallel_groups(tokens.shape[0]) if cfg.runs_on == 'cpu' else 1)
   assert len(dots) == (7 + attention_products) * cfg.num_layers + 1
   assert all(d == ('bfloat16', 'bfloat16') for d in dots), dots
   f32_dots = _dot_operand_dtypes(jax.make_jaxpr(
@@ -273,10 +272,11 @@ def test_hidden_states_through_head_weights_are_the_logits(overrides):
   np.testing.assert_allclose(x @ kernel + (0 if bias is None else bias), logits, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_attention_is_cudnn_for_half_precision_training_on_gpu_only(monkeypatch):
+def test_auto_attention_is_cudnn_for_half_precision_training_on_gpu_only():
   cfg = tiny_model_config(dtype='bfloat16')  # head_dim 32
   assert M.attention_implementation(cfg, unmasked=True) is None  # CPU: the model's own CPU attention
-  monkeypatch.setattr(M.jax, 'default_backend', lambda: 'gpu')  # the rule only; nothing runs
+  assert M.attention_implementation(cfg.replace(platform='cpu'), unmasked=True) is None
+  cfg = cfg.replace(platform='gpu')  # the rule only; nothing runs
   assert M.attention_implementation(cfg, unmasked=True) == 'cudnn'
   assert M.attention_implementation(cfg, unmasked=False) is None  # padding masks stay on XLA
   assert M.attention_implementation(cfg.replace(dtype='float32'), unmasked=True) is None

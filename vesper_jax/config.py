@@ -182,16 +182,17 @@ _AT_LEAST_ONE = ('train.batch_size', 'train.eval_every',
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             num_processes: int | None = None) -> None:
+             num_processes: int | None = None, platform: str | None = None) -> None:
   """Refuses, before any data work or compilation, a config a run cannot use; the error names the key.
 
   Checks unknown keys, the model section (ModelConfig's own checks), data.on_error, counts and cadences,
   the optimizer's name and update kernel, and the device mesh and batch against the devices
-  (default: jax.device_count() and jax.process_count()).
+  (default: jax.device_count() and jax.process_count(); the platform: the default devices', as
+  platforms.resolve decides it for the run).
   """
   # Deferred: reading or editing a config file needs no jax; validating it does.
   import jax  # pylint: disable=g-import-not-at-top
-  from vesper_jax import sharding, velvet  # pylint: disable=g-import-not-at-top
+  from vesper_jax import platforms, sharding, velvet  # pylint: disable=g-import-not-at-top
   from vesper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
   _check_known_keys(config, get_config(), prefix='')
@@ -232,7 +233,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes
   mesh_data, mesh_fsdp = sharding.mesh_shape(t.mesh_data, t.mesh_fsdp, num_devices)
-  micro = t.batch_size // grad_accum_steps(config, mesh_data * mesh_fsdp, jax.default_backend())
+  micro = t.batch_size // grad_accum_steps(config, mesh_data * mesh_fsdp, platforms.resolve(platform))
   if micro % (mesh_data * mesh_fsdp):
     raise ValueError(f'the micro-batch of {micro} sequences (train.batch_size / train.grad_accum_steps) '
                      f'does not split over the {mesh_data * mesh_fsdp} devices of the mesh '

@@ -25,7 +25,7 @@ from absl import logging
 
 from vesper_jax.model import ModelConfig, VesperLM, init_cache
 from vesper_jax.pytree import PyTree
-from vesper_jax.sampling import SamplingConfig, sample_logits
+from vesper_jax.sampling import SamplingConfig, method_for, sample_logits
 
 _PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so a new length rarely recompiles
 
@@ -43,9 +43,9 @@ class DecodeState:
 
 
 def _sample_into_state(state: DecodeState, logits_BV: jax.Array, sampling: SamplingConfig,
-                       eos_id: int | None) -> tuple[DecodeState, jax.Array]:
+                       eos_id: int | None, method: str) -> tuple[DecodeState, jax.Array]:
   rng, draw_rng = jax.random.split(state.rng)
-  token_B = sample_logits(draw_rng, logits_BV, state.seen_BV, sampling)
+  token_B = sample_logits(draw_rng, logits_BV, state.seen_BV, sampling, method)
   done_B = state.done_B
   if eos_id is not None:
     token_B = jnp.where(done_B, eos_id, token_B)  # a finished row stays finished
@@ -92,7 +92,7 @@ def prefill(params: PyTree, prompt_BP: jax.Array, prompt_mask_BP: jax.Array, rng
   state = DecodeState(cache=variables['cache'], last_B=jnp.zeros((B,), jnp.int32),
                       position_B=jnp.sum(mask_BP, axis=1), seen_BV=seen_BV,
                       done_B=jnp.zeros((B,), jnp.bool_), rng=rng)
-  return _sample_into_state(state, logits_BPV[:, -1], sampling, eos_id)
+  return _sample_into_state(state, logits_BPV[:, -1], sampling, eos_id, method_for(config.runs_on))
 
 
 def _step(params: PyTree, state: DecodeState, config: ModelConfig, sampling: SamplingConfig,
@@ -103,7 +103,7 @@ def _step(params: PyTree, state: DecodeState, config: ModelConfig, sampling: Sam
       positions_BT=state.position_B[:, None], attention_mask_BT=jnp.ones_like(state.last_B)[:, None],
       mutable=['cache'])
   state = state.replace(cache=variables['cache'], position_B=state.position_B + 1)
-  return _sample_into_state(state, logits_B1V[:, 0], sampling, eos_id)
+  return _sample_into_state(state, logits_B1V[:, 0], sampling, eos_id, method_for(config.runs_on))
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'sampling', 'eos_id'), donate_argnames=('state',))

@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vesper_jax import platforms
 from vesper_jax.kernels import era_cpu_ffi
 
 
@@ -31,13 +32,18 @@ def gate_entropy(x: jax.Array, temperature: float = 1.0) -> jax.Array:
 def era(x: jax.Array,
         temperature: float = 1.0,
         entropy_weight: float = 0.1,
-        detach_entropy: bool = False) -> jax.Array:
+        detach_entropy: bool = False,
+        kernel: bool | None = None) -> jax.Array:
   """ERA(x) = x · sigmoid(x/T) · (1 + λ·H(x)); see the module docstring.
 
-  On CPU, in float32 on one device, it runs as a C++ kernel (kernels/era_cpu.cc: the same values to
-  float32 rounding, two passes over each token's units instead of XLA's ten over the whole array).
+  With `kernel` (the model sets it for the CPU platform; None = when the default devices are CPUs), in
+  float32 on one device, it runs as a C++ kernel (kernels/era_cpu.cc: the same values to float32
+  rounding, two passes over each token's units instead of XLA's ten over the whole array).
   """
-  if (entropy_weight != 0.0 and all(isinstance(a, (int, float)) for a in (temperature, entropy_weight))
+  if kernel is None:
+    kernel = platforms.resolve() == 'cpu'
+  if (kernel and entropy_weight != 0.0
+      and all(isinstance(a, (int, float)) for a in (temperature, entropy_weight))
       and era_cpu_ffi.supports(x)):
     return era_cpu_ffi.era(x, temperature, entropy_weight, detach_entropy)
   g = jax.nn.sigmoid(x / temperature)

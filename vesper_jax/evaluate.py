@@ -198,7 +198,7 @@ def main(argv):
   seq_len = FLAGS.seq_len or (run.data.seq_len if run else min(model_config.max_seq_len, 1024))
   # The run's micro-batch, as this machine would train it (one device here).
   batch_size = FLAGS.batch_size or (
-      run.train.batch_size // base_config.grad_accum_steps(run, 1, jax.default_backend()) if run else 8)
+      run.train.batch_size // base_config.grad_accum_steps(run, 1, model_config.runs_on) if run else 8)
   max_tokens = FLAGS.max_tokens if FLAGS.max_tokens is not None else (run.train.eval_tokens if run else 0)
   result = evaluate(params, model_config, tokens, tokenizer, seq_len=seq_len, batch_size=batch_size,
                     max_tokens=max_tokens)

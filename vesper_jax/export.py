@@ -57,6 +57,7 @@ from safetensors.numpy import save_file
 from vesper_jax import cli
 from vesper_jax import flylora
 from vesper_jax import metacog
+from vesper_jax import platforms
 from vesper_jax import quantize
 from vesper_jax.model import ModelConfig, init_params
 from vesper_jax.pytree import Path, PyTree, flatten, unflatten
@@ -120,7 +121,9 @@ def to_tensors(params: PyTree) -> dict[str, np.ndarray]:
 def save_safetensors(params: PyTree, config: ModelConfig, path: str | os.PathLike) -> dict[str, tuple]:
   """Writes the vesper-format file; returns {name: shape}."""
   tensors = to_tensors(params)
-  config_json = json.dumps(dataclasses.asdict(config.replace(decode=False)), sort_keys=True)
+  # The platform belongs to the process that loads the file, not to the weights (platforms.py).
+  fields = {k: v for k, v in dataclasses.asdict(config.replace(decode=False)).items() if k != 'platform'}
+  config_json = json.dumps(fields, sort_keys=True)
   metadata = {'format': FORMAT, 'model_config': config_json}
   if config.quantize:  # also readable without parsing the config
     metadata.update(quantize=config.quantize, quantize_group_size=str(config.quantize_group_size))
@@ -136,7 +139,7 @@ def config_from_safetensors(path: str | os.PathLike) -> ModelConfig:
     raise ValueError(f'{path}: not a vesper_jax export (metadata format={metadata.get("format")!r}); '
                      'pass the ModelConfig explicitly')
   try:
-    return ModelConfig(**json.loads(metadata['model_config']))
+    return ModelConfig(**json.loads(metadata['model_config'])).replace(platform=platforms.resolve())
   except (TypeError, ValueError) as e:  # a field this version lacks, a bad value, broken JSON
     raise ValueError(f'{path}: the model_config in its metadata is not a valid ModelConfig ({e}); '
                      'pass the ModelConfig explicitly') from e

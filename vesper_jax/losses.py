@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vesper_jax import platforms
 from vesper_jax.kernels import cross_entropy_cpu_ffi
 
 
@@ -102,7 +103,8 @@ HEAD_CHUNK_TOKENS = 1024  # tokens per chunk: a 1,024 × 16,384 float32 chunk of
 
 def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_V: jax.Array | None,
                                    targets_BT: jax.Array, weights_BT: jax.Array | None = None, *,
-                                   per_token: bool = False) -> tuple[jax.Array, ...]:
+                                   per_token: bool = False, kernel: bool | None = None
+                                   ) -> tuple[jax.Array, ...]:
   """`cross_entropy_and_entropy(x·kernel + bias, ...)` without ever holding the [B, T, V] logits.
 
   The head runs over chunks of about HEAD_CHUNK_TOKENS tokens (a slice of the positions of every row,
@@ -121,6 +123,8 @@ def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_
     weights_BT: 1 for real targets, 0 for padding; the means are over real targets only.
     per_token: also return each token's nll_BT and correct_BT (1.0 where the target has the highest
       logit; see token_stats), without gradient, read from the chunks' logits as they pass.
+    kernel: each chunk's softmax pass in the C++ kernel where it applies (the CPU platform's choice,
+      platforms.py); None = when the default devices are CPUs.
   Returns:
     (loss, entropy): scalars, float32 nats; with per_token, (loss, entropy, nll_BT, correct_BT).
   """
@@ -129,8 +133,11 @@ def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_
     weights_BT = jnp.ones((B, T), jnp.float32)
   # Chunks are [B, C] slices of the sequence axis: the largest C dividing T with B·C ≤ the budget.
   chunk_len = max([c for c in range(1, T + 1) if T % c == 0 and B * c <= HEAD_CHUNK_TOKENS] or [1])
+  if kernel is None:
+    kernel = platforms.resolve() == 'cpu'
   loss, entropy, nll_BT, correct_BT = _fused_head(x_BTD, kernel_DV, bias_V, targets_BT,
-                                                  weights_BT.astype(jnp.float32), chunk_len, per_token)
+                                                  weights_BT.astype(jnp.float32), chunk_len, per_token,
+                                                  kernel)
   if per_token:
     return (loss, jax.lax.stop_gradient(entropy), jax.lax.stop_gradient(nll_BT),
             jax.lax.stop_gradient(correct_BT))
@@ -169,14 +176,14 @@ def _chunk_softmax_terms(z_MV, targets_M):
   return log_s_M - target_M, ent_M, correct_M, e_MV, s_M
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused_head(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused_head(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token, use_kernel):
   outputs, _ = _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token,
-                               with_grads=False)
+                               use_kernel, with_grads=False)
   return outputs
 
 
-def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token,
+def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len, per_token, use_kernel,
                     with_grads=True):
   B = x_BTD.shape[0]
   denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
@@ -184,7 +191,7 @@ def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
   def body(carry, chunk):
     x_MD, targets_M, weights_M = chunk
     z_MV = _chunk_logits(x_MD, kernel_DV, bias_V)
-    if with_grads and cross_entropy_cpu_ffi.supports(z_MV):
+    if with_grads and use_kernel and cross_entropy_cpu_ffi.supports(z_MV):
       # On CPU, one pass per row in C++ (kernels/cross_entropy_cpu.cc) instead of XLA's five over the chunk.
       dz_MV, nll_M, ent_M, correct_M = cross_entropy_cpu_ffi.softmax_cross_entropy(
           z_MV, targets_M, weights_M / denom)
@@ -225,8 +232,8 @@ def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
   return outputs, grads
 
 
-def _fused_head_bwd(chunk_len, per_token, grads, cotangents):
-  del chunk_len, per_token
+def _fused_head_bwd(chunk_len, per_token, use_kernel, grads, cotangents):
+  del chunk_len, per_token, use_kernel
   # The entropy and the per-token outputs leave under stop_gradient: their cotangents are zero.
   g_loss = cotangents[0]
   dx_BTD, dkernel_DV, dbias_V = grads

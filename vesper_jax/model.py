@@ -37,6 +37,7 @@ from vesper_jax import attention_cpu
 from vesper_jax import dense
 from vesper_jax import flylora
 from vesper_jax import metacog
+from vesper_jax import platforms
 from vesper_jax import quantize
 from vesper_jax.era import era
 from vesper_jax.pytree import PyTree, flatten
@@ -69,6 +70,9 @@ class ModelConfig:
   remat: bool = False               # recompute each block's activations in the backward pass
   attention_impl: str | None = None  # jax.nn.dot_product_attention: None (auto), 'xla' or 'cudnn'
   decode: bool = False              # KV-cache mode (prefill, then one token per call)
+  # Whose choices the model, the loss and decoding make (platforms.py): 'cpu', 'gpu', 'tpu', or None =
+  # the default devices'. Set by train.build and the inference loaders from the devices they run on.
+  platform: str | None = None
   # --- FlyLoRA adapters (SPEC §5, flylora.py); lora_targets='' builds a plain model.
   lora_targets: str = ''            # comma-separated among q,k,v,o,gate,up,down
   lora_mode: str = 'flylora'        # 'flylora' (frozen sparse routed A) | 'lora' (dense trainable A)
@@ -101,6 +105,8 @@ class ModelConfig:
                        f'model.num_kv_heads={self.kv_heads}')
     if self.vocab_size <= 0:
       raise ValueError(f'model.vocab_size={self.vocab_size} must be positive')
+    if self.platform is not None:
+      platforms.check(self.platform)
     flylora.validate(self)
     quantize.validate(self)
     metacog.validate(self)
@@ -124,6 +130,11 @@ class ModelConfig:
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 
+  @property
+  def runs_on(self) -> str:
+    """The platform whose choices this model makes: `platform`, or the default devices' when None."""
+    return platforms.resolve(self.platform)
+
 
 # Fields that change no parameter's shape or meaning: a run may resume, or a base model be loaded, with
 # any of them changed. Every other field changes the weights (their shapes, or what they compute: the
@@ -131,8 +142,8 @@ class ModelConfig:
 # context length is free. The quantize* fields are weight fields: they replace a projection's float kernel
 # by other tensors (int8/uint8 weights, scales, offsets), so a tree made for one setting fits no other.
 # metacog_trunk_gradient only decides where the head's gradient stops.
-RUNTIME_FIELDS = ('max_seq_len', 'dtype', 'remat', 'attention_impl', 'decode', 'lora_bias_rate',
-                  'metacog_trunk_gradient')
+RUNTIME_FIELDS = ('max_seq_len', 'dtype', 'remat', 'attention_impl', 'decode', 'platform',
+                  'lora_bias_rate', 'metacog_trunk_gradient')
 WEIGHT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS)
 ADAPTER_FIELDS = tuple(f for f in WEIGHT_FIELDS if f.startswith('lora_'))
 METACOG_FIELDS = tuple(f for f in WEIGHT_FIELDS if f.startswith('metacog'))
@@ -190,7 +201,8 @@ def _dense(config: ModelConfig, features: int, name: str, out_proj: bool = False
   if flylora.is_target(config, name):  # same name and kernel path, plus the adapter's tensors
     return flylora.LoRADense(config, features, nn.initializers.normal(std), name=name)
   return dense.Dense(features, use_bias=config.use_bias, dtype=config.compute_dtype,
-                     kernel_init=nn.initializers.normal(std), name=name)
+                     kernel_init=nn.initializers.normal(std), copy_transpose=config.runs_on == 'cpu',
+                     name=name)
 
 
 # ------------------------------------------------------------------------------ attention
@@ -207,7 +219,7 @@ def attention_implementation(c: ModelConfig, unmasked: bool) -> str | None:
   if c.attention_impl is not None:
     return c.attention_impl
   cudnn_fits = c.dtype in ('bfloat16', 'float16') and c.head_dim % 8 == 0 and c.head_dim <= 128
-  return 'cudnn' if jax.default_backend() == 'gpu' and cudnn_fits and unmasked else None
+  return 'cudnn' if c.runs_on == 'gpu' and cudnn_fits and unmasked else None
 
 
 class Attention(nn.Module):
@@ -232,7 +244,7 @@ class Attention(nn.Module):
       # The softmax runs in float32 inside dot_product_attention (its logits are accumulated in float32).
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                               implementation=c.attention_impl)
-    elif c.attention_impl is None and jax.default_backend() == 'cpu':
+    elif c.attention_impl is None and c.runs_on == 'cpu':
       out_BTNH = attention_cpu.causal_attention(q_BTNH, k_BTKH, v_BTKH, attention_mask_BT)
     else:
       mask = None if attention_mask_BT is None else attention_mask_BT.astype(bool)[:, None, None, :]
@@ -280,7 +292,8 @@ class FeedForward(nn.Module):
     gate_MF = _dense(c, c.d_ff, 'gate_proj')(x_MD)
     up_MF = _dense(c, c.d_ff, 'up_proj')(x_MD)
     if c.activation == 'era':
-      act_MF = era(gate_MF, c.era_temperature, c.era_entropy_weight, c.era_detach_entropy)
+      act_MF = era(gate_MF, c.era_temperature, c.era_entropy_weight, c.era_detach_entropy,
+                   kernel=c.runs_on == 'cpu')
     elif c.activation == 'silu':
       act_MF = jax.nn.silu(gate_MF)
     else:

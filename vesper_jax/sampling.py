@@ -14,6 +14,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from vesper_jax import platforms
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -44,16 +46,22 @@ GREEDY = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=
 # Each takes and returns float32 logits_BV; a removed token gets -inf (probability exactly 0).
 #
 # top-k and top-p need a threshold: the k-th largest logit, or the probability of the last token of the
-# nucleus. Two exact ways to find it, chosen by backend (`method=None`) or by the caller:
+# nucleus. Two exact ways to find it, chosen by the caller (decoding: `method_for` its model's platform;
+# `method=None`: the default devices' platform):
 #   'sort':   lax.top_k / a sort over V — fast on accelerators;
 #   'search': 32 passes of compare-and-count over V that build the threshold bit by bit (floats ordered
 #             through their bit patterns) — on a CPU, XLA's top_k and sort over 32k entries cost 5-10 ms
 #             per row, the search well under one.
 # Both keep every token tied with the threshold, so they give the same set.
 
+def method_for(platform: str) -> str:
+  """The threshold method for a platform (platforms.py): 'search' on a CPU, 'sort' elsewhere."""
+  return 'search' if platform == 'cpu' else 'sort'
+
+
 def _method(method: str | None) -> str:
   if method is None:
-    return 'search' if jax.default_backend() == 'cpu' else 'sort'
+    return method_for(platforms.resolve())
   if method not in ('sort', 'search'):
     raise ValueError(f"method={method!r}: expected 'sort', 'search' or None")
   return method

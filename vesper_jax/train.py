@@ -37,6 +37,7 @@ from vesper_jax import losses
 from vesper_jax import metacog
 from vesper_jax import metrics_writer
 from vesper_jax import optim
+from vesper_jax import platforms
 from vesper_jax import scaling
 from vesper_jax import sharding
 from vesper_jax import sources as sources_lib
@@ -73,14 +74,14 @@ def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: Ves
   with_metacog = model.config.metacog
   meta = stats = None
   # FlyLoRA layers sow how often each rank was selected, for the expert-bias rule (flylora.py).
-  if jax.default_backend() == 'cpu':
+  if model.config.runs_on == 'cpu':
     # On CPU the loss applies the head itself, in chunks, and never holds the [B, T, V] logits
     # (losses.py says why). Elsewhere this is unmeasured, so the logits path stays.
     out, sown = model.apply(variables, inputs_BT, return_hidden=True, with_metacog=with_metacog,
                             mutable=[flylora.COUNTS])
     x_BTD, meta = out if with_metacog else (out, None)
     loss, entropy, *per_token = losses.head_cross_entropy_and_entropy(
-        x_BTD, *model.head_weights(params), targets_BT, per_token=with_metacog)
+        x_BTD, *model.head_weights(params), targets_BT, per_token=with_metacog, kernel=True)
     if with_metacog:
       stats = dict(zip(('nll', 'correct'), per_token))
   else:
@@ -270,6 +271,7 @@ class Parts:
   layout: velvet.FlatLayout | None = None  # the in-place Velvet path's flat buffers (else None)
   in_place: velvet.InPlace | None = None
   grad_accum_steps: int = 1       # micro-batches per step (train.grad_accum_steps, 0 = auto, resolved)
+  platform: str = 'cpu'           # whose choices the model and step make (platforms.py; = model.config.platform)
 
   def param_tree(self, params: PyTree) -> PyTree:
     """The parameter tree of a state's `params` (a view of the flat buffers on the in-place path)."""
@@ -280,13 +282,18 @@ class Parts:
     return jax.eval_shape(self.param_tree, self.abstract_state.params)
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
-  """Model, optimizer, sharded init and the jitted steps for `config` on `mesh` (nothing runs yet)."""
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, platform: str | None = None) -> Parts:
+  """Model, optimizer, sharded init and the jitted steps for `config` on `mesh` (nothing runs yet).
+
+  `platform` ('cpu', 'gpu', 'tpu'): whose per-platform choices to make (platforms.py); None = what the
+  mesh's devices are. 'gpu' on a CPU mesh runs the code a GPU would run, on the same batches.
+  """
   t = config.train
-  model_cfg = ModelConfig(**config.model)
+  platform = platforms.resolve(platform, mesh)
+  model_cfg = ModelConfig(**config.model).replace(platform=platform)
   model = VesperLM(model_cfg)
   seq_len = config.data.seq_len
-  accum = base_config.grad_accum_steps(config, mesh.size, mesh.devices.flat[0].platform)
+  accum = base_config.grad_accum_steps(config, mesh.size, platform)
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
   # With adapters the base is frozen: the optimizer keeps no state for it and never updates it.
   trainable = (flylora.trainable_mask(params_shape['params'], model_cfg) if flylora.targets(model_cfg)
@@ -316,7 +323,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Parts:
                     in_shardings=(state_shardings.params, state_shardings.model_state,
                                   {'tokens': batch_sharding, 'weights': batch_sharding}))
   return Parts(model, tx, trainable, init_fn, abstract_state, state_shardings, batch_sharding, step_fn,
-               eval_fn, layout, in_place, accum)
+               eval_fn, layout, in_place, accum, platform)
 
 
 # ----------------------------------------------------------------------------------------- evaluation

@@ -14,8 +14,10 @@ keyword arguments through. A missing or non-finite loss (or a non-finite entropy
 that step. With both flags off this is optax.adamw to float rounding.
 
 Speed. The update is memory-bound: it must read p, g, m, v and write p, m, v (28 bytes per float32
-parameter). Two forms share one implementation of the math (`StepScalars` and `_leaf_update`; the
-kernels in kernels/ repeat its expressions in the same order):
+parameter). Its per-element math is written once, `velvet_elementwise.update` of a step's
+`StepScalars`: the XLA paths call it on whole arrays, the Pallas kernel on each block it loads, and the
+Triton kernel, which cannot call JAX, transcribes it under a GPU test. This module turns each step into
+those scalars and serves two forms:
   - `velvet(...)`, the optax transformation over the parameter tree (`kernel='xla'`, or `'pallas'` for
     the kernel in its update-only form). Through optax a custom kernel must return the update u that the
     caller then adds (12 more bytes per parameter: XLA cannot fuse into a custom call).
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vesper_jax import velvet_elementwise
 from vesper_jax.pytree import PyTree
 
 OPTAX_KERNELS = ('auto', 'xla', 'pallas')      # velvet(): the optax contract (returns the update u)
@@ -115,47 +118,8 @@ def velvet_scalings(opt_state: PyTree) -> dict[str, jax.Array]:
 
 # ----------------------------------------------------------------------------------------- the update
 
-class StepScalars(NamedTuple):
-  """What changes from step to step, as the per-element math reads it (float32 scalars or Python floats).
-
-  One step of both paths is `_leaf_update` (XLA) or its kernels over these values; a skipped step is the
-  identity values (step 0, β1 1, b2 1, c 1, grad_scale 0), under which every element is written back
-  unchanged, so skipping costs no second pass over the state.
-  """
-  step: Any             # −lr_t·s_E (the sign folded in, as optax does)
-  beta1: Any            # β1_t
-  one_minus_beta1: Any  # 1 − β1_t, computed once so every path rounds it the same way
-  c1: Any               # 1 − Π β1_τ
-  c2: Any               # 1 − b2^t
-  b2: Any
-  one_minus_b2: Any
-  grad_scale: Any       # the global-norm clip factor (None: clipped before, by optax); 0 = skipped step
-
-
-_SKIPPED = StepScalars(step=0.0, beta1=1.0, one_minus_beta1=0.0, c1=1.0, c2=1.0, b2=1.0, one_minus_b2=0.0,
-                       grad_scale=0.0)
-
-
-def _leaf_update(p, g, m, v, keep, *, scalars: StepScalars, eps: float, weight_decay: float):
-  """The update of one leaf or flat buffer: (u, m, v). The kernels in kernels/ repeat these expressions,
-  in this order, so that every path gives the same numbers."""
-  s = scalars
-  g = g.astype(jnp.float32)
-  if s.grad_scale is not None:
-    # A select, not a product: a skipped step's gradient may hold NaN, and 0·NaN is NaN.
-    g = jnp.where(s.grad_scale > 0, g * s.grad_scale, 0.0)
-  m = s.one_minus_beta1 * g + s.beta1 * m
-  v = s.one_minus_b2 * (g * g) + s.b2 * v
-  direction = (m / s.c1) / (jnp.sqrt(v / s.c2) + eps)
-  if weight_decay:
-    direction = direction + weight_decay * p.astype(jnp.float32)
-  u = s.step * direction
-  if keep is not None:
-    u, m, v = (jnp.where(keep, x, 0.0) for x in (u, m, v))
-  return u.astype(p.dtype), m, v
-
-
-def _kernel_update(p, g, m, v, keep, *, scalars: StepScalars, eps, weight_decay, block_size):
+def _kernel_update(p, g, m, v, keep, *, scalars: velvet_elementwise.StepScalars, eps, weight_decay,
+                   block_size):
   """The Pallas path for one leaf (raveled: a free reshape), returning the update u like optax."""
   from vesper_jax.kernels import velvet_pallas  # pylint: disable=g-import-not-at-top
   keep_flat = None if keep is None else jnp.broadcast_to(keep, p.shape).astype(jnp.int8).reshape(-1)
@@ -179,7 +143,7 @@ def _per_leaf(mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree, 
 
 @dataclasses.dataclass(frozen=True)
 class _Hyper:
-  """The hyperparameters that turn (state, loss, entropy) into a step's StepScalars."""
+  """The hyperparameters that turn (state, loss, entropy) into a step's velvet_elementwise.StepScalars."""
   learning_rate: float | optax.Schedule
   b1: float
   b2: float
@@ -195,7 +159,7 @@ class _Hyper:
                        s_perplexity=one, beta1=jnp.asarray(self.b1, jnp.float32))
 
   def advance(self, state: 'VelvetState', loss, entropy, grad_scale=None, ok=None
-              ) -> tuple[StepScalars, 'VelvetState']:
+              ) -> tuple[velvet_elementwise.StepScalars, 'VelvetState']:
     """This step's scalars and the state's new scalar fields (moments left to the caller).
 
     With `ok` (a bool scalar, the in-place path), a False step gets the identity scalars and keeps every
@@ -215,8 +179,8 @@ class _Hyper:
       c1 = 1 - b1**count
     c2 = 1 - b2**count
     step = -(lr * s_e) if self.entropy_adaptive else -1 * lr
-    scalars = StepScalars(step=step, beta1=beta1, one_minus_beta1=one_minus_beta1, c1=c1, c2=c2, b2=b2,
-                          one_minus_b2=1 - b2, grad_scale=grad_scale)
+    scalars = velvet_elementwise.StepScalars(step=step, beta1=beta1, one_minus_beta1=one_minus_beta1, c1=c1,
+                                             c2=c2, b2=b2, one_minus_b2=1 - b2, grad_scale=grad_scale)
     new = state._replace(count=count, beta1_product=jnp.asarray(beta1_product, jnp.float32),
                          s_entropy=jnp.asarray(s_e, jnp.float32), s_perplexity=jnp.asarray(s_p, jnp.float32),
                          beta1=jnp.asarray(beta1, jnp.float32))
@@ -225,8 +189,8 @@ class _Hyper:
     if grad_scale is None:
       scalars = scalars._replace(grad_scale=1.0)
     # Python floats become float32 here with the same rounding XLA gives them as weak-typed constants.
-    scalars = StepScalars(*(jnp.where(ok, jnp.asarray(x, jnp.float32), skip)
-                            for x, skip in zip(scalars, _SKIPPED)))
+    scalars = velvet_elementwise.StepScalars(*(jnp.where(ok, jnp.asarray(x, jnp.float32), skip)
+                                               for x, skip in zip(scalars, velvet_elementwise.SKIPPED)))
     keep = lambda a, b: jnp.where(ok, a, b)
     new = new._replace(count=keep(new.count, state.count),
                        **{f: keep(getattr(new, f), getattr(state, f))
@@ -295,10 +259,11 @@ def velvet(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0
       wd = weight_decay if decay in (None, True) else 0.0
       keep = None if keep is None or keep is True else jnp.asarray(keep, bool)
       if use_kernel:
-        u, m, v = _kernel_update(p, g, m, v, keep, scalars=scalars._replace(grad_scale=1.0), eps=eps,
-                                 weight_decay=wd, block_size=block_size)
+        u, m, v = _kernel_update(p, g, m, v, keep, scalars=scalars, eps=eps, weight_decay=wd,
+                                 block_size=block_size)
       else:
-        u, m, v = _leaf_update(p, g, m, v, keep, scalars=scalars, eps=eps, weight_decay=wd)
+        u, m, v = velvet_elementwise.update(p, g, m, v, keep, scalars=scalars, eps=eps, weight_decay=wd,
+                                            write_params=False)
       out_u.append(u), out_m.append(m), out_v.append(v)
     new_state = new_state._replace(mu=treedef.unflatten(out_m), nu=treedef.unflatten(out_v))
     return treedef.unflatten(out_u), new_state
@@ -345,10 +310,11 @@ def velvet_in_place(learning_rate: float | optax.Schedule, decay: dict[str, bool
     raise TypeError(f'velvet_in_place: unexpected arguments {sorted(unknown)}')
   hyper = _hyper(learning_rate, **(args | hyperparameters))
 
-  def buffer_update(scalars: StepScalars, p, g, m, v, wd: float):
+  def buffer_update(scalars: velvet_elementwise.StepScalars, p, g, m, v, wd: float):
     if kernel == 'xla_flat':
-      u, m, v = _leaf_update(p, g, m, v, None, scalars=scalars, eps=eps, weight_decay=wd)
-      return p + u, m, v
+      # One elementwise expression per buffer, which XLA fuses into a single pass (p + u included).
+      return velvet_elementwise.update(p, g, m, v, scalars=scalars, eps=eps, weight_decay=wd,
+                                       write_params=True)
     if kernel == 'pallas':
       from vesper_jax.kernels import velvet_pallas as impl  # pylint: disable=g-import-not-at-top
     else:

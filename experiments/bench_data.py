@@ -1,6 +1,12 @@
-"""Token-cache build throughput (`vesper_jax.data.build_or_load_cache`) on the real corpora in ../shared/data.
+"""Token-cache build throughput (`vesper_jax.data.build_or_load_cache`) on real corpora.
 
-    python experiments/bench_data.py [--repeats=3] [--out=experiments/results/bench_data.json]
+    python experiments/bench_data.py --data_dir=DIR [--repeats=3] [--out=experiments/results/bench_data.json]
+
+DIR holds the files that CASES names: tinyshakespeare.txt and piaf-v1.1.json (`python -m vesper_jax.prepare
+--download=NAME` fetches them into <cache_dir>/downloads), tinystories_2MB.txt (the first 2,096,346 bytes of
+TinyStories-train.txt, cut after a story), les_miserables_fr.txt (Project Gutenberg #17489, 17493, 17494,
+17518, 17519, concatenated) and BARThez's tokenizer.json as tokenizers/barthez_fr/tokenizer.json;
+tests/data/README.md gives the source and licence of each.
 
 For each case, every repeat builds the cache from scratch in a fresh temporary directory and reports:
   tokenize tok/s    tokens / (read + split + encode + write) — what the issue's 1M tokens/s target measures
@@ -30,7 +36,7 @@ from vesper_jax import data, sources  # noqa: E402
 from vesper_jax.tokenizer import Tokenizer  # noqa: E402
 
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Cold builds per case (median reported).')
-_DATA = flags.DEFINE_string('data_dir', str(REPO.parent / 'shared' / 'data'), 'The real corpora.')
+_DATA = flags.DEFINE_string('data_dir', None, 'Folder of the real corpora (required; see the docstring).')
 _ONLY = flags.DEFINE_string('only', '', 'Run only the cases whose name contains this text.')
 _OUT = flags.DEFINE_string('out', str(REPO / 'experiments' / 'results' / 'bench_data.json'), 'Results JSON.')
 
@@ -92,8 +98,15 @@ def run_case(name: str, source: str, tokenizer: str, vocab_size: int) -> dict:
 
 def main(argv):
   del argv
+  cases = [case for case in CASES if _ONLY.value in case[0]]
+  needed = sorted({name for case in cases for name in case[1:3] if name})
+  missing = [name for name in needed if not _DATA.value or not (pathlib.Path(_DATA.value) / name).is_file()]
+  if missing:
+    where = f'--data_dir={_DATA.value} lacks {", ".join(missing)}' if _DATA.value else '--data_dir is required'
+    raise app.UsageError(f'{where}: a folder that holds {", ".join(needed)} (the docstring says where each '
+                         f'comes from)')
   load_before = os.getloadavg()
-  results = [run_case(*case) for case in CASES if _ONLY.value in case[0]]
+  results = [run_case(*case) for case in cases]
   header = ('| case | MB | documents | tokens | tokenize tok/s (best) | end-to-end tok/s (best) '
             '| raw encode tok/s | end-to-end tok per CPU-s | reopen ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|')
   rows = [f'| {r["case"]} | {r["source_mb"]:.1f} | {r["documents"]:,} | {r["tokens"]:,} | '

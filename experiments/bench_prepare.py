@@ -1,7 +1,10 @@
 """Preparation at scale (issue 17): tokens/s and peak memory of `python -m vesper_jax.prepare` on corpora
-of growing size, built from the real corpora in ../shared/data (nothing larger is at hand offline).
+of growing size, built from three real corpora in --data_dir (nothing larger is at hand offline).
 
-    python experiments/bench_prepare.py [--sizes_mb=20,200] [--vocab_size=16384] [--bpe_sample_mb=100]
+    python experiments/bench_prepare.py --data_dir=DIR [--sizes_mb=20,200] [--vocab_size=16384] [--bpe_sample_mb=100]
+
+DIR holds tinystories_2MB.txt, les_miserables_fr.txt and tinyshakespeare.txt (experiments/bench_data.py's
+docstring says where each comes from).
 
 Each size is a plain-text corpus of documents separated by <|endoftext|>: the stories of
 tinystories_2MB.txt, the paragraphs of les_miserables_fr.txt and the speeches of tinyshakespeare.txt,
@@ -27,15 +30,16 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 _SIZES = flags.DEFINE_list('sizes_mb', ['20', '200'], 'Corpus sizes in MB (10^6 bytes).')
 _VOCAB = flags.DEFINE_integer('vocab_size', 16_384, 'The trained BPE (model.vocab_size).')
 _SAMPLE = flags.DEFINE_integer('bpe_sample_mb', 100, 'data.bpe_sample_bytes in MB.')
-_DATA = flags.DEFINE_string('data_dir', str(REPO.parent / 'shared' / 'data'), 'The real corpora.')
+_DATA = flags.DEFINE_string('data_dir', None, 'Folder of the real corpora (required; see the docstring).')
 _WORK = flags.DEFINE_string('work_dir', '', 'Where corpora and caches go (default: a temporary dir).')
 _OUT = flags.DEFINE_string('out', str(REPO / 'experiments' / 'results' / 'bench_prepare.json'), 'Results JSON.')
 
 SEPARATOR = '\n<|endoftext|>\n'
+CORPORA = ('tinystories_2MB.txt', 'les_miserables_fr.txt', 'tinyshakespeare.txt')  # what documents() reads
 
 
 def documents(data_dir: pathlib.Path) -> list[str]:
-  """Stories, novel paragraphs and play speeches from the shared corpora."""
+  """Stories, novel paragraphs and play speeches from the corpora in data_dir."""
   stories = (data_dir / 'tinystories_2MB.txt').read_text().split('<|endoftext|>')
   novel = (data_dir / 'les_miserables_fr.txt').read_text().split('\n\n')
   plays = (data_dir / 'tinyshakespeare.txt').read_text().split('\n\n')
@@ -75,6 +79,11 @@ def run_prepare(corpus: pathlib.Path, cache_dir: pathlib.Path, vocab_size: int, 
 
 def main(argv):
   del argv
+  missing = [name for name in CORPORA if not _DATA.value or not (pathlib.Path(_DATA.value) / name).is_file()]
+  if missing:
+    where = f'--data_dir={_DATA.value} lacks {", ".join(missing)}' if _DATA.value else '--data_dir is required'
+    raise app.UsageError(f'{where}: a folder that holds {", ".join(CORPORA)} (the docstring says where they '
+                         f'come from)')
   docs = documents(pathlib.Path(_DATA.value))
   results = []
   with tempfile.TemporaryDirectory(dir=_WORK.value or None) as tmp:
@@ -91,7 +100,7 @@ def main(argv):
           f'{r["build_tok_s"] / 1e6:.2f}M | {r["cpu_s"] / r["wall_s"]:.2f} | {r["peak_rss_mb"]:.0f} |'
           for r in results]
   machine = (f'{os.cpu_count()} CPUs, load average {load[0]:.2f} after; trained BPE {_VOCAB.value}, '
-             f'data.bpe_sample_bytes={_SAMPLE.value} MB; corpora built from ../shared/data')
+             f'data.bpe_sample_bytes={_SAMPLE.value} MB; corpora built from {", ".join(CORPORA)}')
   table = '\n'.join([header, *rows, '', machine])
   print(table)
   out = pathlib.Path(_OUT.value)

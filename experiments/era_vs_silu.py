@@ -29,8 +29,8 @@ from vesper_jax import sweep  # noqa: E402
 
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model, 150 steps: minutes on a CPU.')
 _CONFIGS = flags.DEFINE_list('configs', None, 'Size configs (default: tiny with --quick, else tiny,small).')
-_DATA = flags.DEFINE_string('data', str(REPO.parent / 'shared' / 'data' / 'tinystories_2MB.txt'),
-                            'Training text (its validation split is the held-out text).')
+_DATA = flags.DEFINE_string('data', 'download:tinystories',
+                            'Training text, a data.sources value (its validation split is the held-out text).')
 _STEPS = flags.DEFINE_integer('num_steps', None, 'Steps per run (default: 150 with --quick, else 2000).')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per (arm, learning rate).')
 _LRS = flags.DEFINE_list('lrs', None, 'Learning rates per arm (default: 3e-3,1e-2 with --quick; else per '

@@ -33,12 +33,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from vesper_jax import config as base_config  # noqa: E402
 from vesper_jax import sweep  # noqa: E402
-DATA = REPO.parent / 'shared' / 'data'
 
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model and short runs: minutes on a CPU.')
 _CONFIG = flags.DEFINE_string('config', None, 'configs/<name>.py (default: tiny with --quick, else small).')
-_PRETRAIN_DATA = flags.DEFINE_string('pretrain_data', str(DATA / 'tinystories_2MB.txt'), 'Pretraining text.')
-_FINETUNE_DATA = flags.DEFINE_string('finetune_data', str(DATA / 'piaf-v1.1.json'), 'Fine-tuning data.')
+_PRETRAIN_DATA = flags.DEFINE_string('pretrain_data', 'download:tinystories', 'Pretraining text (data.sources).')
+_FINETUNE_DATA = flags.DEFINE_string('finetune_data', 'download:piaf', 'Fine-tuning data (data.sources).')
 _PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', None, 'Default: 400 with --quick, else 4000.')
 _FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', None, 'Default: 150 with --quick, else 1000.')
 _TARGETS = flags.DEFINE_string('targets', 'gate,up', 'Adapted projections (model.lora_targets).')

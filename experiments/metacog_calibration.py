@@ -28,7 +28,7 @@ from vesper_jax import config as base_config  # noqa: E402
 
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model, short runs: minutes on a CPU.')
 _CONFIG = flags.DEFINE_string('config', None, 'configs/<name>.py (default: tiny with --quick, else small).')
-_DATA = flags.DEFINE_string('data', str(REPO.parent / 'shared' / 'data' / 'tinystories_2MB.txt'),
+_DATA = flags.DEFINE_string('data', 'download:tinystories',
                             'Training text (data.sources); its validation split is the held-out text.')
 _STEPS = flags.DEFINE_integer('num_steps', None, 'Steps per run (default: 300 with --quick, else 2000).')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. seeds-1 (initialisation and batch order).')

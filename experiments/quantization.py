@@ -40,12 +40,11 @@ from vesper_jax.model import ModelConfig, VesperLM, cast_for_inference  # noqa: 
 from vesper_jax.pytree import PyTree  # noqa: E402
 from vesper_jax.sampling import GREEDY  # noqa: E402
 
-DATA = REPO.parent / 'shared' / 'data'
 RESULTS = REPO / 'experiments' / 'results'
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Fewer training steps and decode tokens: a few minutes on a CPU.')
 _CONFIG = flags.DEFINE_string('config', 'tiny', 'configs/<name>.py of the trained model.')
-_DATA = flags.DEFINE_string('data', str(DATA / 'tinystories_2MB.txt'), 'Training text (data.sources).')
+_DATA = flags.DEFINE_string('data', 'download:tinystories', 'Training text (data.sources).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Training steps; default 400 with --quick, else 1500.')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Training batch (sequences).')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'Training window, and the perplexity window.')

@@ -33,8 +33,8 @@ from vesper_jax import config as base_config  # noqa: E402
 from vesper_jax import scaling, scaling_fit, sweep  # noqa: E402
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes and budgets: minutes on a CPU.')
-_DATA = flags.DEFINE_string('data', str(REPO.parent / 'shared' / 'data' / 'tinystories_2MB.txt'),
-                            'Training text (its validation split is the held-out text).')
+_DATA = flags.DEFINE_string('data', 'download:tinystories',
+                            'Training text, a data.sources value (its validation split is the held-out text).')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per (size, budget) (default: 1 with --quick, else 3).')
 _LRS = flags.DEFINE_list('lrs', ['3e-3', '1e-2'], 'Peak learning rates tried per size.')
 _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the intervals.')

@@ -33,8 +33,7 @@ from vesper_jax import sweep  # noqa: E402
 _PROTOCOL = flags.DEFINE_enum('protocol', 'sweep', ['sweep', 'original'], 'Which comparison to run.')
 _QUICK = flags.DEFINE_bool('quick', False, 'The tiny model, short runs, small batches: minutes on a CPU.')
 _CONFIG = flags.DEFINE_string('config', None, 'configs/<name>.py (default: tiny with --quick, else small).')
-_DATA = flags.DEFINE_string('data', str(REPO.parent / 'shared' / 'data' / 'tinystories_2MB.txt'),
-                            'Training text (data.sources).')
+_DATA = flags.DEFINE_string('data', 'download:tinystories', 'Training text (data.sources).')
 _STEPS = flags.DEFINE_integer('num_steps', None, 'Steps per run (default: 200 with --quick, else 2000).')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per (optimizer, learning rate): 0 .. seeds-1.')
 _LRS_ADAMW = flags.DEFINE_list('lrs_adamw', None, 'AdamW sweep (default: 1e-3,3e-3,1e-2 with --quick; '

@@ -10,9 +10,10 @@ Helpers (import them: `from conftest import tiny_model_config`):
   decode_stepwise(...)           logits of a prompt then one token per call through the KV cache
   short_run_config(cache_dir)    a seconds-long training run (config.short_run plus the tests' sizes)
   make_workdir(path)             a workdir as training leaves it (untrained), for generate/chat/export
-Fixtures: shared_data (../shared/data or skip), serve (loopback HTTP servers for download tests),
-inference_workdir (one make_workdir per session), base_workdir (a briefly pretrained base for the
-fine-tuning tests, one per session).
+Test data (paths into tests/data, in the repository): TINYSHAKESPEARE, TINYSTORIES, MISERABLES, PIAF,
+FRENCH_TOKENIZER.
+Fixtures: serve (loopback HTTP servers for download tests), inference_workdir (one make_workdir per
+session), base_workdir (a briefly pretrained base for the fine-tuning tests, one per session).
 """
 
 import functools
@@ -28,15 +29,14 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / 'shared' / 'data'
-
-
-@pytest.fixture
-def shared_data() -> pathlib.Path:
-  """../shared/data, or skip the test with the reason."""
-  if not SHARED_DATA.is_dir():
-    pytest.skip(f'real corpora not found at {SHARED_DATA} (see README: Tests)')
-  return SHARED_DATA
+# Excerpts of real corpora and a small French tokenizer, part of the repository (tests/data/README.md:
+# what each is cut from, and its licence; tests/data/make_fixtures.py rebuilds them).
+TEST_DATA = REPO / 'tests' / 'data'
+TINYSHAKESPEARE = TEST_DATA / 'tinyshakespeare_head.txt'  # English plays: one document
+TINYSTORIES = TEST_DATA / 'tinystories_head.txt'          # 120 English stories separated by <|endoftext|>
+MISERABLES = TEST_DATA / 'les_miserables_fr_head.txt'     # French prose
+PIAF = TEST_DATA / 'piaf_excerpt.json'                    # French question answering, SQuAD format
+FRENCH_TOKENIZER = TEST_DATA / 'tokenizer_fr.json'        # SentencePiece-style BPE shaped like BARThez's
 
 
 class ServedURL(str):

@@ -1,5 +1,6 @@
 """Data: readers, bad input, downloads, the token cache, batches and the prefetcher (SPEC §6, issue 3)."""
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -16,6 +17,7 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
+from conftest import FRENCH_TOKENIZER, MISERABLES, PIAF, TINYSHAKESPEARE, TINYSTORIES
 from vesper_jax import config as config_lib
 from vesper_jax import data, sources
 from vesper_jax import tokenizer as tokenizer_lib
@@ -23,7 +25,6 @@ from vesper_jax.sources import DataError, ErrorLog, ReadOptions
 from vesper_jax.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-BARTHEZ = 'tokenizers/barthez_fr/tokenizer.json'
 
 
 def data_config(tmp_path, **overrides):
@@ -52,20 +53,21 @@ def final_caches(tmp_path):
   return sorted(p for p in tokens.iterdir() if '.tmp-' not in p.name) if tokens.exists() else []
 
 
-# --------------------------------------------------------------------------------------- real corpora
+# ------------------------------------------------------------------ real corpora (excerpts in tests/data)
 
 
-def test_piaf_gives_one_document_per_paragraph(shared_data):
-  documents, errors = read_all(shared_data / 'piaf-v1.1.json')
-  assert len(documents) == 1518 and not errors.skipped
-  raw = json.loads((shared_data / 'piaf-v1.1.json').read_text(encoding='utf-8'))
+def test_piaf_gives_one_document_per_paragraph():
+  documents, errors = read_all(PIAF)
+  assert len(documents) == 37 and not errors.skipped  # the excerpt's 8 articles hold 37 paragraphs
+  raw = json.loads(PIAF.read_text(encoding='utf-8'))
   paragraphs = [p for article in raw['data'] for p in article['paragraphs']]
   for document, paragraph in zip(documents, paragraphs):
     assert document.startswith(paragraph['context'].strip())
     for qa in paragraph['qas']:
       assert f'Question: {qa["question"].strip()}\nAnswer: {qa["answers"][0]["text"].strip()}' in document
-  # $.data[173].paragraphs[1], verbatim. Update only if the SQuAD document layout changes on purpose.
-  assert documents[816] == (
+  # $.data[173].paragraphs[1] of piaf-v1.1.json ($.data[5] of the excerpt), verbatim. Update only if the
+  # SQuAD document layout changes on purpose.
+  assert documents[22] == (
       "Le lendemain, Drax invite Bond a une partie de chasse, espérant le tuer, il ordonne à un tireur de "
       "l'abattre au loin. Bond parvient cependant à le repérer et manque exprès sa cible afin d'abattre le "
       "tueur. Plus tard, Corinne, inquiète, arrive à son tour. Drax, ayant appris sa trahison, licencie la "
@@ -78,24 +80,24 @@ def test_piaf_gives_one_document_per_paragraph(shared_data):
       "Question: Que font Drax et Bond ?\nAnswer: une partie de chasse")
 
 
-def test_squad_template_is_configurable(shared_data):
-  documents, _ = read_all(shared_data / 'piaf-v1.1.json', squad_template='Q : {question}\nR : {answer}')
-  assert documents[816].endswith('Q : Que font Drax et Bond ?\nR : une partie de chasse')
+def test_squad_template_is_configurable():
+  documents, _ = read_all(PIAF, squad_template='Q : {question}\nR : {answer}')
+  assert documents[22].endswith('Q : Que font Drax et Bond ?\nR : une partie de chasse')
   with pytest.raises(ValueError, match='data.squad_template'):
-    read_all(shared_data / 'piaf-v1.1.json', squad_template='{question} {reponse}')
+    read_all(PIAF, squad_template='{question} {reponse}')
 
 
-def test_tinystories_splits_into_2316_stories(shared_data):
-  documents, errors = read_all(shared_data / 'tinystories_2MB.txt')
-  assert len(documents) == 2316 and not errors.skipped
+def test_tinystories_splits_into_its_120_stories():
+  documents, errors = read_all(TINYSTORIES)
+  assert len(documents) == 120 and not errors.skipped
   assert documents[0].startswith('One day, a little girl named Lily found a needle in her room.')
   assert not any('<|endoftext|>' in d or d != d.strip() for d in documents)
 
 
-def test_text_is_streamed_with_separators_across_blocks(shared_data, monkeypatch):
-  whole, _ = read_all(shared_data / 'tinystories_2MB.txt')
-  monkeypatch.setattr(sources, '_BLOCK', 997)  # thousands of blocks: many separators straddle two
-  streamed, _ = read_all(shared_data / 'tinystories_2MB.txt')
+def test_text_is_streamed_with_separators_across_blocks(monkeypatch):
+  whole, _ = read_all(TINYSTORIES)
+  monkeypatch.setattr(sources, '_BLOCK', 997)  # about a hundred blocks: many separators straddle two
+  streamed, _ = read_all(TINYSTORIES)
   assert streamed == whole
 
 
@@ -297,21 +299,20 @@ def test_invalid_tokenizer_file_is_refused_naming_it(tmp_path):
                              512, progress=False)
 
 
-def test_tokenizer_larger_than_the_model_is_refused_before_any_work(shared_data, tmp_path, monkeypatch):
+def test_tokenizer_larger_than_the_model_is_refused_before_any_work(tmp_path, monkeypatch):
   monkeypatch.setattr(Tokenizer, 'encode_batch', lambda *a: pytest.fail('tokenized before the check'))
-  cfg = data_config(tmp_path, sources=str(shared_data / 'tinyshakespeare.txt'),
-                    tokenizer=str(shared_data / BARTHEZ))
-  with pytest.raises(ValueError, match='has 50002 tokens, more than model.vocab_size=4096'):
-    data.build_or_load_cache(cfg, 4096, progress=False)
+  cfg = data_config(tmp_path, sources=str(TINYSHAKESPEARE), tokenizer=str(FRENCH_TOKENIZER))
+  with pytest.raises(ValueError, match='has 1000 tokens, more than model.vocab_size=512'):
+    data.build_or_load_cache(cfg, 512, progress=False)
   assert final_caches(tmp_path) == []
   # Also when the cache exists already (built for a model with a large enough vocabulary).
   monkeypatch.undo()
   small = tmp_path / 'small.txt'
   small.write_text('Une phrase en français, puis une autre. ' * 10)
   cfg.sources, cfg.seq_len, cfg.val_fraction = str(small), 8, 0.0
-  assert data.build_or_load_cache(cfg, 50_048, progress=False).built
-  with pytest.raises(ValueError, match='has 50002 tokens, more than model.vocab_size=4096'):
-    data.build_or_load_cache(cfg, 4096, progress=False)
+  assert data.build_or_load_cache(cfg, 1024, progress=False).built
+  with pytest.raises(ValueError, match='has 1000 tokens, more than model.vocab_size=512'):
+    data.build_or_load_cache(cfg, 512, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -326,15 +327,14 @@ def _naive_tokens(tokenizer, documents, val_fraction):
   return np.array(train), np.array(val)
 
 
-def test_cache_matches_a_naive_whole_document_encoding(shared_data, tmp_path, monkeypatch):
+def test_cache_matches_a_naive_whole_document_encoding(tmp_path, monkeypatch):
   # Small pieces and batches so that long documents are cut many times and encoded over many calls.
   monkeypatch.setattr(data, 'PIECE_CHARS', 300)
   monkeypatch.setattr(data, 'BATCH_CHARS', 5000)
   shakespeare = tmp_path / 'shakespeare.txt'
-  shakespeare.write_text((shared_data / 'tinyshakespeare.txt').read_text()[:40_000])
+  shakespeare.write_text(TINYSHAKESPEARE.read_text()[:40_000])
   stories = tmp_path / 'stories.txt'
-  stories.write_text('<|endoftext|>'.join(
-      (shared_data / 'tinystories_2MB.txt').read_text().split('<|endoftext|>')[:60]))
+  stories.write_text('<|endoftext|>'.join(TINYSTORIES.read_text().split('<|endoftext|>')[:60]))
   cfg = data_config(tmp_path, sources=f'{shakespeare},{stories}', val_fraction=0.1, seq_len=16)
   cache = data.build_or_load_cache(cfg, 512, progress=False)
   documents = read_all(shakespeare)[0] + read_all(stories)[0]
@@ -351,10 +351,12 @@ def test_cache_matches_a_naive_whole_document_encoding(shared_data, tmp_path, mo
   assert cache.tokenizer.sha256() == cache.meta['tokenizer_sha256'] and cache.tokenizer.vocab_size == 512
 
 
-def test_pieces_encode_exactly_like_whole_text_with_barthez(shared_data):
-  tok = Tokenizer.load(shared_data / BARTHEZ)
-  text = (shared_data / 'les_miserables_fr.txt').read_text(encoding='utf-8')[:150_000]
-  pieces = list(data.split_long(text, 400))
+def test_pieces_encode_exactly_like_whole_text_with_a_sentencepiece_tokenizer():
+  # Whitespace split + '▁' word prefix (BARThez's pre-tokenizer): a cut at a lone space must not change
+  # how the word after it is encoded.
+  tok = Tokenizer.load(FRENCH_TOKENIZER)
+  text = MISERABLES.read_text(encoding='utf-8')
+  pieces = list(data.split_long(text, 200))
   assert len(pieces) > 300 and ''.join(pieces) == text
   assert sum(tok.encode_batch(pieces), []) == tok.encode(text)
 
@@ -373,13 +375,13 @@ def test_split_long_cuts_only_at_lone_whitespace():
   assert list(data.split_long('x' * 30 + ' y' + 'z' * 30 + '\nw', 10)) == ['x' * 30, ' y' + 'z' * 30 + '\n', 'w']
 
 
-def test_one_document_corpus_holds_out_its_last_tokens(shared_data, tmp_path):
-  cfg = data_config(tmp_path, sources=str(shared_data / 'tinyshakespeare.txt'), val_fraction=0.1)
+def test_one_document_corpus_holds_out_its_last_tokens(tmp_path):
+  cfg = data_config(tmp_path, sources=str(TINYSHAKESPEARE), val_fraction=0.1)
   cache = data.build_or_load_cache(cfg, 1024, progress=False)
   assert cache.meta['split'] == 'tail' and cache.meta['val_documents'] == 0
   total = len(cache.train) + len(cache.val)
   assert len(cache.val) == round(total * 0.1)
-  text = (shared_data / 'tinyshakespeare.txt').read_text().strip()
+  text = TINYSHAKESPEARE.read_text().strip()
   full = cache.tokenizer.encode_batch(list(data.split_long(text, data.PIECE_CHARS)))
   np.testing.assert_array_equal(np.concatenate([cache.train, cache.val]), sum(full, []) + [cache.tokenizer.eos_id])
   no_val = data.build_or_load_cache(data_config(tmp_path, sources=cfg.sources, val_fraction=0.0), 1024,
@@ -634,18 +636,37 @@ def test_prefetcher_close_stops_a_thread_blocked_on_a_full_queue():
 # -------------------------------------------------------------------------------------------- downloads
 
 
-def test_download_over_http_checks_sha256(shared_data, tmp_path, serve):
-  base_url = serve(shared_data)
+def _mirror(tmp_path, **files) -> pathlib.Path:
+  """A folder laid out as a download mirror: DOWNLOADS[name].filename → the fixture file, for each name."""
+  mirror = tmp_path / 'mirror'
+  mirror.mkdir()
+  for name, fixture in files.items():
+    (mirror / sources.DOWNLOADS[name].filename).symlink_to(fixture)
+  return mirror
+
+
+def _sha256(path) -> str:
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def test_download_over_http_checks_sha256(tmp_path, serve, monkeypatch):
+  # The mirror serves the excerpts in tests/data, so the recorded hashes are set to theirs: the check is
+  # the same code path (test_download_with_wrong_sha256_is_discarded: a mismatch against the real hash).
+  for name, fixture in (('tinyshakespeare', TINYSHAKESPEARE), ('piaf', PIAF)):
+    monkeypatch.setitem(sources.DOWNLOADS, name,
+                        dataclasses.replace(sources.DOWNLOADS[name], sha256=_sha256(fixture)))
+  base_url = serve(_mirror(tmp_path, tinyshakespeare=TINYSHAKESPEARE, piaf=PIAF))
   path = sources.download('tinyshakespeare', tmp_path, base_url=base_url, progress=False)
   assert path == tmp_path / 'downloads' / 'tinyshakespeare.txt'
-  assert hashlib.sha256(path.read_bytes()).hexdigest() == sources.DOWNLOADS['tinyshakespeare'].sha256
+  assert path.read_bytes() == TINYSHAKESPEARE.read_bytes()
+  assert base_url.requested == ['/tinyshakespeare.txt']
   # Cached: a second call needs no server.
   assert sources.download('tinyshakespeare', tmp_path, base_url='http://127.0.0.1:9', progress=False) == path
   # download:NAME as a source, through build_or_load_cache.
   cfg = data_config(tmp_path, sources='download:piaf', download_base_url=base_url, cache_dir=str(tmp_path))
   cache = data.build_or_load_cache(cfg, 1024, progress=False)
-  assert cache.meta['sources'][0]['documents'] == 1518
-  assert cache.meta['sources'][0]['sha256'] == sources.DOWNLOADS['piaf'].sha256
+  assert cache.meta['sources'][0]['documents'] == 37
+  assert cache.meta['sources'][0]['sha256'] == _sha256(PIAF)
 
 
 def test_download_with_wrong_sha256_is_discarded(tmp_path, serve):
@@ -658,14 +679,11 @@ def test_download_with_wrong_sha256_is_discarded(tmp_path, serve):
   assert list((tmp_path / 'cache' / 'downloads').iterdir()) == []
 
 
-def test_download_with_unknown_hash_records_it(shared_data, tmp_path, serve):
-  mirror = tmp_path / 'mirror'
-  mirror.mkdir()
-  (mirror / 'TinyStories-valid.txt').symlink_to(shared_data / 'tinystories_2MB.txt')
+def test_download_with_unknown_hash_records_it(tmp_path, serve):
+  mirror = _mirror(tmp_path, tinystories=TINYSTORIES)
   path = sources.download('tinystories', tmp_path / 'cache', base_url=serve(mirror), progress=False)
-  expected = hashlib.sha256((shared_data / 'tinystories_2MB.txt').read_bytes()).hexdigest()
-  assert sources.recorded_sha256('tinystories', tmp_path / 'cache') == expected
-  assert path.read_bytes() == (shared_data / 'tinystories_2MB.txt').read_bytes()
+  assert sources.recorded_sha256('tinystories', tmp_path / 'cache') == _sha256(TINYSTORIES)
+  assert path.read_bytes() == TINYSTORIES.read_bytes()
 
 
 def test_download_errors_name_the_url(tmp_path, serve):
@@ -676,20 +694,24 @@ def test_download_errors_name_the_url(tmp_path, serve):
     sources.download('wikipedia', tmp_path)
 
 
-def test_prepare_cli_downloads_builds_and_summarizes(shared_data, tmp_path, serve):
-  base_url = serve(shared_data)
-  command = [sys.executable, '-m', 'vesper_jax.prepare', '--download=piaf',
-             f'--config.data.download_base_url={base_url}', f'--config.data.cache_dir={tmp_path}',
+def test_prepare_cli_downloads_builds_and_summarizes(tmp_path, serve):
+  # tinystories: its hash is not known in advance, so the mirror's excerpt is a valid download (a subprocess
+  # cannot be handed a patched DOWNLOADS; the checked path is test_download_over_http_checks_sha256's).
+  base_url = serve(_mirror(tmp_path, tinystories=TINYSTORIES))
+  cache_dir = tmp_path / 'cache'
+  command = [sys.executable, '-m', 'vesper_jax.prepare', '--download=tinystories',
+             f'--config.data.download_base_url={base_url}', f'--config.data.cache_dir={cache_dir}',
              '--config.model.vocab_size=1024']
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   out = result.stdout
-  assert sources.DOWNLOADS['piaf'].sha256 + ' checked' in out
-  assert 'token cache ready: built in' in out and '1,518 documents' in out and 'skipped     nothing' in out
-  assert 'tokens/s' in out and str(tmp_path / 'tokens') in out
-  assert '--config.data.sources=download:piaf' in out
+  assert f'sha256 {_sha256(TINYSTORIES)} recorded (not known in advance)' in out
+  assert 'token cache ready: built in' in out and '120 documents' in out and 'skipped     nothing' in out
+  assert 'tokens/s' in out and str(cache_dir / 'tokens') in out
+  assert '--config.data.sources=download:tinystories' in out
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert again.returncode == 0 and 'token cache ready: opened in' in again.stdout
+  assert base_url.requested == ['/TinyStories-valid.txt']  # the second run downloaded nothing
 
 
 def test_prepare_cli_reports_bad_input_without_a_traceback(tmp_path):

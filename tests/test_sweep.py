@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import REPO, load_config, short_run_config
-from vesper_jax import sweep
+from vesper_jax import sources, sweep
 
 TINY = str(REPO / 'configs' / 'tiny.py')
 
@@ -149,3 +149,14 @@ def test_experiment_output_checks_inputs_before_creating_anything(tmp_path):
   assert not out.exists()
   data.write_text('text')
   assert sweep.experiment_output(out, data) == out and out.is_dir()
+
+
+def test_experiment_output_fetches_downloads_once_into_the_runs_cache(tmp_path, monkeypatch):
+  fetched = []
+  monkeypatch.setattr(sources, 'download', lambda name, cache_dir, **_: fetched.append((name, cache_dir)))
+  out = tmp_path / 'exp'
+  with pytest.raises(FileNotFoundError, match='missing.txt does not exist .*--data.*download:NAME'):
+    sweep.experiment_output(out, 'download:piaf', f'download:tinystories,{tmp_path / "missing.txt"}')
+  assert not out.exists() and fetched == []  # nothing fetched before every local file is known to exist
+  assert sweep.experiment_output(out, 'download:tinystories', 'builtin:pydoc,download:piaf') == out
+  assert fetched == [('tinystories', out / 'cache'), ('piaf', out / 'cache')]  # the runs' data.cache_dir

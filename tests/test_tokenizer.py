@@ -8,35 +8,36 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers, processors, trainers
 
+from conftest import FRENCH_TOKENIZER, MISERABLES, TINYSTORIES
 from vesper_jax import tokenizer as tokenizer_lib
 from vesper_jax.tokenizer import Tokenizer, train_bpe
 
-BARTHEZ = 'tokenizers/barthez_fr/tokenizer.json'
+
+def _french_lines():
+  return [line for line in MISERABLES.read_text(encoding='utf-8').split('\n') if line.strip()]
 
 
-def _french_lines(shared_data, limit=None):
-  text = (shared_data / 'les_miserables_fr.txt').read_text(encoding='utf-8')
-  lines = [line for line in text.split('\n') if line.strip()]
-  return lines[:limit] if limit else lines
-
-
-def test_barthez_loads_with_its_special_tokens(shared_data):
-  tok = Tokenizer.load(shared_data / BARTHEZ)
-  assert tok.vocab_size == 50_002  # shared/data/README: 50,002 tokens
+def test_french_tokenizer_loads_with_its_special_tokens():
+  # tests/data/tokenizer_fr.json: a SentencePiece-style BPE laid out as BARThez's tokenizer.json.
+  tok = Tokenizer.load(FRENCH_TOKENIZER)
+  assert tok.vocab_size == 1000  # 999 trained entries and <mask>, added last as BARThez's is
   assert (tok.bos_id, tok.pad_id, tok.eos_id) == (0, 1, 2)  # <s>, <pad>, </s> in its added_tokens
-  assert tok.path == str(shared_data / BARTHEZ)
-  expected = hashlib.sha256((shared_data / BARTHEZ).read_bytes()).hexdigest()
-  assert tok.sha256() == expected == '862dbfc3bc1a138b1ea1651a5965952fabf6328136fb7b4623d09831b189ccb1'
+  assert tok.token_to_id('<mask>') == 999
+  assert tok.path == str(FRENCH_TOKENIZER)
+  expected = hashlib.sha256(FRENCH_TOKENIZER.read_bytes()).hexdigest()
+  # The committed file's hash: update it only with the file (tests/data/make_fixtures.py rebuilds it).
+  assert tok.sha256() == expected == 'c93f22b29884491e595107832943a427385cc1725b8b1d37c648c9b6dd9b43d0'
 
 
-def test_barthez_round_trips_french_lines(shared_data):
-  tok = Tokenizer.load(shared_data / BARTHEZ)
-  normalizer = tokenizers.Tokenizer.from_file(str(shared_data / BARTHEZ)).normalizer
+def test_french_tokenizer_round_trips_french_lines():
+  tok = Tokenizer.load(FRENCH_TOKENIZER)
+  normalizer = tokenizers.Tokenizer.from_file(str(FRENCH_TOKENIZER)).normalizer
   unk = tok.token_to_id('<unk>')
-  lines = _french_lines(shared_data)
+  lines = _french_lines()
   encoded = tok.encode_batch(lines)
   known = [(line, ids) for line, ids in zip(lines, encoded) if unk not in ids]
-  # A few characters ('_', 'Ç', 'Ô', ...) are not in BARThez's vocabulary at all: those lines hold <unk>.
+  # A character outside a tokenizer's alphabet becomes <unk>, and such a line cannot round-trip. This one
+  # was trained on these lines, so few (if any) hold it; a pretrained tokenizer misses a few ('Ç', 'Ô').
   assert len(known) > 0.95 * len(lines)
   for line, ids in known:
     assert ids == tok.encode(line)  # encode_batch agrees with encode
@@ -81,13 +82,13 @@ def test_gpt2_style_eos_and_gapped_vocabulary(tmp_path):
   assert tok.vocab_size == max(raw.get_vocab(with_added_tokens=True).values()) + 1
 
 
-def _stories(shared_data, n=400):
-  text = (shared_data / 'tinystories_2MB.txt').read_text(encoding='utf-8')
+def _stories(n=None):
+  text = TINYSTORIES.read_text(encoding='utf-8')
   return [s.strip() for s in text.split('<|endoftext|>') if s.strip()][:n]
 
 
-def test_trained_bpe_is_deterministic_and_exact_size(shared_data, tmp_path):
-  stories = _stories(shared_data)
+def test_trained_bpe_is_deterministic_and_exact_size(tmp_path):
+  stories = _stories()
   first = tokenizer_lib.train_bpe(iter(stories), 1000, tmp_path / 'a' / 'tokenizer.json')
   second = tokenizer_lib.train_bpe(iter(stories), 1000, tmp_path / 'b' / 'tokenizer.json')
   assert first.sha256() == second.sha256()
@@ -99,8 +100,8 @@ def test_trained_bpe_is_deterministic_and_exact_size(shared_data, tmp_path):
   assert other.sha256() != first.sha256() and other.vocab_size == 1200
 
 
-def test_trained_bpe_round_trips_bytes_exactly(shared_data, tmp_path):
-  tok = tokenizer_lib.train_bpe(iter(_stories(shared_data)), 600, tmp_path / 'tokenizer.json')
+def test_trained_bpe_round_trips_bytes_exactly(tmp_path):
+  tok = tokenizer_lib.train_bpe(iter(_stories()), 600, tmp_path / 'tokenizer.json')
   for text in ['Once upon a time, Lily  saw\n\ta dog.', 'Les Misérables — « Jean Valjean »', '日本語 🙂', ' x ']:
     ids = tok.encode(text)
     assert all(0 <= i < tok.vocab_size for i in ids)
@@ -115,8 +116,8 @@ def test_bpe_vocabulary_too_small_is_refused(tmp_path):
     tokenizer_lib.train_bpe(iter(['hello']), 100, tmp_path / 'tokenizer.json')
 
 
-def test_saved_bpe_is_valid_json_with_the_special_token(shared_data, tmp_path):
-  tokenizer_lib.train_bpe(iter(_stories(shared_data, 50)), 400, tmp_path / 'tokenizer.json')
+def test_saved_bpe_is_valid_json_with_the_special_token(tmp_path):
+  tokenizer_lib.train_bpe(iter(_stories(50)), 400, tmp_path / 'tokenizer.json')
   saved = json.loads((tmp_path / 'tokenizer.json').read_text())
   assert saved['added_tokens'][0]['content'] == '<|endoftext|>' and saved['added_tokens'][0]['special']
   # Long runs without whitespace are cut before the byte-level split (a bounded pre-token length).

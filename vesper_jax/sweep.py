@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from vesper_jax import sources
+
 RESULT_FILE = 'result.json'
 RESULTS_FILE = 'results.jsonl'
 SEED_KEY = 'train.seed'
@@ -214,16 +216,25 @@ def _finish(point: Point, point_dir: pathlib.Path, returncode: int, seconds: flo
   return result
 
 
-def experiment_output(out: str | os.PathLike, *data_files: str | os.PathLike) -> pathlib.Path:
-  """An experiment's output directory, created once its input files are known to exist.
+def experiment_output(out: str | os.PathLike, *data_sources: str | os.PathLike) -> pathlib.Path:
+  """An experiment's output directory, created once its data is at hand.
 
-  Raises FileNotFoundError naming the first missing input (nothing is created then).
+  Each of data_sources is a data.sources value. Its local entries must exist: FileNotFoundError names the
+  first missing one and nothing is created. Its `download:NAME` entries are then fetched once into
+  <out>/cache, the data.cache_dir every run of an experiment shares, so that the runs (in parallel on a
+  GPU sweep) find them there instead of each fetching them; a failed download raises sources.DataError
+  naming the URL and what to do without network. `builtin:` entries need nothing.
   """
-  for path in data_files:
-    if not pathlib.Path(path).exists():
-      raise FileNotFoundError(f'{path} does not exist (the real corpora live in ../shared/data)')
+  entries = [e.strip() for spec in map(str, data_sources) for e in spec.split(',') if e.strip()]
+  downloads = [e[len(sources.DOWNLOAD_PREFIX):] for e in entries if e.startswith(sources.DOWNLOAD_PREFIX)]
+  for entry in entries:
+    if not entry.startswith((sources.DOWNLOAD_PREFIX, 'builtin:')) and not pathlib.Path(entry).exists():
+      raise FileNotFoundError(f'{entry} does not exist (pass a corpus with --data, or a download:NAME source: '
+                              f'{", ".join(sorted(sources.DOWNLOADS))})')
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  for name in downloads:
+    sources.download(name, out / 'cache')
   return out
 
 

@@ -1,12 +1,16 @@
-"""The GPU suite's numbers side by side, checked against issue 12's targets (experiments/gpu_suite.sh).
+"""The GPU suite's results, failures first, then its numbers against issue 12's targets
+(experiments/gpu_suite.sh).
 
     python experiments/gpu_summary.py --dir=$OUT        # reads what the suite wrote, writes summary.json
 
-Reads bench_velvet.json (update GB/s per path against the device copy measured in the same run) and the
-bench_train*.json files (the medium train step: AdamW and each Velvet kernel, the torch.compile anchor,
-XLA against cuDNN attention, the first step cold and from the persistent compilation cache), prints
-one table and writes summary.json. A number the suite did not produce is reported as missing, never
-filled in.
+Leads with what failed: correctness checks that said FAIL or never reported (checks.json from
+experiments/gpu_checks.py; a check missing from it ran out of time or crashed), and suite steps that
+exited non-zero or timed out (--steps, the suite's step log). Then reads bench_velvet.json (update GB/s
+per path against the device copy measured in the same run) and the bench_train*.json files (the medium
+train step: AdamW and each Velvet kernel, the torch.compile anchor, XLA against cuDNN attention, the
+first step cold and from the persistent compilation cache), prints one table and writes summary.json
+(the device line, checks, steps and the table together). A number the suite did not produce is
+reported as missing, never filled in.
 """
 
 import json
@@ -16,6 +20,8 @@ from absl import app
 from absl import flags
 
 _DIR = flags.DEFINE_string('dir', '.', 'The directory the suite wrote its JSON files into ($OUT).')
+_STEPS = flags.DEFINE_string('steps', '', 'The suite\'s step log: lines of name, limit s, exit status, s.')
+_DEVICE_FILE = flags.DEFINE_string('device_file', '', 'The suite\'s device description (gpu.txt).')
 
 # Issue 12's targets (benchmarks, not tests).
 UPDATE_FRACTION_OF_COPY = 0.90
@@ -30,11 +36,11 @@ def _read(path: pathlib.Path):
 
 
 def summarize(directory: pathlib.Path) -> dict:
-  """{'update': [...], 'train': [...], 'checks': [...]} from the suite's JSON files in `directory`."""
-  out = {'update': [], 'train': [], 'checks': []}
+  """{'update': [...], 'train': [...], 'checks_timing': [...]} from the suite's JSON files in `directory`."""
+  out = {'update': [], 'train': [], 'checks_timing': []}
 
   def check(name: str, value, target: str, ok) -> None:
-    out['checks'].append({'check': name, 'value': value, 'target': target,
+    out['checks_timing'].append({'check': name, 'value': value, 'target': target,
                           'status': 'missing' if value is None else ('met' if ok else 'not met')})
 
   velvet = _read(directory / 'bench_velvet.json')
@@ -75,13 +81,52 @@ def summarize(directory: pathlib.Path) -> dict:
   return out
 
 
+def correctness(directory: pathlib.Path, steps_file: str) -> dict:
+  """{'checks': [...], 'steps': [...], 'failures': [lines]} from checks.json and the step log."""
+  report = _read(directory / 'checks.json')
+  if report is None:
+    checks = [{'name': 'checks', 'status': 'MISSING', 'detail': 'no checks.json: experiments/gpu_checks.py '
+               'did not start (steps.log)', 'seconds': None}]
+  else:
+    checks = [{k: c.get(k) for k in ('name', 'status', 'detail', 'seconds')} for c in report['checks']]
+    done = {c['name'] for c in checks}
+    checks += [{'name': name, 'status': 'MISSING', 'detail': 'no result: the check ran out of time or '
+                'crashed (steps.log)', 'seconds': None} for name in report['planned'] if name not in done]
+  steps = []
+  if steps_file and pathlib.Path(steps_file).is_file():
+    for line in pathlib.Path(steps_file).read_text().splitlines():
+      name, limit, rc, seconds = line.split('\t')
+      steps.append({'step': name, 'limit_s': int(limit), 'exit': int(rc), 'seconds': int(seconds)})
+  failures = [f"FAIL {s['step']}" for s in steps if s['step'].startswith('setup')]  # before any step ran
+  failures += [f"{c['status']} {c['name']}: {c['detail']}" for c in checks if c['status'] in ('FAIL', 'MISSING')]
+  for s in steps:
+    if s['step'].startswith('setup'):
+      continue
+    if s['exit'] == 124:
+      failures.append(f"STEP {s['step']}: timed out after {s['limit_s']} s (steps.log)")
+    # The checks step exits 1 when a check failed: listed above.
+    elif s['exit'] and not (s['step'] == 'checks' and s['exit'] == 1):
+      failures.append(f"STEP {s['step']}: exit status {s['exit']} after {s['seconds']} s (steps.log)")
+  return {'checks': checks, 'steps': steps, 'failures': failures}
+
+
 def main(argv):
   del argv
   directory = pathlib.Path(_DIR.value)
-  result = summarize(directory)
+  device = pathlib.Path(_DEVICE_FILE.value) if _DEVICE_FILE.value else directory / 'gpu.txt'
+  result = {'device': device.read_text().strip().splitlines() if device.is_file() else [],
+            **correctness(directory, _STEPS.value), **summarize(directory)}
   (directory / 'summary.json').write_text(json.dumps(result, indent=2))
-  print('| check | value | target | status |\n|---|---:|---|---|')
+  counts = {s: sum(c['status'] == s for c in result['checks']) for s in ('FAIL', 'MISSING', 'PASS', 'SKIP')}
+  print(f"FAILURES: {len(result['failures'])}" + ''.join(f'\n  {line}' for line in result['failures']))
+  print('correctness: ' + ', '.join(f'{n} {s}' for s, n in counts.items() if n))
   for c in result['checks']:
+    if c['status'] not in ('FAIL', 'MISSING'):
+      print(f"  {c['status']} {c['name']}: {c['detail']}")
+  if not any(r for r in (result['update'], result['train'])):
+    print('timing: no results (skipped without a GPU, or every timing step failed)')
+  print('| check | value | target | status |\n|---|---:|---|---|')
+  for c in result['checks_timing']:
     print(f"| {c['check']} | {c['value'] if c['value'] is not None else '-'} | {c['target']} | {c['status']} |")
   print(f"wrote {directory / 'summary.json'}")
 

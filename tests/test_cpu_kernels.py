@@ -1,7 +1,8 @@
 """The CPU kernels (kernels/*.cc) against the JAX code they replace, and when they are chosen.
 
 The suite runs with 8 simulated devices, where the kernels are never chosen by themselves (one device
-only, see cpu_kernels.usable): these tests call them explicitly, or force them.
+only, see cpu_kernels.usable): most tests call them explicitly, or force them; the tiny model with the
+kernels as chosen, against the JAX code, runs in a one-device subprocess.
 """
 
 import functools
@@ -14,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import REPO
 from vesper_jax import attention_cpu
 from vesper_jax import era as era_lib
 from vesper_jax import losses
-from vesper_jax import model as M
 from vesper_jax.kernels import attention_cpu_ffi
 from vesper_jax.kernels import cpu_kernels
 from vesper_jax.kernels import cross_entropy_cpu_ffi
@@ -84,36 +84,66 @@ def test_kernel_query_that_sees_no_key_gets_zeros():
   np.testing.assert_array_equal(grads[2][0, :5], 0.0)
 
 
-def test_kernels_are_chosen_only_where_they_apply():
+def test_kernels_are_never_chosen_over_several_devices():
+  # Over a mesh XLA would gather every operand of a kernel call to every device: the JAX code runs.
+  assert jax.device_count() == 8
   f32 = jnp.zeros((1, 4, 2, 16), jnp.float32)
-  assert attention_cpu_ffi.supports(f32, f32, f32) == (jax.device_count() == 1)
-  assert cross_entropy_cpu_ffi.supports(f32[0, 0]) == (jax.device_count() == 1)
-  assert not cross_entropy_cpu_ffi.supports(f32[0, 0].astype(jnp.bfloat16))
-  assert era_cpu_ffi.supports(f32) == (jax.device_count() == 1)
-  bf16 = f32.astype(jnp.bfloat16)
-  assert not era_cpu_ffi.supports(bf16)
-  assert not attention_cpu_ffi.supports(bf16, bf16, bf16)     # bfloat16: the JAX version
-  odd = jnp.zeros((1, 4, 2, 8), jnp.float32)
-  assert not attention_cpu_ffi.supports(odd, odd, odd)        # head size not a multiple of 16
+  assert not attention_cpu_ffi.supports(f32, f32, f32)
+  assert not cross_entropy_cpu_ffi.supports(f32[0, 0])
+  assert not era_cpu_ffi.supports(f32)
 
 
-def test_model_with_kernel_equals_model_without(monkeypatch):
-  # The tiny model (head size 32), loss and every parameter's gradient, with the kernel and with the
-  # JAX version it replaces.
-  cfg = tiny_model_config()
-  params = M.init_params(cfg, jax.random.key(0))
-  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
-  mask = jnp.ones((2, 24), jnp.int32).at[1, 20:].set(0)
+# Run with one device (python -c _ONE_DEVICE REPO): where each kernel applies, and the tiny model's loss
+# (the chunked head, as training computes it on CPU) and gradients with the kernels as the model chooses
+# them, checked to be in the lowered program, against the same with cpu_kernels.usable off (none there).
+_ONE_DEVICE = """
+import sys
+sys.path.insert(0, sys.argv[1] + '/tests')
+import jax, jax.numpy as jnp, numpy as np
+from conftest import tiny_model_config
+from vesper_jax import losses, model as M
+from vesper_jax.kernels import attention_cpu_ffi, cpu_kernels, cross_entropy_cpu_ffi, era_cpu_ffi
 
+assert jax.device_count() == 1, jax.devices()
+f32, bf16, odd = jnp.zeros((1, 4, 2, 16)), jnp.zeros((1, 4, 2, 16), jnp.bfloat16), jnp.zeros((1, 4, 2, 8))
+assert attention_cpu_ffi.supports(f32, f32, f32) and cross_entropy_cpu_ffi.supports(f32[0, 0])
+assert era_cpu_ffi.supports(f32)
+assert not attention_cpu_ffi.supports(bf16, bf16, bf16)    # bfloat16: the JAX version
+assert not attention_cpu_ffi.supports(odd, odd, odd)       # head size not a multiple of 16
+assert not cross_entropy_cpu_ffi.supports(f32[0, 0].astype(jnp.bfloat16)) and not era_cpu_ffi.supports(bf16)
+
+cfg = tiny_model_config(vocab_size=512)   # head size 32, ERA with lambda = 0.1
+params = M.init_params(cfg, jax.random.key(0))
+tokens = jax.random.randint(jax.random.key(1), (2, 25), 0, cfg.vocab_size)
+mask = jnp.ones((2, 25), jnp.int32).at[1, 20:].set(0)
+
+def loss_and_grads():  # a new function each call: traced again, so the kernels are chosen again
   def loss(params):
-    logits = M.VesperLM(cfg).apply({'params': params}, tokens, attention_mask_BT=mask)
-    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+    model = M.VesperLM(cfg)
+    x = model.apply({'params': params}, tokens[:, :-1], attention_mask_BT=mask[:, :-1], return_hidden=True)
+    return losses.head_cross_entropy_and_entropy(x, *model.head_weights(params), tokens[:, 1:],
+                                                 mask[:, 1:])[0]
+  lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
+  return lowered.as_text(), lowered.compile()(params)
 
-  with_kernel = jax.value_and_grad(loss)(params)
-  monkeypatch.setattr(attention_cpu_ffi, 'supports', lambda *a: False)
-  without = jax.value_and_grad(loss)(params)
-  for got, want in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+text, with_kernels = loss_and_grads()
+missing = [name for name in cpu_kernels.TARGETS if name not in text]
+assert not missing, f'kernels not in the lowered step: {missing}'
+cpu_kernels.usable = lambda *args, **kwargs: False
+text, without = loss_and_grads()
+assert not [name for name in cpu_kernels.TARGETS if name in text]
+for got, want in zip(jax.tree.leaves(with_kernels), jax.tree.leaves(without)):
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+print('checked', len(jax.tree.leaves(without)), 'arrays')
+"""
+
+
+def test_model_with_kernels_on_one_device_equals_model_without():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _ONE_DEVICE, str(REPO)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith('checked ')
 
 
 def _available_in_subprocess(tmp_path, **env):

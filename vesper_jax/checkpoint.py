@@ -14,6 +14,8 @@ fatal while an older one restores: resuming and loading fall back to the newest 
 the path of each one skipped. Inference restores the parameters alone, not the optimizer's moments.
 """
 
+import asyncio
+import contextlib
 import gc
 import json
 import logging as std_logging
@@ -30,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vesper_jax import config as config_lib
+from vesper_jax import platforms
 from vesper_jax import velvet
 from vesper_jax.model import ModelConfig
 from vesper_jax.pytree import PyTree
@@ -54,6 +57,46 @@ class _SiblingReadErrors(std_logging.Filter):
 std_logging.getLogger('asyncio').addFilter(_SiblingReadErrors())
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that cancels and awaits its pending tasks before it closes, as asyncio.run does.
+
+  Orbax runs a restore in a fresh loop and closes it as soon as the first array read fails, with the
+  other reads still pending. Those orphaned coroutines were finalised later, by the garbage collector or
+  at exit, and orbax turns the GeneratorExit into an exception of its own, so each printed 'Exception
+  ignored in: <coroutine ...>' and a page of TensorStore spec after the one-line error (more often the
+  busier the machine, the more reads still pending). Cancelled and awaited here, they end inside the
+  restore, with their errors retrieved.
+  """
+
+  def close(self) -> None:
+    if not self.is_closed() and not self.is_running():
+      pending = asyncio.all_tasks(self)
+      for task in pending:
+        task.cancel()
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingLoopPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """Within: the event loops orbax creates drain their pending reads when closed (_DrainingLoop)."""
+  # The policy is the one public hook on the loop `asyncio.new_event_loop()` (orbax's run_sync) creates
+  # (deprecated from Python 3.14, to go in 3.16: by then, a loop factory if orbax takes one).
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 class Checkpointer:
   """Keeps the last K checkpoints of the train state; saves asynchronously when asked to."""
 
@@ -72,7 +115,8 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: PyTree) -> PyTree:
     """Restores onto the shardings and structure of `abstract_state` (ShapeDtypeStructs or arrays)."""
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    with _draining_event_loops():
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
   def restore_latest_good(self, abstract_state: PyTree) -> tuple[PyTree, int] | None:
     """The newest checkpoint that restores with finite values, as (state, step); None if there is none.
@@ -210,7 +254,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[in
 
 def _restore_params(item_dir: pathlib.Path) -> PyTree:
   """The `params` subtree of a saved TrainState, restored alone (partial restore: no moments read)."""
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _draining_event_loops(), ocp.PyTreeCheckpointer() as checkpointer:
     absl_logger = std_logging.getLogger('absl')
     level = absl_logger.level
     absl_logger.setLevel(std_logging.ERROR)  # read from the item directory, orbax warns that the step's
@@ -286,4 +330,5 @@ def load_for_inference(workdir: str | os.PathLike):
   config = read_config(workdir)
   _, params = load_params(workdir)
   tokenizer = Tokenizer.load(pathlib.Path(workdir) / TOKENIZER_FILE, config.data.eos_token)
-  return ModelConfig(**config.model), params, tokenizer
+  # The platform is this process's devices', decided here once for everything the model is used for.
+  return ModelConfig(**config.model).replace(platform=platforms.resolve()), params, tokenizer

@@ -21,9 +21,9 @@ PACKAGE = 'vesper_jax'
 SOURCE_DIRS = {PACKAGE: REPO / 'vesper_jax', f'{PACKAGE}.kernels': REPO / 'kernels'}
 # The model and its layers: no checkpoint, export, file or data module may be reachable from them.
 MODEL_LAYER = ('model', 'era', 'flylora', 'metacog', 'quantize', 'pytree', 'sampling', 'decode', 'losses')
-IO_MODULES = ('checkpoint', 'export', 'finetune', 'data', 'sources', 'tokenizer', 'prepare', 'train',
+IO_MODULES = ('checkpoint', 'export', 'finetune', 'data', 'sources', 'hub', 'tokenizer', 'prepare', 'train',
               'evaluate', 'generate', 'chat', 'metrics_writer', 'cli', 'scale')
-IO_LIBRARIES = ('orbax', 'safetensors')
+IO_LIBRARIES = ('orbax', 'safetensors', 'huggingface_hub')
 
 
 def _module_files() -> dict[str, pathlib.Path]:

@@ -25,10 +25,12 @@ USER_ERRORS = (ValueError, OSError)
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax (a line per file per save or restore), keeping its warnings."""
+  """Drops the INFO chatter of orbax (a line per file per save or restore) and of the HTTP client under
+  huggingface_hub (a line per request), keeping their warnings."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    return record.levelno >= std_logging.WARNING or not (
+        '/orbax/' in record.pathname or record.name.startswith(('httpx', 'httpcore')))
 
 
 def run(prog: str, main: Callable[[list[str]], None], define_flags: Callable[[], None], *,

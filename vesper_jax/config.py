@@ -92,11 +92,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data (→ data.py, tokenizer.py)
   config.data = ml_collections.ConfigDict()
-  config.data.sources = 'builtin:pydoc'  # comma-separated files, globs, dirs, builtin:pydoc, download:NAME
-  config.data.tokenizer = ''            # a tokenizer.json path; '' trains a byte-level BPE on the corpus
+  config.data.sources = 'builtin:pydoc'  # comma-separated files, globs, dirs, builtin:pydoc, download:NAME,
+                                         # hf://datasets/OWNER/NAME[@REV]/GLOB (Hub files, HF_TOKEN if gated)
+  config.data.tokenizer = ''            # a tokenizer.json path or hf://OWNER/NAME[@REV]/tokenizer.json;
+                                        # '' trains a byte-level BPE on the corpus
   config.data.eos_token = ''            # the tokenizer's end-of-text token; '' = found from its specials
   config.data.seq_len = 128             # tokens per training window (each window reads seq_len + 1)
-  config.data.doc_separator = '<|endoftext|>'  # splits plain-text files into documents
+  config.data.doc_separator = '<|endoftext|>'  # splits plain-text files into documents ('\n\n': blank
+                                               # lines, one dialogue per block as in Claire; '' = whole file)
   config.data.on_error = 'skip'         # bad records: 'skip' (counted and reported) or 'fail'
   config.data.val_fraction = 0.05       # fraction of documents held out for validation
   config.data.cache_dir = ''            # '' = $XDG_CACHE_HOME/vesper_jax (or ~/.cache/vesper_jax)

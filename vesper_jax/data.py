@@ -98,11 +98,10 @@ def build_or_load_cache(data_config: ml_collections.ConfigDict, vocab_size: int,
   sources = sources_lib.resolve_sources(data_config.sources, errors, cache_dir=cache_dir,
                                         download_base_url=data_config.download_base_url, progress=progress)
   reading = {'format_version': FORMAT_VERSION, 'options': dataclasses.asdict(options),
-             'sources': [[s.kind, s.path, s.digest()] for s in sources]}
+             'sources': [[s.kind, s.name, s.digest()] for s in sources]}
+  tokenizer_origin = ''
   if data_config.tokenizer:
-    tokenizer_path = pathlib.Path(data_config.tokenizer).expanduser()
-    if not tokenizer_path.is_file():
-      raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {tokenizer_path}')
+    tokenizer_path, tokenizer_origin = tokenizer_file(data_config.tokenizer)
   else:
     tokenizer_path = _trained_bpe(vocab_size, data_config.bpe_sample_bytes, reading, sources, options,
                                   cache_dir, progress)
@@ -113,7 +112,8 @@ def build_or_load_cache(data_config: ml_collections.ConfigDict, vocab_size: int,
   if cache is None:
     tokenizer = Tokenizer.load(tokenizer_path, data_config.eos_token)
     _check_vocab(tokenizer.vocab_size, vocab_size, tokenizer_path)
-    _build(directory, key, reading, sources, options, errors, tokenizer, data_config, progress)
+    _build(directory, key, reading, sources, options, errors, tokenizer, tokenizer_origin, data_config,
+           progress)
     cache = _open(directory, key)
     cache.built = True
     cache._tokenizer = tokenizer.relocated(directory / 'tokenizer.json')  # the same bytes: no reload
@@ -124,6 +124,21 @@ def build_or_load_cache(data_config: ml_collections.ConfigDict, vocab_size: int,
                len(cache.val), 'built' if cache.built else 'opened', cache.open_seconds)
   _check_windows(cache, data_config.seq_len, data_config.val_fraction)
   return cache
+
+
+def tokenizer_file(spec: str) -> tuple[pathlib.Path, str]:
+  """(local path, Hub origin or '') of data.tokenizer: a tokenizer.json path, or an hf:// path to one
+  (fetched into the Hub cache, the revision resolved to a commit)."""
+  if sources_lib.hub.is_hub(spec):
+    try:
+      file = sources_lib.hub.fetch_one(spec, what='data.tokenizer')
+    except sources_lib.hub.HubError as e:
+      raise DataError(f'data.tokenizer: {e}') from None
+    return pathlib.Path(file.path), file.origin
+  path = pathlib.Path(spec).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {path}')
+  return path, ''
 
 
 def _tokenizer_sha256(path: pathlib.Path) -> str:
@@ -232,7 +247,7 @@ def _is_val(index: int, val_fraction: float) -> bool:
 
 
 def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, errors, tokenizer: Tokenizer,
-           data_config: ml_collections.ConfigDict, progress: bool) -> None:
+           tokenizer_origin: str, data_config: ml_collections.ConfigDict, progress: bool) -> None:
   """Tokenizes every source into a temporary directory, then renames it to `directory`."""
   start = time.perf_counter()
   directory.parent.mkdir(parents=True, exist_ok=True)
@@ -240,8 +255,8 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
   tmp = directory.parent / f'{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
   val_fraction = data_config.val_fraction
-  per_source = [{'kind': s.kind, 'path': s.path, 'sha256': sha, 'documents': 0, 'tokens': 0}
-                for s, (_, _, sha) in zip(sources, reading['sources'])]
+  per_source = [{'kind': s.kind, 'path': s.path, 'origin': s.origin, 'sha256': sha, 'documents': 0,
+                 'tokens': 0} for s, (_, _, sha) in zip(sources, reading['sources'])]
   counts = {'train_documents': 0, 'val_documents': 0, 'train_tokens': 0, 'val_tokens': 0}
 
   try:
@@ -279,7 +294,8 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
       _move_tail(tmp, dtype, counts, val_fraction)
     meta = {
         'format_version': FORMAT_VERSION, 'key': key, 'dtype': np.dtype(dtype).name,
-        **_tokenizer_meta(tokenizer), **counts, 'split': split, 'val_fraction': val_fraction,
+        **_tokenizer_meta(tokenizer), 'tokenizer_origin': tokenizer_origin, **counts, 'split': split,
+        'val_fraction': val_fraction,
         'options': reading['options'], 'sources': per_source, 'skipped_count': len(errors.skipped),
         'skipped': errors.skipped[:_MAX_SKIPPED_IN_META], 'ignored': errors.ignored[:_MAX_SKIPPED_IN_META],
         **_timing_meta(start, counts['train_tokens'] + counts['val_tokens']),

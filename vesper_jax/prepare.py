@@ -29,13 +29,14 @@ def summary(cache: data.TokenCache) -> str:
       + ('   (too few documents: validation is the last tokens)' if meta['split'] == 'tail' else ''),
       f'  tokens      train {meta["train_tokens"]:,}   validation {meta["val_tokens"]:,}   ({meta["dtype"]})',
       f'  speed       {meta["tokens_per_second"]:,.0f} tokens/s over the build',
-      f'  tokenizer   {meta["tokenizer_source"]}  (vocab {meta["vocab_size"]:,}, eos {meta["eos_id"]}, '
-      f'bos {meta["bos_id"]}, pad {meta["pad_id"]})',
+      f'  tokenizer   {meta.get("tokenizer_origin") or meta["tokenizer_source"]}  '
+      f'(vocab {meta["vocab_size"]:,}, eos {meta["eos_id"]}, bos {meta["bos_id"]}, pad {meta["pad_id"]})',
       f'  cache       {cache.directory}',
       '  sources',
   ]
   for s in meta['sources']:
-    lines.append(f'    {s["path"]}  [{s["kind"]}]  {s["documents"]:,} documents, {s["tokens"]:,} tokens')
+    lines.append(f'    {s.get("origin") or s["path"]}  [{s["kind"]}]  {s["documents"]:,} documents, '
+                 f'{s["tokens"]:,} tokens')
   if meta['skipped_count']:
     lines.append(f'  skipped     {meta["skipped_count"]:,} (data.on_error=skip):')
     lines += [f'    {reason}' for reason in meta['skipped']]

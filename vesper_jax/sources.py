@@ -1,7 +1,9 @@
 """Data sources (SPEC §6): resolving `data.sources`, reading documents from each kind of file, downloads.
 
 A source entry is a file, a glob, a directory (searched recursively), `builtin:pydoc` (the CPython
-documentation topics, so the quickstart needs no data and no network) or `download:NAME` (one of
+documentation topics, so the quickstart needs no data and no network), an `hf://` path on the Hugging
+Face Hub (hub.py: a file or glob of a dataset repo at a commit, through huggingface_hub's cache; its
+files are read like local ones) or `download:NAME` (one of
 `DOWNLOADS`, fetched once into the cache dir and checked by sha256; a corpus of several files is a
 folder). Files are read by suffix, with an optional `.gz`:
   .txt/.md (and any unknown suffix named explicitly): one document per file, split on data.doc_separator;
@@ -34,6 +36,7 @@ import ml_collections
 import tqdm
 from absl import logging
 
+from vesper_jax import hub
 from vesper_jax import tokenizer as tokenizer_lib
 
 TEXT_SUFFIXES = ('.txt', '.md', '.text')
@@ -148,9 +151,15 @@ class ErrorLog:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One concrete input: kind is 'text', 'jsonl', 'squad', 'pydoc' or 'missing'."""
+  """One concrete input: kind is 'text', 'jsonl', 'squad', 'parquet', 'pydoc' or 'missing'."""
   kind: str
   path: str
+  origin: str = ''  # for a Hub file, hf://...@<commit>/<file> (`path` is its copy in the Hub cache)
+
+  @property
+  def name(self) -> str:
+    """What the cache key and the summary call this source: its Hub origin, else its path."""
+    return self.origin or self.path
 
   def digest(self) -> str:
     """sha256 of what this source reads (file bytes; the topics for pydoc); 'missing' if absent."""
@@ -186,13 +195,16 @@ def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, dow
   """The concrete sources (absolute paths) named by a comma-separated data.sources, in a fixed order."""
   entries = [e.strip() for e in spec.split(',') if e.strip()]
   if not entries:
-    raise ValueError('data.sources is empty: name files, globs, directories, builtin:pydoc or download:NAME')
+    raise ValueError('data.sources is empty: name files, globs, directories, hf:// paths, builtin:pydoc or '
+                     'download:NAME')
   sources = []
   for entry in entries:
     if entry == BUILTIN_PYDOC:
       sources.append(Source('pydoc', BUILTIN_PYDOC))
     elif entry.startswith('builtin:'):
       raise ValueError(f'data.sources: unknown built-in {entry!r} (the only one is {BUILTIN_PYDOC})')
+    elif hub.is_hub(entry):
+      sources.extend(Source(_kind(f.path), f.path, f.origin) for f in hub_files(entry))
     elif entry.startswith(DOWNLOAD_PREFIX):
       path = download(entry[len(DOWNLOAD_PREFIX):], cache_dir, base_url=download_base_url, progress=progress)
       sources.extend(_directory(str(path), errors) if path.is_dir() else [Source(_kind(path), str(path))])
@@ -215,12 +227,21 @@ def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, dow
   return _once_each(sources)
 
 
+def hub_files(spec: str) -> list[hub.HubFile]:
+  """hub.fetch, its errors as DataError."""
+  try:
+    return hub.fetch(spec)
+  except hub.HubError as e:
+    raise DataError(str(e)) from None
+
+
 def _once_each(sources: list[Source]) -> list[Source]:
   """The sources with each real file once: a recursive glob through a symlinked directory, or a file
   named twice, would otherwise be read (and trained on) several times."""
   seen, unique = set(), []
   for source in sources:
-    real = os.path.realpath(source.path) if source.kind in _FILE_KINDS else source.path
+    # Hub files by origin: the cache stores identical files as one blob, but they are two documents' worth.
+    real = source.origin or (os.path.realpath(source.path) if source.kind in _FILE_KINDS else source.path)
     if (source.kind, real) in seen:
       logging.info('data.sources: %s is %s again; read once', source.path, real)
       continue

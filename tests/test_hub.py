@@ -1,0 +1,348 @@
+"""Hugging Face Hub sources (SPEC §6, issue 27): hf:// paths against a local Hub, and offline from a cache.
+
+The local Hub is a threaded HTTP server speaking the part of the Hub's protocol huggingface_hub uses:
+GET /api/{datasets/,}OWNER/NAME/revision/REV (the commit sha and the file list) and HEAD/GET
+/{datasets/,}OWNER/NAME/resolve/REV/PATH (X-Repo-Commit, ETag, Content-Length, Range), with the error
+headers the Hub sends (X-Error-Code: GatedRepo, RepoNotFound, EntryNotFound). In-process tests point
+huggingface_hub's constants at it; the CLI tests run in a subprocess with HF_ENDPOINT and HF_HOME set.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+from huggingface_hub import constants
+
+from conftest import FRENCH_TOKENIZER
+from vesper_jax import config as config_lib
+from vesper_jax import data, hub, sources
+from vesper_jax.sources import DataError, ErrorLog
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOKEN = 'hf_testTOKENdoNotLeak0123456789'
+CLAIRE = 'OpenLLM-France/Claire-Dialogue-French-0.1'
+CLAIRE_SPEC = f'hf://datasets/{CLAIRE}/FR/*/train.txt'
+CAMEMBERT = 'hf://almanach/camembert-base/tokenizer.json'
+SHA1, SHA2 = 'a' * 40, 'b' * 40
+
+# Claire's format: dialogues separated by blank lines, one "[Speaker:] text" turn per line.
+DIALOGUES_A = ['[Intervenant 1:] Bonjour, vous allez bien ?\n[Intervenant 2:] Très bien, merci.',
+               '[Alice:] On se voit demain ?\n[Bob:] Oui, à midi.\n[Alice:] Parfait.',
+               '[Speaker 1:] Il pleut encore.\n[Speaker 2:] Comme toujours en novembre.']
+DIALOGUES_B = ['[Marie:] Tu as lu le livre ?\n[Paul:] Pas encore, je commence ce soir.',
+               '[Prof:] Ouvrez vos cahiers.\n[Élève:] Page combien ?']
+CLAIRE_FILES = {'FR/A/train.txt': '\n\n'.join(DIALOGUES_A) + '\n',
+                'FR/B/train.txt': '\n\n\n'.join(DIALOGUES_B) + '\n',  # extra blank lines change nothing
+                'FR/A/test.txt': '[X:] Une phrase de test.\n[Y:] Une autre.\n',
+                'README.md': '# Claire (fake)\n'}
+
+
+class LocalHub:
+  """Repos (type, 'OWNER/NAME') -> {'commits': {sha: {path: bytes}}, 'refs': {name: sha}, 'gated': bool}."""
+
+  def __init__(self):
+    self.repos: dict[tuple[str, str], dict] = {}
+    self.cut: set[str] = set()        # files whose next GET is cut half-way (then served with Range)
+    self.requests: list[tuple[str, str, dict]] = []
+    hub_ = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def log_message(self, *args):
+        pass
+
+      def do_HEAD(self):
+        hub_._answer(self, body=False)
+
+      def do_GET(self):
+        hub_._answer(self, body=True)
+
+    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def add(self, repo_type: str, repo_id: str, files: dict[str, str | bytes], *, sha: str = SHA1,
+          gated: bool = False) -> None:
+    repo = self.repos.setdefault((repo_type, repo_id), {'commits': {}, 'refs': {}, 'gated': gated})
+    repo['commits'][sha] = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
+    repo['refs']['main'] = sha
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+  def _answer(self, handler, body: bool) -> None:
+    self.requests.append((handler.command, handler.path, handler.headers))  # case-insensitive
+    path = handler.path.split('?')[0]
+    api = path.startswith('/api/')
+    parts = path.removeprefix('/api/').lstrip('/').split('/')
+    repo_type = 'model'
+    if parts[0] in ('datasets', 'models'):
+      repo_type = 'dataset' if parts.pop(0) == 'datasets' else 'model'
+    repo = self.repos.get((repo_type, '/'.join(parts[:2])))
+    if repo is None:
+      return self._error(handler, 404, 'RepoNotFound')
+    if repo['gated'] and handler.headers.get('Authorization') != f'Bearer {TOKEN}':
+      return self._error(handler, 401, 'GatedRepo')
+    verb, revision, file = parts[2], parts[3], '/'.join(parts[4:])
+    sha = revision if revision in repo['commits'] else repo['refs'].get(revision)
+    if sha is None:
+      return self._error(handler, 404, 'RevisionNotFound')
+    files = repo['commits'][sha]
+    if api and verb == 'revision':
+      payload = json.dumps({'id': '/'.join(parts[:2]), 'sha': sha, 'private': False,
+                            'siblings': [{'rfilename': name} for name in sorted(files)]}).encode()
+      return self._send(handler, 200, {'Content-Type': 'application/json'}, payload, body)
+    if verb != 'resolve' or file not in files:
+      return self._error(handler, 404, 'EntryNotFound', {'X-Repo-Commit': sha})
+    content = files[file]
+    headers = {'X-Repo-Commit': sha, 'ETag': f'"{hashlib.sha256(content).hexdigest()}"',
+               'Accept-Ranges': 'bytes'}
+    start = int(m.group(1)) if (m := re.match(r'bytes=(\d+)-', handler.headers.get('Range', ''))) else 0
+    if body and file in self.cut:  # send the headers of the whole file, half of it, then hang up
+      self.cut.discard(file)
+      handler.send_response(200)
+      for k, v in {**headers, 'Content-Length': str(len(content))}.items():
+        handler.send_header(k, v)
+      handler.end_headers()
+      handler.wfile.write(content[:len(content) // 2])
+      handler.wfile.flush()
+      handler.close_connection = True
+      return
+    if start:
+      headers['Content-Range'] = f'bytes {start}-{len(content) - 1}/{len(content)}'
+    self._send(handler, 206 if start else 200, headers, content[start:], body)
+
+  @staticmethod
+  def _send(handler, status: int, headers: dict, payload: bytes, body: bool) -> None:
+    handler.send_response(status)
+    for k, v in {**headers, 'Content-Length': str(len(payload))}.items():
+      handler.send_header(k, v)
+    handler.end_headers()
+    if body:
+      handler.wfile.write(payload)
+
+  def _error(self, handler, status: int, code: str, headers: dict | None = None) -> None:
+    self._send(handler, status, {'X-Error-Code': code, 'X-Error-Message': code, **(headers or {})},
+               b'{"error": "' + code.encode() + b'"}', handler.command == 'GET')
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+  """A LocalHub with fake Claire and CamemBERT repos, huggingface_hub pointed at it, HF_HOME in tmp_path."""
+  server = LocalHub()
+  server.add('dataset', CLAIRE, CLAIRE_FILES)
+  server.add('model', 'almanach/camembert-base', {'tokenizer.json': FRENCH_TOKENIZER.read_bytes(),
+                                                  'config.json': '{}'})
+  server.add('model', 'spm/only', {'sentencepiece.bpe.model': b'\x00spm', 'config.json': '{}'})
+  _point_at(monkeypatch, tmp_path / 'hf_home', server.url)
+  yield server
+  server.close()
+
+
+def _point_at(monkeypatch, hf_home: pathlib.Path, endpoint: str | None) -> None:
+  """What HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE set at import would give (constants are read then)."""
+  if endpoint:
+    monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+  monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', endpoint is None)
+  monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(hf_home / 'hub'))
+  monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(hf_home / 'token'))
+  monkeypatch.setattr(constants, 'HF_STORED_TOKENS_PATH', str(hf_home / 'stored_tokens'))
+  monkeypatch.delenv('HF_TOKEN', raising=False)
+
+
+def _data_config(tmp_path, **overrides):
+  cfg = config_lib.get_config().data
+  cfg.update({'cache_dir': str(tmp_path / 'cache'), 'doc_separator': '\n\n', 'seq_len': 4, 'val_fraction': 0.0,
+              'tokenizer': str(FRENCH_TOKENIZER), **overrides})
+  return cfg
+
+
+def _resolve(spec: str) -> list[sources.Source]:
+  return sources.resolve_sources(spec, ErrorLog('fail'), cache_dir=pathlib.Path('/nonexistent'),
+                                 download_base_url='')
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def test_hub_paths_parse():
+  p = hub.HubPath.parse('hf://datasets/OWNER/NAME@v1.0/FR/*/train.txt')
+  assert (p.repo_type, p.repo_id, p.revision, p.pattern) == ('dataset', 'OWNER/NAME', 'v1.0', 'FR/*/train.txt')
+  p = hub.HubPath.parse('hf://almanach/camembert-base/tokenizer.json')
+  assert (p.repo_type, p.repo_id, p.revision, p.pattern) == ('model', 'almanach/camembert-base', 'main',
+                                                             'tokenizer.json')
+  assert p.repo == 'hf://almanach/camembert-base'
+  with pytest.raises(hub.HubError, match='expected hf://datasets/OWNER/NAME'):
+    hub.HubPath.parse('hf://datasets/only-a-name')
+
+
+# ------------------------------------------------------------------------------------ the local Hub
+
+
+def test_claire_through_hf_reads_every_dialogue_at_a_commit(tmp_path, local_hub):
+  found = _resolve(CLAIRE_SPEC)
+  assert [s.origin for s in found] == [f'hf://datasets/{CLAIRE}@{SHA1}/FR/A/train.txt',
+                                       f'hf://datasets/{CLAIRE}@{SHA1}/FR/B/train.txt']
+  assert all(s.kind == 'text' and str(tmp_path / 'hf_home' / 'hub') in s.path for s in found)
+  cache = data.build_or_load_cache(_data_config(tmp_path, sources=CLAIRE_SPEC), 1024, progress=False)
+  per_source = cache.meta['sources']
+  assert [s['documents'] for s in per_source] == [3, 2]  # one document per dialogue, speaker tags kept
+  assert per_source[0]['origin'].endswith(f'@{SHA1}/FR/A/train.txt')
+  assert cache.tokenizer.decode(cache.train[:40]).startswith('[Intervenant 1:] Bonjour')
+  # Cached: the second run asks the Hub one question (the revision), downloads nothing.
+  local_hub.requests.clear()
+  again = data.build_or_load_cache(_data_config(tmp_path, sources=CLAIRE_SPEC), 1024, progress=False)
+  assert not again.built and [r[1].split('?')[0] for r in local_hub.requests] == [
+      f'/api/datasets/{CLAIRE}/revision/main']
+
+
+def test_every_reader_kind_through_hf(tmp_path, local_hub):
+  local_hub.add('dataset', 'me/mixed', {'a.jsonl': '{"text": "une ligne"}\n{"text": "deux"}\n',
+                                        'b.json': json.dumps({'data': [{'paragraphs': [
+                                            {'context': 'Paris.', 'qas': [{'question': 'Où ?', 'answers': [
+                                                {'text': 'Paris'}]}]}]}]}),
+                                        'c.txt': 'du texte'})
+  found = _resolve('hf://datasets/me/mixed/*')
+  assert [s.kind for s in found] == ['jsonl', 'squad', 'text']
+
+
+def test_revision_pinning(tmp_path, local_hub):
+  pinned = f'hf://datasets/{CLAIRE}@{SHA1}/FR/A/train.txt'
+  first = data.build_or_load_cache(_data_config(tmp_path, sources=pinned), 1024, progress=False)
+  local_hub.add('dataset', CLAIRE, {**CLAIRE_FILES, 'FR/A/train.txt': '[Z:] Tout autre chose.\n'}, sha=SHA2)
+  again = data.build_or_load_cache(_data_config(tmp_path, sources=pinned), 1024, progress=False)
+  assert not again.built and again.directory == first.directory  # the new commit changes nothing pinned
+  moved = data.build_or_load_cache(_data_config(tmp_path, sources=pinned.replace(f'@{SHA1}', '')), 1024,
+                                   progress=False)
+  assert moved.built and moved.meta['sources'][0]['origin'] == f'hf://datasets/{CLAIRE}@{SHA2}/FR/A/train.txt'
+  assert moved.meta['train_documents'] == 1
+
+
+def test_missing_file_names_what_exists(local_hub):
+  with pytest.raises(DataError, match=r"no file matches 'FR/\*/valid.txt'; its files: FR/A/test.txt, "
+                                      r'FR/A/train.txt, FR/B/train.txt, README.md'):
+    _resolve(f'hf://datasets/{CLAIRE}/FR/*/valid.txt')
+  with pytest.raises(DataError, match='hf://datasets/nobody/nothing@main: no such repo, or it is private'):
+    _resolve('hf://datasets/nobody/nothing/x.txt')
+  with pytest.raises(DataError, match="no revision 'v9'"):
+    _resolve(f'hf://datasets/{CLAIRE}@v9/FR/*/train.txt')
+
+
+def test_gated_repo_needs_a_token(tmp_path, local_hub, monkeypatch):
+  local_hub.repos[('dataset', CLAIRE)]['gated'] = True
+  with pytest.raises(DataError) as refused:
+    _resolve(CLAIRE_SPEC)
+  message = str(refused.value)
+  assert '\n' not in message and f'hf://datasets/{CLAIRE}' in message and 'gated' in message
+  assert 'HF_TOKEN' in message and 'hf auth login' in message and f'/datasets/{CLAIRE}' in message
+  monkeypatch.setenv('HF_TOKEN', TOKEN)
+  assert len(_resolve(CLAIRE_SPEC)) == 2
+  assert any(h.get('Authorization') == f'Bearer {TOKEN}' for _, _, h in local_hub.requests)
+
+
+def test_interrupted_download_resumes_with_a_range(local_hub, monkeypatch):
+  # huggingface_hub resumes from the last whole chunk it wrote (10 MB on the real Hub); small chunks here.
+  monkeypatch.setattr(constants, 'DOWNLOAD_CHUNK_SIZE', 1 << 14)
+  big = ''.join(f'[A:] ligne {i}\n' for i in range(20_000))
+  local_hub.add('dataset', 'me/big', {'big.txt': big})
+  local_hub.cut.add('big.txt')
+  (source,) = _resolve('hf://datasets/me/big/big.txt')
+  assert pathlib.Path(source.path).read_text() == big
+  ranges = [h.get('Range') for verb, path, h in local_hub.requests if verb == 'GET' and 'big.txt' in path]
+  assert len(ranges) == 2 and ranges[0] is None
+  assert 0 < int(re.fullmatch(r'bytes=(\d+)-', ranges[1])[1]) <= len(big) // 2  # the second half only
+
+
+def test_tokenizer_from_the_hub(tmp_path, local_hub):
+  cache = data.build_or_load_cache(_data_config(tmp_path, sources=CLAIRE_SPEC, tokenizer=CAMEMBERT), 1024,
+                                   progress=False)
+  assert cache.meta['tokenizer_origin'] == f'{CAMEMBERT.replace("/tokenizer.json", "")}@{SHA1}/tokenizer.json'
+  assert cache.meta['tokenizer_sha256'] == hashlib.sha256(FRENCH_TOKENIZER.read_bytes()).hexdigest()
+  with pytest.raises(DataError, match=r'data.tokenizer: hf://spm/only@\w+: no tokenizer.json in the repo, '
+                                      r'only a SentencePiece model \(sentencepiece.bpe.model\)'):
+    data.build_or_load_cache(_data_config(tmp_path, tokenizer='hf://spm/only/tokenizer.json'), 1024)
+
+
+# ----------------------------------------------------------------------------------------- offline
+
+
+def make_hub_cache(hf_home: pathlib.Path, repo_type: str, repo_id: str, files: dict[str, str | bytes],
+                   sha: str = SHA1) -> None:
+  """A Hub cache as huggingface_hub leaves it: refs/main, blobs/<hash>, snapshots/<sha>/<path> -> blob."""
+  root = hf_home / 'hub' / f'{repo_type}s--{repo_id.replace("/", "--")}'
+  (root / 'refs').mkdir(parents=True, exist_ok=True)
+  (root / 'refs' / 'main').write_text(sha)
+  for name, content in files.items():
+    content = content.encode() if isinstance(content, str) else content
+    blob = root / 'blobs' / hashlib.sha256(content).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(content)
+    link = root / 'snapshots' / sha / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def test_offline_from_a_hand_made_cache(tmp_path, monkeypatch):
+  make_hub_cache(tmp_path / 'hf_home', 'dataset', CLAIRE, CLAIRE_FILES)
+  _point_at(monkeypatch, tmp_path / 'hf_home', None)  # HF_HUB_OFFLINE, no server at all
+  found = _resolve(CLAIRE_SPEC)
+  assert [s.origin for s in found] == [f'hf://datasets/{CLAIRE}@{SHA1}/FR/A/train.txt',
+                                       f'hf://datasets/{CLAIRE}@{SHA1}/FR/B/train.txt']
+  with pytest.raises(DataError, match=r'HF_HUB_OFFLINE is set, and nothing of it is cached'):
+    _resolve('hf://datasets/someone/else/x.txt')
+
+
+# ------------------------------------------------------------------------------------ the CLI (the bar)
+
+
+def _prepare(tmp_path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+  command = [sys.executable, '-m', 'vesper_jax.prepare', '--config=configs/french.py',
+             f'--config.data.sources={CLAIRE_SPEC}', f'--config.data.tokenizer={CAMEMBERT}',
+             f'--config.data.cache_dir={tmp_path / "cache"}', '--config.data.seq_len=4',
+             '--config.data.val_fraction=0.4', *extra]
+  env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')} | {
+      'HF_HOME': str(tmp_path / 'hf_home'), **env}
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_prepare_french_offline_from_a_hub_cache(tmp_path):
+  make_hub_cache(tmp_path / 'hf_home', 'dataset', CLAIRE, CLAIRE_FILES)
+  make_hub_cache(tmp_path / 'hf_home', 'model', 'almanach/camembert-base',
+                 {'tokenizer.json': FRENCH_TOKENIZER.read_bytes()})
+  result = _prepare(tmp_path, {'HF_HUB_OFFLINE': '1'})
+  assert result.returncode == 0, result.stderr
+  counts = [int(n) for n in re.findall(r'\[text\]  (\d+) documents', result.stdout)]
+  assert counts == [len(DIALOGUES_A), len(DIALOGUES_B)]
+  totals = re.search(r'documents   train ([\d,]+)   validation ([\d,]+)', result.stdout)
+  assert int(totals[1]) + int(totals[2]) == sum(counts)
+  assert f'hf://datasets/{CLAIRE}@{SHA1}/FR/A/train.txt' in result.stdout
+  assert f'hf://almanach/camembert-base@{SHA1}/tokenizer.json' in result.stdout
+
+
+def test_prepare_behind_a_gated_hub_is_one_line_and_the_token_stays_secret(tmp_path):
+  server = LocalHub()
+  try:
+    server.add('dataset', CLAIRE, CLAIRE_FILES, gated=True)
+    server.add('model', 'almanach/camembert-base', {'tokenizer.json': FRENCH_TOKENIZER.read_bytes()})
+    refused = _prepare(tmp_path, {'HF_ENDPOINT': server.url})
+    assert refused.returncode == 1
+    lines = [line for line in refused.stderr.splitlines() if 'error' in line.lower()]
+    assert len(lines) == 1 and 'Traceback' not in refused.stderr, refused.stderr
+    assert lines[0].startswith('vesper_jax.prepare: error: ') and f'datasets/{CLAIRE}' in lines[0]
+    assert 'HF_TOKEN' in lines[0] and 'hf auth login' in lines[0]
+    served = _prepare(tmp_path, {'HF_ENDPOINT': server.url, 'HF_TOKEN': TOKEN})
+    assert served.returncode == 0, served.stderr
+    assert any(h.get('Authorization') == f'Bearer {TOKEN}' for _, _, h in server.requests)
+  finally:
+    server.close()
+  assert TOKEN not in served.stdout + served.stderr + refused.stdout + refused.stderr
+  leaks = [p for p in tmp_path.rglob('*') if p.is_file() and TOKEN.encode() in p.read_bytes()]
+  assert leaks == []

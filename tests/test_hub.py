@@ -226,6 +226,24 @@ def test_revision_pinning(tmp_path, local_hub):
   assert moved.meta['train_documents'] == 1
 
 
+def test_a_runs_config_names_the_commit_it_read(tmp_path, local_hub):
+  # train.load_data pins every hf:// entry (sources and tokenizer) to the commit read, so the run's
+  # config.json names exactly what it trained on, and a resume reads the same files after the repo moves.
+  from vesper_jax import train
+  config = config_lib.get_config()
+  config.data.update(_data_config(tmp_path, sources=f'{CLAIRE_SPEC},{FRENCH_TOKENIZER.parent / "piaf_excerpt.json"}',
+                                  tokenizer='hf://almanach/camembert-base/tokenizer.json'))
+  config.model.vocab_size = 1024
+  _, pinned = train.load_data(config)
+  assert pinned.data.sources == (f'{CLAIRE_SPEC.replace(CLAIRE, CLAIRE + "@" + SHA1)},'
+                                 f'{FRENCH_TOKENIZER.parent / "piaf_excerpt.json"}')
+  assert pinned.data.tokenizer.startswith('hf://almanach/camembert-base@') and len(
+      pinned.data.tokenizer.split('@')[1].split('/')[0]) == 40
+  assert config.data.sources.startswith(CLAIRE_SPEC)  # the caller's config is left as it was
+  assert hub.pin('hf://datasets/other/repo/x.txt', [f'hf://datasets/{CLAIRE}@{SHA1}/FR/A/train.txt']) == \
+      'hf://datasets/other/repo/x.txt'  # another repo's commit is not taken
+
+
 def test_missing_file_names_what_exists(local_hub):
   with pytest.raises(DataError, match=r"no file matches 'FR/\*/valid.txt'; its files: FR/A/test.txt, "
                                       r'FR/A/train.txt, FR/B/train.txt, README.md'):

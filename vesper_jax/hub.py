@@ -134,6 +134,27 @@ def fetch_one(spec: str, *, what: str) -> HubFile:
   return file
 
 
+def pin(spec: str, origins: list[str]) -> str:
+  """`spec` at the commit its files were read at: its revision replaced by the commit that `origins` (the
+  `HubFile.origin`s a run read) record for the same repo and a file the pattern matches; unchanged when
+  none does. A run's config then names exactly what it read, and a resumed run reads the same files."""
+  hub = HubPath.parse(spec)
+  for origin in origins:
+    if not is_hub(origin):
+      continue
+    read = HubPath.parse(origin)
+    if ((read.repo_type, read.repo_id) == (hub.repo_type, hub.repo_id) and _COMMIT.fullmatch(read.revision)
+        and _matches_file(hub.pattern, read.pattern)):
+      return f'{hub.repo}@{read.revision}/{hub.pattern}'
+  return spec
+
+
+def _matches_file(pattern: str, name: str) -> bool:
+  """Whether `name` is among the files `pattern` names (a file, a glob, or a folder and all below it)."""
+  pattern = pattern.strip('/')
+  return _match(pattern.split('/'), name.split('/')) or name.startswith(pattern + '/')
+
+
 def _matching(hub: HubPath, names: list[str], commit: str) -> list[str]:
   """The repo's files that match the pattern (a file, a glob, or a folder and all below it)."""
   pattern = hub.pattern.strip('/')

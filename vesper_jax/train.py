@@ -33,6 +33,7 @@ from vesper_jax import data as data_lib
 from vesper_jax import evaluate as eval_lib
 from vesper_jax import finetune
 from vesper_jax import flylora
+from vesper_jax import hub
 from vesper_jax import losses
 from vesper_jax import metacog
 from vesper_jax import metrics_writer
@@ -386,12 +387,27 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data_lib.TokenCache, m
   cache = data_lib.build_or_load_cache(
       config.data, config.model.vocab_size,
       progress=jax.process_index() == 0 and config.logging.progress_bar)
-  if config.train.auto_scale:
+  pinned = _pinned_hub_specs(config.data, cache.meta)
+  if config.train.auto_scale or pinned != (config.data.sources, config.data.tokenizer):
     config = config.copy_and_resolve_references()
     with config.unlocked():
-      config.train.num_steps = auto_scale_steps(config, len(cache.train))
+      # hf:// entries at the commit they were read at: config.json then names exactly what the run read.
+      config.data.sources, config.data.tokenizer = pinned
+      if config.train.auto_scale:
+        config.train.num_steps = auto_scale_steps(config, len(cache.train))
   data_lib.check_scale(cache, config)  # refuses a BPE too large for the corpus; warns on epochs, val size
   return cache, config
+
+
+def _pinned_hub_specs(data_config: ml_collections.ConfigDict, meta: dict) -> tuple[str, str]:
+  """(data.sources, data.tokenizer) with each hf:// entry pinned to the commit the cache was built from."""
+  origins = [s.get('origin', '') for s in meta.get('sources', [])]
+  sources = ','.join(hub.pin(e.strip(), origins) if hub.is_hub(e.strip()) else e
+                     for e in data_config.sources.split(','))
+  tokenizer = data_config.tokenizer
+  if hub.is_hub(tokenizer):
+    tokenizer = hub.pin(tokenizer, [meta.get('tokenizer_origin', '')])
+  return sources, tokenizer
 
 
 def check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:

@@ -18,6 +18,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers
 
 from conftest import FRENCH_TOKENIZER, MISERABLES, PIAF, TINYSHAKESPEARE, TINYSTORIES
+from hub_server import LocalHub, add_builtin, hub_env, point_at
 from vesper_jax import config as config_lib
 from vesper_jax import data, sources
 from vesper_jax import tokenizer as tokenizer_lib
@@ -637,7 +638,8 @@ def test_prefetcher_close_stops_a_thread_blocked_on_a_full_queue():
 
 
 def _mirror(tmp_path, **files) -> pathlib.Path:
-  """A folder laid out as a download mirror: DOWNLOADS[name].filename → the fixture file, for each name."""
+  """A folder laid out as a download mirror: DOWNLOADS[name].filename → the fixture file, for each name
+  (the downloads not on the Hub)."""
   mirror = tmp_path / 'mirror'
   mirror.mkdir()
   for name, fixture in files.items():
@@ -679,11 +681,23 @@ def test_download_with_wrong_sha256_is_discarded(tmp_path, serve):
   assert list((tmp_path / 'cache' / 'downloads').iterdir()) == []
 
 
-def test_download_with_unknown_hash_records_it(tmp_path, serve):
-  mirror = _mirror(tmp_path, tinystories=TINYSTORIES)
-  path = sources.download('tinystories', tmp_path / 'cache', base_url=serve(mirror), progress=False)
-  assert sources.recorded_sha256('tinystories', tmp_path / 'cache') == _sha256(TINYSTORIES)
-  assert path.read_bytes() == TINYSTORIES.read_bytes()
+def test_builtin_names_on_the_hub_read_their_pinned_commit(tmp_path, monkeypatch, caplog):
+  server = LocalHub()
+  try:
+    commit = add_builtin(server, 'tinystories', {'TinyStories-valid.txt': TINYSTORIES.read_bytes()})
+    server.add('dataset', 'roneneldan/TinyStories', {'TinyStories-valid.txt': 'moved on\n'}, sha='c' * 40)
+    point_at(monkeypatch, tmp_path / 'hf_home', server.url)  # main is now the later commit: not read
+    cache = data.build_or_load_cache(data_config(tmp_path, sources='download:tinystories'), 1024, progress=False)
+    source, = cache.meta['sources']
+    assert source['documents'] == 120
+    assert source['origin'] == f'hf://datasets/roneneldan/TinyStories@{commit}/TinyStories-valid.txt'
+    # download() gives the file in the Hub's cache; the mirror setting for the other downloads is ignored.
+    path = sources.download('tinystories', tmp_path, base_url='http://127.0.0.1:9', progress=False)
+    assert path.read_bytes() == TINYSTORIES.read_bytes() and (tmp_path / 'hf_home') in path.parents
+    assert 'data.download_base_url does not apply' in caplog.text and 'HF_ENDPOINT' in caplog.text
+    assert not (tmp_path / 'downloads').exists()
+  finally:
+    server.close()
 
 
 def test_download_errors_name_the_url(tmp_path, serve):
@@ -694,24 +708,29 @@ def test_download_errors_name_the_url(tmp_path, serve):
     sources.download('wikipedia', tmp_path)
 
 
-def test_prepare_cli_downloads_builds_and_summarizes(tmp_path, serve):
-  # tinystories: its hash is not known in advance, so the mirror's excerpt is a valid download (a subprocess
-  # cannot be handed a patched DOWNLOADS; the checked path is test_download_over_http_checks_sha256's).
-  base_url = serve(_mirror(tmp_path, tinystories=TINYSTORIES))
-  cache_dir = tmp_path / 'cache'
-  command = [sys.executable, '-m', 'vesper_jax.prepare', '--download=tinystories',
-             f'--config.data.download_base_url={base_url}', f'--config.data.cache_dir={cache_dir}',
-             '--config.model.vocab_size=1024']
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr
-  out = result.stdout
-  assert f'sha256 {_sha256(TINYSTORIES)} recorded (not known in advance)' in out
-  assert 'token cache ready: built in' in out and '120 documents' in out and 'skipped     nothing' in out
-  assert 'tokens/s' in out and str(cache_dir / 'tokens') in out
-  assert '--config.data.sources=download:tinystories' in out
-  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert again.returncode == 0 and 'token cache ready: opened in' in again.stdout
-  assert base_url.requested == ['/TinyStories-valid.txt']  # the second run downloaded nothing
+def test_prepare_cli_downloads_builds_and_summarizes(tmp_path):
+  server = LocalHub()
+  try:
+    commit = add_builtin(server, 'tinystories', {'TinyStories-valid.txt': TINYSTORIES.read_bytes()})
+    cache_dir = tmp_path / 'cache'
+    command = [sys.executable, '-m', 'vesper_jax.prepare', '--download=tinystories',
+               f'--config.data.cache_dir={cache_dir}', '--config.model.vocab_size=1024']
+    env = hub_env(tmp_path / 'hf_home', server.url)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f'tinystories: {sources.DOWNLOADS["tinystories"].spec}' in out
+    assert f'hf://datasets/roneneldan/TinyStories@{commit}/TinyStories-valid.txt  [text]  120 documents' in out
+    assert 'token cache ready: built in' in out and 'skipped     nothing' in out
+    assert 'tokens/s' in out and str(cache_dir / 'tokens') in out
+    assert '--config.data.sources=download:tinystories' in out
+    downloads = [path for verb, path, _ in server.requests if verb == 'GET' and '/resolve/' in path]
+    env['HF_HUB_OFFLINE'] = '1'  # the second run needs no Hub at all
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and 'token cache ready: opened in' in again.stdout, again.stderr
+    assert len(downloads) == 1
+  finally:
+    server.close()
 
 
 def test_prepare_cli_reports_bad_input_without_a_traceback(tmp_path):

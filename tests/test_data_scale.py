@@ -1,6 +1,8 @@
-"""Data at the size configs' scale (issue 17): corpora fetched from a (loopback) mirror, folders of
+"""Data at the size configs' scale (issue 17): corpora fetched from a (local) Hub, folders of
 shards, a BPE trained on a bounded sample, the guards before training, and bounded memory."""
 
+import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from hub_server import LocalHub, add_builtin, point_at
 from vesper_jax import config as config_lib
 from vesper_jax import data, sources, train
 from vesper_jax.sources import DataError
@@ -29,26 +32,43 @@ def stories(n: int, seed: int = 0, words=WORDS) -> str:
                for _ in range(rng.randint(3, 8))) for _ in range(n))
 
 
-def fineweb_mirror(root: pathlib.Path, rows_per_shard: int = 40) -> pathlib.Path:
-  """A mirror holding the 8 FineWeb-Edu shards configs/large.py downloads, as small generated files."""
+def fineweb_shards(rows_per_shard: int = 40) -> dict[str, bytes]:
+  """The 8 FineWeb-Edu shards configs/large.py downloads (sample/10BT/000-007), as small generated files,
+  and one more shard (008) that the pinned pattern must not read."""
   pa = pytest.importorskip('pyarrow')
   pq = pytest.importorskip('pyarrow.parquet')
-  item = sources.DOWNLOADS['fineweb_edu_8']
-  (root / item.filename).mkdir(parents=True)
-  for i, (name, _) in enumerate(item.files):
+  shards = {}
+  for i in range(9):
     texts = stories(rows_per_shard, seed=100 + i).split('\n<|endoftext|>\n')
+    out = pa.BufferOutputStream()
     pq.write_table(pa.table({'text': texts, 'url': [f'https://example.org/{i}/{j}' for j in range(len(texts))]}),
-                   root / item.filename / name, row_group_size=16)
-  return root
+                   out, row_group_size=16)
+    shards[f'sample/10BT/{i:03d}_00000.parquet'] = out.getvalue().to_pybytes()
+  return shards
 
 
-def shrunk(name: str, cache_dir: pathlib.Path, base_url: str):
-  """configs/<name>.py as a CPU test runs it: its data section untouched but the cache and mirror, a tiny
-  model (vocab 512), 32-token windows, batch 8, 2 steps."""
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+  """A local Hub, huggingface_hub pointed at it, its cache in tmp_path/hf_home."""
+  server = LocalHub()
+  point_at(monkeypatch, tmp_path / 'hf_home', server.url)
+  yield server
+  server.close()
+
+
+def _fetched(server: LocalHub) -> list[str]:
+  """The files the Hub served (GET .../resolve/<commit>/<path>), as repo paths."""
+  return [path.split('/resolve/', 1)[1].split('/', 1)[1] for verb, path, _ in server.requests
+          if verb == 'GET' and '/resolve/' in path]
+
+
+def shrunk(name: str, cache_dir: pathlib.Path):
+  """configs/<name>.py as a CPU test runs it: its data section untouched but the cache, a tiny model
+  (vocab 512), 32-token windows, batch 8, 2 steps."""
   config = config_lib.short_run(load_config(name), 2, evaluations=0)
   config.model.update(num_layers=1, num_heads=2, num_kv_heads=None, d_model=32, d_ff=64, vocab_size=512,
                       max_seq_len=64, dtype='float32', remat=False)
-  config.data.update(cache_dir=str(cache_dir), download_base_url=base_url, seq_len=32, bpe_sample_bytes=20_000)
+  config.data.update(cache_dir=str(cache_dir), seq_len=32, bpe_sample_bytes=20_000)
   config.train.update(batch_size=8, eval_tokens=256)
   return config
 
@@ -56,76 +76,60 @@ def shrunk(name: str, cache_dir: pathlib.Path, base_url: str):
 # ---------------------------------------------------------------------------------- the size configs
 
 
-def test_medium_trains_from_a_mirror_download_bpe_on_a_sample_cache_two_steps(tmp_path, serve, caplog):
-  mirror = tmp_path / 'mirror'
-  mirror.mkdir()
-  (mirror / 'TinyStories-train.txt').write_text(stories(1500))
-  base_url = serve(mirror)
-  requested = base_url.requested  # paths asked of the mirror
-  config = shrunk('medium', tmp_path / 'cache', base_url)
+def test_medium_trains_from_the_hub_bpe_on_a_sample_cache_two_steps(tmp_path, hub_server, monkeypatch):
+  add_builtin(hub_server, 'tinystories_train', {'TinyStories-train.txt': stories(1500)})
+  config = shrunk('medium', tmp_path / 'cache')
   assert config.data.sources == 'download:tinystories_train'
   summary = train.train_and_evaluate(config, tmp_path / 'run')
   assert summary['step'] == 2 and np.isfinite(summary['loss'])
-  assert requested == ['/TinyStories-train.txt']
-  downloaded = tmp_path / 'cache' / 'downloads' / 'TinyStories-train.txt'
-  assert downloaded.read_bytes() == (mirror / 'TinyStories-train.txt').read_bytes()
+  assert _fetched(hub_server) == ['TinyStories-train.txt']
   bpe, = (tmp_path / 'cache' / 'tokenizers').glob('bpe512-*/tokenizer.json')
-  # Offline now: the file in the cache is used as it is, the BPE and the token cache are reused.
-  config.data.download_base_url = 'http://127.0.0.1:9'
+  # Offline now (a compute node): the Hub's cache answers, the BPE and the token cache are reused.
+  point_at(monkeypatch, tmp_path / 'hf_home', None)
   cache, _ = train.load_data(config)
   assert not cache.built and len(list((tmp_path / 'cache' / 'tokenizers').glob('*'))) == 1
-  assert bpe.exists() and requested == ['/TinyStories-train.txt']
+  assert bpe.exists() and _fetched(hub_server) == ['TinyStories-train.txt']
 
 
-def test_large_trains_on_parquet_shards_from_a_mirror(tmp_path, serve):
-  base_url = serve(fineweb_mirror(tmp_path / 'mirror'))
-  requested = base_url.requested  # paths asked of the mirror
-  config = shrunk('large', tmp_path / 'cache', base_url)
+def test_large_trains_on_parquet_shards_from_the_hub(tmp_path, hub_server):
+  commit = add_builtin(hub_server, 'fineweb_edu_8', fineweb_shards())
+  config = shrunk('large', tmp_path / 'cache')
   assert config.data.sources == 'download:fineweb_edu_8'
   summary = train.train_and_evaluate(config, tmp_path / 'run')
   assert summary['step'] == 2
-  assert requested == [f'/fineweb-edu-10BT/{i:03d}_00000.parquet' for i in range(8)]
+  assert _fetched(hub_server) == [f'sample/10BT/{i:03d}_00000.parquet' for i in range(8)]  # not 008
   cache, _ = train.load_data(config)
   assert [s['kind'] for s in cache.meta['sources']] == ['parquet'] * 8
   assert all(s['documents'] == 40 for s in cache.meta['sources'])
+  assert cache.meta['sources'][0]['origin'] == (f'hf://datasets/HuggingFaceFW/fineweb-edu@{commit}/'
+                                                'sample/10BT/000_00000.parquet')
 
 
 # --------------------------------------------------------------------------------------- downloads
 
 
-def test_folder_download_resumes_and_works_offline(tmp_path, serve):
-  base_url = serve(fineweb_mirror(tmp_path / 'mirror'))
-  requested = base_url.requested  # paths asked of the mirror
-  cache_dir = tmp_path / 'cache'
-  folder = sources.download('fineweb_edu_8', cache_dir, base_url=base_url, progress=False)
-  assert folder == cache_dir / 'downloads' / 'fineweb-edu-10BT' and len(requested) == 8
-  manifest = (cache_dir / 'downloads' / 'fineweb-edu-10BT.sha256').read_text().splitlines()
-  assert [line.split()[1] for line in manifest] == [f'{i:03d}_00000.parquet' for i in range(8)]
-  assert sources.recorded_sha256('fineweb_edu_8', cache_dir).splitlines() == manifest
-  # Interrupted: one shard and the manifest gone. Only that shard is fetched again.
-  (folder / '003_00000.parquet').unlink()
-  (cache_dir / 'downloads' / 'fineweb-edu-10BT.sha256').unlink()
-  requested.clear()
-  sources.download('fineweb_edu_8', cache_dir, base_url=base_url, progress=False)
-  assert requested == ['/fineweb-edu-10BT/003_00000.parquet']
-  # Complete: no network needed.
-  assert sources.download('fineweb_edu_8', cache_dir, base_url='http://127.0.0.1:9', progress=False) == folder
+def test_download_of_several_hub_files_is_their_folder(tmp_path, hub_server):
+  add_builtin(hub_server, 'fineweb_edu_8', fineweb_shards(rows_per_shard=4))
+  folder = sources.download('fineweb_edu_8', tmp_path / 'cache', progress=False)
+  assert folder.name == '10BT' and (tmp_path / 'hf_home') in folder.parents
+  assert sorted(p.name for p in folder.iterdir()) == [f'{i:03d}_00000.parquet' for i in range(8)]
 
 
-def test_file_url_mirror_of_a_cache_downloads_folder(tmp_path):
-  mirror = fineweb_mirror(tmp_path / 'mirror')
-  (mirror / 'TinyStories-train.txt').write_text(stories(10))
-  cache_dir = tmp_path / 'compute_node_cache'
-  path = sources.download('tinystories_train', cache_dir, base_url=mirror.as_uri(), progress=False)
+def test_file_url_mirror_of_a_cache_downloads_folder(tmp_path, monkeypatch):
+  mirror = tmp_path / 'mirror'
+  mirror.mkdir()
+  (mirror / 'tinyshakespeare.txt').write_text(stories(10))
+  monkeypatch.setitem(sources.DOWNLOADS, 'tinyshakespeare', dataclasses.replace(
+      sources.DOWNLOADS['tinyshakespeare'], sha256=hashlib.sha256(stories(10).encode()).hexdigest()))
+  path = sources.download('tinyshakespeare', tmp_path / 'compute_node_cache', base_url=mirror.as_uri(),
+                          progress=False)
   assert path.read_text() == stories(10)
-  folder = sources.download('fineweb_edu_8', cache_dir, base_url=mirror.as_uri(), progress=False)
-  assert sorted(p.name for p in folder.glob('*.parquet')) == [f'{i:03d}_00000.parquet' for i in range(8)]
 
 
 def test_failed_download_says_how_to_work_offline(tmp_path):
-  with pytest.raises(DataError, match=r'download tinystories_train from http://127.0.0.1:9/TinyStories-train.txt '
+  with pytest.raises(DataError, match=r'download piaf from http://127.0.0.1:9/piaf-v1.1.json '
                                       r'failed: .*Without network here: run `python -m vesper_jax.prepare`'):
-    sources.download('tinystories_train', tmp_path, base_url='http://127.0.0.1:9', progress=False)
+    sources.download('piaf', tmp_path, base_url='http://127.0.0.1:9', progress=False)
   assert list((tmp_path / 'downloads').iterdir()) == []
 
 

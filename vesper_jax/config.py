@@ -107,7 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
                                           # first present wins
   config.data.squad_template = 'Question: {question}\nAnswer: {answer}'  # SQuAD JSON: one block per question
   config.data.download_base_url = ''    # '' = public sources; else a mirror (http(s):// or file://) laid
-                                        # out as <cache_dir>/downloads: <url>/<file name>
+                                        # out as <cache_dir>/downloads: <url>/<file name>. Only for the
+                                        # downloads not on the Hub (tinyshakespeare, piaf); Hub: HF_ENDPOINT
   config.data.bpe_sample_bytes = 100_000_000  # a trained BPE learns from the corpus's first this many
                                               # bytes of documents (0 = all of it)
 

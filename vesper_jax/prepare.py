@@ -2,8 +2,9 @@
 
 Reads data.sources, loads data.tokenizer (or trains a byte-level BPE of model.vocab_size tokens) and
 writes the token cache that `python -m vesper_jax.train` with the same config then opens in milliseconds.
-`--download=NAME` (a key of sources.DOWNLOADS) fetches that dataset first (sha256-checked; mirror:
---config.data.download_base_url=URL) and prepares it; train with --config.data.sources=download:NAME.
+`--download=NAME` (a key of sources.DOWNLOADS) fetches that dataset first and prepares it; train with
+--config.data.sources=download:NAME. Names on the Hugging Face Hub are hf:// specs pinned to a commit
+(mirror: HF_ENDPOINT=URL); the others are sha256-checked files (mirror: --config.data.download_base_url=URL).
 `--config=configs/medium.py` alone fetches and prepares what that config trains on: run it on a login
 node with network, then train on compute nodes that share data.cache_dir (nothing is fetched again).
 """
@@ -69,15 +70,11 @@ def main(argv):
   config, download = FLAGS.config, FLAGS.download
   cache, path = prepare(config, download)
   if download:
-    cache_dir = sources.default_cache_dir(config.data.cache_dir)
     item = sources.DOWNLOADS[download]
-    checked = 'checked' if item.sha256 else 'recorded (not known in advance)'
-    recorded = sources.recorded_sha256(download, cache_dir)
-    if item.files:
-      print(f'{download}: {path} ({len(item.files)} files)\n  sha256 {checked}:\n    '
-            + recorded.replace('\n', '\n    '))
+    if isinstance(item, sources.HubDownload):  # the commit of each file is in the summary's origins
+      print(f'{download}: {item.spec}\n  in the Hugging Face cache: {path}')
     else:
-      print(f'{download}: {path}\n  sha256 {recorded} {checked}')
+      print(f'{download}: {path}\n  sha256 {item.sha256} checked')
   print(summary(cache))
   if download:
     print(f'  train with  --config.data.sources={config.data.sources}')

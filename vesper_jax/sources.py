@@ -3,9 +3,9 @@
 A source entry is a file, a glob, a directory (searched recursively), `builtin:pydoc` (the CPython
 documentation topics, so the quickstart needs no data and no network), an `hf://` path on the Hugging
 Face Hub (hub.py: a file or glob of a dataset repo at a commit, through huggingface_hub's cache; its
-files are read like local ones) or `download:NAME` (one of
-`DOWNLOADS`, fetched once into the cache dir and checked by sha256; a corpus of several files is a
-folder). Files are read by suffix, with an optional `.gz`:
+files are read like local ones) or `download:NAME` (a built-in name, `DOWNLOADS`: those on the Hub are
+`hf://` specs pinned to a commit, the others files fetched once into the cache dir and checked by
+sha256). Files are read by suffix, with an optional `.gz`:
   .txt/.md (and any unknown suffix named explicitly): one document per file, split on data.doc_separator;
   .jsonl: one record per line, a text field (data.text_keys) or a chat record rendered by `render_chat`;
   .json: SQuAD format, one document per paragraph: the context, then each question with its first answer;
@@ -58,48 +58,46 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Download:
-  """A public dataset that `download:NAME` / `prepare --download=NAME` fetches.
-
-  A single file, or (with `files`) a corpus of several files fetched into the folder `filename`: the
-  file `url/NAME` of the public source, `<data.download_base_url>/<filename>/NAME` on a mirror. A mirror
-  is laid out as <cache_dir>/downloads is, so that folder served over HTTP (or read through a file://
-  URL) is one.
+  """A public file that is not on the Hugging Face Hub, fetched by `download:NAME` / `prepare --download=NAME`
+  into <cache_dir>/downloads and checked against its sha256. A mirror (data.download_base_url) serves it
+  as `<base_url>/<filename>`: <cache_dir>/downloads served over HTTP, or read through a file:// URL, is one.
   """
-  url: str              # its public source (with `files`: the folder that holds them)
-  filename: str         # the name in the cache dir and on a mirror (data.download_base_url/filename)
-  sha256: str | None    # None: not known in advance; the hash is recorded beside the file and printed
+  url: str              # its public source
+  filename: str         # the name in the cache dir and on a mirror
+  sha256: str           # checked before the file is renamed into place
   description: str
-  files: tuple[tuple[str, str | None], ...] = ()  # (name, sha256 or None) of each file of a folder
 
 
-def _fineweb_edu(shards: int) -> tuple[tuple[str, None], ...]:
-  return tuple((f'{i:03d}_00000.parquet', None) for i in range(shards))
+@dataclasses.dataclass(frozen=True)
+class HubDownload:
+  """A built-in name for an `hf://` spec pinned to a commit (hub.py fetches it: resumed downloads, retries,
+  the Hub's own sha256 for LFS files, HF_ENDPOINT mirrors, HF_HUB_OFFLINE=1 from its cache)."""
+  spec: str
+  description: str
 
 
-DOWNLOADS = {
+# Commits taken from public records of these repos (there is no Hub access where this was written): a
+# wrong or vanished one fails in one line naming the repo and revision; override with the hf:// spec itself.
+_TINYSTORIES = 'hf://datasets/roneneldan/TinyStories@f54c09fd23315a6f9c86f9dc80f725de7d8f9c64'
+_FINEWEB_EDU = 'hf://datasets/HuggingFaceFW/fineweb-edu@87f09149ef4734204d70ed1d046ddc9ca3f2b8f9'
+
+DOWNLOADS: dict[str, Download | HubDownload] = {
     'tinyshakespeare': Download(
         'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
         'tinyshakespeare.txt', '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
         'Tiny Shakespeare, 1.1 MB of English plays (one document)'),
-    'tinystories': Download(
-        'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt',
-        'TinyStories-valid.txt', None,
-        'TinyStories validation split, ~19 MB, stories separated by <|endoftext|>'),
-    'tinystories_train': Download(
-        'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-train.txt',
-        'TinyStories-train.txt', None,
-        'TinyStories train split, ~1.9 GB, stories separated by <|endoftext|>'),
+    'tinystories': HubDownload(f'{_TINYSTORIES}/TinyStories-valid.txt',
+                               'TinyStories validation split, ~19 MB, stories separated by <|endoftext|>'),
+    'tinystories_train': HubDownload(f'{_TINYSTORIES}/TinyStories-train.txt',
+                                     'TinyStories train split, ~1.9 GB, stories separated by <|endoftext|>'),
     'piaf': Download(
         'https://raw.githubusercontent.com/psorianom/piaf-combo-huggingface/HEAD/data/piaf-v1.1.json',
         'piaf-v1.1.json', '7f5b670ba07fed1ae093d7ff6b3be5529dce189d65e14cf81535ebbc4fcce54c',
         'PIAF v1.1, French question answering in SQuAD format (1,518 paragraphs)'),
     # configs/large.py: FineWeb-Edu (Penedo et al. 2024), the first 8 of the 14 parquet shards of its
     # 10B-GPT-2-token sample (~2 GB and ~0.7B tokens each): about one pass for large's 5.2B-token plan.
-    'fineweb_edu_8': Download(
-        'https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT',
-        'fineweb-edu-10BT', None,
-        'FineWeb-Edu sample-10BT, shards 000-007: ~16 GB of parquet, ~5.7B GPT-2 tokens',
-        files=_fineweb_edu(8)),
+    'fineweb_edu_8': HubDownload(f'{_FINEWEB_EDU}/sample/10BT/00[0-7]_00000.parquet',
+                                 'FineWeb-Edu sample-10BT, shards 000-007: ~16 GB of parquet, ~5.7B GPT-2 tokens'),
 }
 
 
@@ -206,8 +204,12 @@ def resolve_sources(spec: str, errors: ErrorLog, *, cache_dir: pathlib.Path, dow
     elif hub.is_hub(entry):
       sources.extend(Source(_kind(f.path), f.path, f.origin) for f in hub_files(entry))
     elif entry.startswith(DOWNLOAD_PREFIX):
-      path = download(entry[len(DOWNLOAD_PREFIX):], cache_dir, base_url=download_base_url, progress=progress)
-      sources.extend(_directory(str(path), errors) if path.is_dir() else [Source(_kind(path), str(path))])
+      name = entry[len(DOWNLOAD_PREFIX):]
+      if isinstance(DOWNLOADS.get(name), HubDownload):
+        sources.extend(Source(_kind(f.path), f.path, f.origin) for f in hub_files(DOWNLOADS[name].spec))
+      else:
+        path = download(name, cache_dir, base_url=download_base_url, progress=progress)
+        sources.append(Source(_kind(path), str(path)))
     elif glob.has_magic(entry):
       matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
       if not matches:
@@ -560,49 +562,37 @@ def _parquet_documents(path: str, options: ReadOptions, errors: ErrorLog,
 
 
 def download(name: str, cache_dir: pathlib.Path, *, base_url: str = '', progress: bool = True) -> pathlib.Path:
-  """Fetches DOWNLOADS[name] into <cache_dir>/downloads once, checked by sha256; returns its path.
+  """Fetches DOWNLOADS[name] once; returns its path (for a spec of several files, their folder).
 
-  What is already there is used as it is, with no network: a single file, or the folder of a corpus of
-  several files once its manifest (<filename>.sha256, written when every file is in) exists. An
-  interrupted folder keeps the files it completed; the next call fetches only the others.
+  A `Download` goes to <cache_dir>/downloads, checked by sha256; what is already there is used as it is,
+  with no network. A `HubDownload` goes through hub.py into huggingface_hub's cache (HF_HOME), at its
+  pinned commit: `base_url` does not apply to it (HF_ENDPOINT names a Hub mirror).
 
   Args:
     name: a key of DOWNLOADS.
     cache_dir: the vesper_jax cache directory.
-    base_url: '' for the public source, else a mirror serving `<base_url>/<filename>` (and
-      `<base_url>/<filename>/<file>` for a folder): an http(s):// or file:// URL.
+    base_url: '' for the public source, else a mirror serving `<base_url>/<filename>`: an http(s):// or
+      file:// URL.
     progress: show a progress bar.
   """
   if name not in DOWNLOADS:
     raise ValueError(f'unknown download {name!r}: expected one of {sorted(DOWNLOADS)}')
   item = DOWNLOADS[name]
-  root = pathlib.Path(cache_dir) / 'downloads'
-  path, manifest = root / item.filename, root / f'{item.filename}.sha256'
-  mirror = f'{base_url.rstrip("/")}/{item.filename}' if base_url else ''
-  if not item.files:
-    if not path.exists():  # only a file whose hash was checked (or recorded) is ever renamed into place
-      _fetch(name, mirror or item.url, path, item.sha256, manifest if item.sha256 is None else None, progress)
-    return path
-  if path.is_dir() and manifest.exists():
-    return path
-  path.mkdir(parents=True, exist_ok=True)
-  records = []
-  for i, (file, sha256) in enumerate(item.files):
-    record = path / f'.{file}.sha256'  # hidden: a source directory skips it
-    if not ((path / file).exists() and record.exists()):
-      _fetch(f'{name} ({i + 1}/{len(item.files)})', f'{mirror or item.url}/{file}', path / file, sha256,
-             record, progress)
-    records.append(record.read_text())
-  tmp = manifest.with_name(f'.{manifest.name}.tmp-{os.getpid()}')
-  tmp.write_text(''.join(records))
-  os.replace(tmp, manifest)
+  if isinstance(item, HubDownload):
+    if base_url:
+      logging.warning('download %s is on the Hugging Face Hub: data.download_base_url does not apply to it '
+                      '(set HF_ENDPOINT to use a Hub mirror)', name)
+    paths = [pathlib.Path(f.path) for f in hub_files(item.spec)]
+    return paths[0] if len(paths) == 1 else pathlib.Path(os.path.commonpath(paths))
+  path = pathlib.Path(cache_dir) / 'downloads' / item.filename
+  if not path.exists():  # only a file whose hash was checked is ever renamed into place
+    _fetch(name, f'{base_url.rstrip("/")}/{item.filename}' if base_url else item.url, path, item.sha256,
+           progress)
   return path
 
 
-def _fetch(label: str, url: str, path: pathlib.Path, sha256: str | None, record: pathlib.Path | None,
-           progress: bool) -> None:
-  """Downloads `url` to `path` through a temporary file, checked against sha256 (if known); the hash is
-  written to `record` (if given) before the file is renamed into place."""
+def _fetch(label: str, url: str, path: pathlib.Path, sha256: str, progress: bool) -> None:
+  """Downloads `url` to `path` through a temporary file, renamed into place once its sha256 matches."""
   path.parent.mkdir(parents=True, exist_ok=True)
   _remove_stale_parts(path)
   tmp = path.with_name(f'.{path.name}.part-{socket.gethostname()}-{os.getpid()}')
@@ -618,13 +608,9 @@ def _fetch(label: str, url: str, path: pathlib.Path, sha256: str | None, record:
           out.write(block)
           bar.update(len(block))
     got = digest.hexdigest()
-    if sha256 is not None and got != sha256:
+    if got != sha256:
       raise DataError(f'download {label} from {url}: sha256 mismatch (expected {sha256}, got {got}); '
                       'the file was discarded')
-    if sha256 is None:
-      logging.warning('download %s: sha256 not known in advance; recorded %s in %s', label, got, record)
-    if record is not None:
-      record.write_text(f'{got}  {path.name}\n')
     os.replace(tmp, path)
   except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
     raise DataError(f'download {label} from {url} failed: {e}. Without network here: run `python -m '
@@ -644,13 +630,3 @@ def _remove_stale_parts(path: pathlib.Path) -> None:
       part.unlink(missing_ok=True)
     except (ValueError, PermissionError):
       pass
-
-
-def recorded_sha256(name: str, cache_dir: pathlib.Path) -> str:
-  """The sha256 a download was checked against, or the one recorded for it when none was known (for a
-  folder: one `sha256  file` line per file)."""
-  item = DOWNLOADS[name]
-  if item.sha256 is not None:
-    return item.sha256
-  recorded = (pathlib.Path(cache_dir) / 'downloads' / f'{item.filename}.sha256').read_text()
-  return recorded.strip() if item.files else recorded.split()[0]

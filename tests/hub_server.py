@@ -8,6 +8,7 @@ huggingface_hub's constants at it (`point_at`); CLI tests run in a subprocess wi
 HF_HOME set.
 """
 
+import base64
 import hashlib
 import http.server
 import json
@@ -42,6 +43,9 @@ class LocalHub:
 
       def do_GET(self):
         hub_._answer(self, body=True)
+
+      def do_POST(self):
+        hub_._receive(self)
 
     self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
@@ -99,6 +103,44 @@ class LocalHub:
       headers['Content-Range'] = f'bytes {start}-{len(content) - 1}/{len(content)}'
     self._send(handler, 206 if start else 200, headers, content[start:], body)
 
+  def _receive(self, handler) -> None:
+    """The upload side: POST /api/repos/create, /api/models/OWNER/NAME/preupload/REV (every file 'regular',
+    sent inline) and /api/models/OWNER/NAME/commit/REV (NDJSON: a header, then base64 files): a new commit
+    on top of the branch, with the files it adds."""
+    body = handler.rfile.read(int(handler.headers.get('Content-Length') or 0))
+    self.requests.append((handler.command, handler.path, handler.headers))
+    if handler.headers.get('Authorization') != f'Bearer {TOKEN}':
+      return self._error(handler, 401, 'Unauthorized')
+    parts = handler.path.split('?')[0].removeprefix('/api/').split('/')
+    if parts[:2] == ['repos', 'create']:
+      request = json.loads(body)
+      repo_id = f"{request['organization']}/{request['name']}" if request.get('organization') else request['name']
+      if ('model', repo_id) in self.repos:
+        return self._error(handler, 409, 'RepoExists')
+      self.repos[('model', repo_id)] = {'commits': {}, 'refs': {}, 'gated': False}
+      return self._send(handler, 200, {'Content-Type': 'application/json'},
+                        json.dumps({'url': f'{self.url}/{repo_id}'}).encode(), True)
+    repo_type = {'models': 'model', 'datasets': 'dataset'}[parts[0]]
+    repo_id, verb, revision = '/'.join(parts[1:3]), parts[3], parts[4]
+    repo = self.repos.get((repo_type, repo_id))
+    if repo is None:
+      return self._error(handler, 404, 'RepoNotFound')
+    if verb == 'preupload':
+      files = [{'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False, 'oid': None}
+               for f in json.loads(body)['files']]
+      return self._send(handler, 200, {'Content-Type': 'application/json'},
+                        json.dumps({'files': files}).encode(), True)
+    lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+    files = dict(repo['commits'].get(repo['refs'].get(revision), {}))
+    for line in lines:
+      if line['key'] == 'file':
+        files[line['value']['path']] = base64.b64decode(line['value']['content'])
+    sha = hashlib.sha1(body).hexdigest()
+    self.add(repo_type, repo_id, files, sha=sha)
+    return self._send(handler, 200, {'Content-Type': 'application/json'},
+                      json.dumps({'commitUrl': f'{self.url}/{repo_id}/commit/{sha}', 'commitOid': sha,
+                                  'success': True}).encode(), True)
+
   @staticmethod
   def _send(handler, status: int, headers: dict, payload: bytes, body: bool) -> None:
     handler.send_response(status)
@@ -110,7 +152,7 @@ class LocalHub:
 
   def _error(self, handler, status: int, code: str, headers: dict | None = None) -> None:
     self._send(handler, status, {'X-Error-Code': code, 'X-Error-Message': code, **(headers or {})},
-               b'{"error": "' + code.encode() + b'"}', handler.command == 'GET')
+               b'{"error": "' + code.encode() + b'"}', handler.command != 'HEAD')
 
 
 def point_at(monkeypatch, hf_home: pathlib.Path, endpoint: str | None) -> None:

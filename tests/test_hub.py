@@ -258,3 +258,43 @@ def test_prepare_behind_a_gated_hub_is_one_line_and_the_token_stays_secret(tmp_p
   assert TOKEN not in served.stdout + served.stderr + refused.stdout + refused.stderr
   leaks = [p for p in tmp_path.rglob('*') if p.is_file() and TOKEN.encode() in p.read_bytes()]
   assert leaks == []
+
+
+# ------------------------------------------------------------------------------------- push to the Hub
+
+
+def test_export_pushes_to_the_hub_and_reads_back(tmp_path, inference_workdir, monkeypatch):
+  server = LocalHub()
+  try:
+    out = tmp_path / 'export'
+    command = [sys.executable, '-m', 'vesper_jax.export', f'--workdir={inference_workdir}', f'--out={out}',
+               '--push_to_hub=me/vesper-tiny']
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')} | {
+        'HF_HOME': str(tmp_path / 'hf_home'), 'HF_ENDPOINT': server.url}
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
+    assert 'vesper_jax.export: error: hf://me/vesper-tiny: the Hub refused the upload (HTTP 401)' in refused.stderr
+    assert 'HF_TOKEN' in refused.stderr
+    pushed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=env | {'HF_TOKEN': TOKEN})
+    assert pushed.returncode == 0, pushed.stderr
+    commit = re.search(r'pushed .* to hf://me/vesper-tiny@([0-9a-f]{40})', pushed.stdout)[1]
+    local = sorted(p.name for p in out.iterdir())
+    assert sorted(server.repos[('model', 'me/vesper-tiny')]['commits'][commit]) == local
+    # Read back through hf:// at that commit: the same bytes.
+    point_at(monkeypatch, tmp_path / 'reader', server.url)
+    for name in local:
+      file = hub.fetch_one(f'hf://me/vesper-tiny@{commit}/{name}', what='test')
+      assert pathlib.Path(file.path).read_bytes() == (out / name).read_bytes()
+  finally:
+    server.close()
+  assert TOKEN not in pushed.stdout + pushed.stderr + refused.stdout + refused.stderr
+  assert [p for p in tmp_path.rglob('*') if p.is_file() and TOKEN.encode() in p.read_bytes()] == []
+
+
+def test_push_refusals_are_one_line(tmp_path, monkeypatch):
+  with pytest.raises(hub.HubError, match='expected OWNER/NAME'):
+    hub.push(tmp_path, 'no-owner')
+  point_at(monkeypatch, tmp_path / 'hf_home', None)  # offline
+  with pytest.raises(hub.HubError, match='hf://me/x: HF_HUB_OFFLINE is set'):
+    hub.push(tmp_path, 'me/x')

@@ -1,7 +1,7 @@
 """Export to safetensors, and load back with every tensor checked (SPEC §11).
 
   python -m vesper_jax.export --workdir=runs/medium --out=export/medium --format=vesper|hf
-                             [--quantize=int8|int4 [--quantize_head]]
+                             [--quantize=int8|int4 [--quantize_head]] [--push_to_hub=OWNER/NAME [--private]]
 
 `--format=vesper` writes `<out>/model.safetensors` in the original's naming, weights `[out, in]` (the
 PyTorch orientation: flax kernels are `[in, out]`, so 2-D tensors are transposed, embeddings excepted):
@@ -56,6 +56,7 @@ from safetensors.numpy import save_file
 
 from vesper_jax import cli
 from vesper_jax import flylora
+from vesper_jax import hub
 from vesper_jax import metacog
 from vesper_jax import platforms
 from vesper_jax import quantize
@@ -392,6 +393,8 @@ def main(argv):
   for path in export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.quantize or '',
                             FLAGS.quantize_head):
     print(path)
+  if FLAGS.push_to_hub:  # a HubError is a ValueError: one line, exit 1 (cli.run)
+    print(f'pushed {FLAGS.out} to {hub.push(FLAGS.out, FLAGS.push_to_hub, private=FLAGS.private)}')
 
 
 def define_flags() -> None:
@@ -402,6 +405,9 @@ def define_flags() -> None:
   flags.DEFINE_enum('quantize', None, list(quantize.SCHEMES), 'Write weight-only quantized projections '
                     '(int8: per output channel; int4: groups of 128 along the input, packed two per byte).')
   flags.DEFINE_bool('quantize_head', False, 'With --quantize, quantize the output head too.')
+  flags.DEFINE_string('push_to_hub', None, 'Then upload --out to this Hugging Face model repo (OWNER/NAME; '
+                     'created if missing; a token with write access: HF_TOKEN or `hf auth login`).')
+  flags.DEFINE_bool('private', False, 'With --push_to_hub, create the repo as private.')
 
 
 if __name__ == '__main__':

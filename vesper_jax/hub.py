@@ -3,6 +3,8 @@
     hf://datasets/OWNER/NAME[@REVISION]/PATTERN    a dataset repo (Claire, TinyStories, FineWeb-Edu)
     hf://OWNER/NAME[@REVISION]/PATTERN             a model repo (a tokenizer.json)
 
+and, the other way, `push` uploads an export folder to a model repo (`export --push_to_hub=OWNER/NAME`).
+
 PATTERN is a file path or a glob over the repo's files (`*` and `?` stay within one folder, `**` spans
 folders, `[0-7]` a class); REVISION a branch, tag or commit (default `main`). The revision is resolved to a
 commit sha once, and every file is then fetched at that commit through `huggingface_hub` into its own
@@ -147,6 +149,35 @@ def pin(spec: str, origins: list[str]) -> str:
         and _matches_file(hub.pattern, read.pattern)):
       return f'{hub.repo}@{read.revision}/{hub.pattern}'
   return spec
+
+
+def push(folder: str | pathlib.Path, repo_id: str, *, private: bool = False, message: str = '') -> str:
+  """Uploads every file of `folder` (an export) to the model repo `repo_id` (OWNER/NAME), creating the repo
+  if it does not exist; returns `hf://OWNER/NAME@<commit>` of the new commit.
+
+  The token is huggingface_hub's (HF_TOKEN or `hf auth login`), as for downloads; it needs write access.
+  Raises HubError (one line) when the Hub refuses or cannot be reached."""
+  where = f'{PREFIX}{repo_id}'
+  if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo_id):
+    raise HubError(f'--push_to_hub={repo_id}: expected OWNER/NAME (a model repo on the Hub)')
+  if constants.is_offline_mode():
+    raise HubError(f'{where}: HF_HUB_OFFLINE is set: nothing can be uploaded; unset it to push')
+  login = '`hf auth login` or set HF_TOKEN with a token that can write to it'
+  api = huggingface_hub.HfApi()
+  try:
+    api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type='model',
+                             commit_message=message or f'vesper_jax export of {pathlib.Path(folder).name}')
+  except errors.HfHubHTTPError as e:
+    status = getattr(getattr(e, 'response', None), 'status_code', '?')
+    if status in (401, 403):
+      raise HubError(f'{where}: the Hub refused the upload (HTTP {status}): {login}') from None
+    raise HubError(f'{where}: the upload failed: the Hub ({constants.ENDPOINT}) answered HTTP {status}; '
+                   'run again (files already uploaded are not sent twice)') from None
+  except Exception as e:  # pylint: disable=broad-except  (no network, DNS, proxy, a dropped connection)
+    raise HubError(f'{where}: cannot reach {constants.ENDPOINT} ({type(e).__name__}); run again with network '
+                   'or point HF_ENDPOINT at the Hub') from None
+  return f'{where}@{info.oid}'
 
 
 def _matches_file(pattern: str, name: str) -> bool:

@@ -220,10 +220,11 @@ def experiment_output(out: str | os.PathLike, *data_sources: str | os.PathLike) 
   """An experiment's output directory, created once its data is at hand.
 
   Each of data_sources is a data.sources value. Its local entries must exist: FileNotFoundError names the
-  first missing one and nothing is created. Its `download:NAME` entries are then fetched once into
-  <out>/cache, the data.cache_dir every run of an experiment shares, so that the runs (in parallel on a
-  GPU sweep) find them there instead of each fetching them; a failed download raises sources.DataError
-  naming the URL and what to do without network. `builtin:` entries need nothing.
+  first missing one and nothing is created. Its `download:NAME` entries are then fetched once (into
+  <out>/cache, the data.cache_dir every run of an experiment shares, or for the names on the Hub into its
+  cache, HF_HOME), so that the runs (in parallel on a GPU sweep) find them there instead of each fetching
+  them; a failed download raises sources.DataError naming the URL or repo and what to do without network.
+  `builtin:` entries need nothing.
   """
   entries = [e.strip() for spec in map(str, data_sources) for e in spec.split(',') if e.strip()]
   downloads = [e[len(sources.DOWNLOAD_PREFIX):] for e in entries if e.startswith(sources.DOWNLOAD_PREFIX)]

@@ -110,10 +110,14 @@ def build_or_load_cache(data_config: ml_collections.ConfigDict, vocab_size: int,
   directory = cache_dir / 'tokens' / key[:24]
   cache = _open(directory, key) if (directory / 'meta.json').exists() else None
   if cache is None:
-    tokenizer = Tokenizer.load(tokenizer_path, data_config.eos_token)
-    _check_vocab(tokenizer.vocab_size, vocab_size, tokenizer_path)
-    _build(directory, key, reading, sources, options, errors, tokenizer, tokenizer_origin, data_config,
-           progress)
+    # Started first (a child process when this one has a single malloc arena: tokenizer.BatchEncoder), so
+    # that it loads the tokenizer while this process does.
+    with tokenizer_lib.BatchEncoder(tokenizer_path, data_config.eos_token,
+                                    sum(s.size() for s in sources)) as encoder:
+      tokenizer = Tokenizer.load(tokenizer_path, data_config.eos_token)
+      _check_vocab(tokenizer.vocab_size, vocab_size, tokenizer_path)
+      _build(directory, key, reading, sources, options, errors, tokenizer, encoder, tokenizer_origin,
+             data_config, progress)
     cache = _open(directory, key)
     cache.built = True
     cache._tokenizer = tokenizer.relocated(directory / 'tokenizer.json')  # the same bytes: no reload
@@ -247,7 +251,8 @@ def _is_val(index: int, val_fraction: float) -> bool:
 
 
 def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, errors, tokenizer: Tokenizer,
-           tokenizer_origin: str, data_config: ml_collections.ConfigDict, progress: bool) -> None:
+           encoder: tokenizer_lib.BatchEncoder, tokenizer_origin: str, data_config: ml_collections.ConfigDict,
+           progress: bool) -> None:
   """Tokenizes every source into a temporary directory, then renames it to `directory`."""
   start = time.perf_counter()
   directory.parent.mkdir(parents=True, exist_ok=True)
@@ -267,8 +272,8 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
                     disable=not progress)
     with open(tmp / 'train.bin', 'wb') as train_file, open(tmp / 'val.bin', 'wb') as val_file, bar:
       pieces = _pieces(sources, options, errors, val_fraction, counts, per_source, bar.update)
-      for batch in _batches(pieces, BATCH_CHARS):
-        encoded = tokenizer.encode_batch([text for _, _, _, text in batch])
+      batches = ((batch, [text for _, _, _, text in batch]) for batch in _batches(pieces, BATCH_CHARS))
+      for batch, encoded in encoder.encode_batches(tokenizer, batches):
         out = {False: [], True: []}
         for (k, is_val, last, _), ids in zip(batch, encoded):
           if last:

@@ -13,17 +13,27 @@ reused: no faults after the first steps.
   M_TRIM_THRESHOLD=-1    freed memory at the top of the heap is kept, never returned (trimming off).
 
 The cost is memory that stays mapped after its peak (the next step needs it again) and one malloc lock
-for all threads: other multi-threaded work in the process contends for it (tokenizers' parallel encoding
-in `prepare`: 7 s with glibc's arenas, 15 s with one, 10 s on one thread; measured on the 2-core machine
-by tests/test_data_scale.py's prepare run). The step gains more than that costs on a CPU-only machine, so
-it is applied when `vesper_jax` is imported (the package's __init__), and the entry points, benchmarks,
-scripts and notebooks all get the same step: a script without it ran `small`'s 8 x 256 step 13% slower
-(1,393 against 1,582 tok/s, ../shared/bench/cpu_side_by_side.py). Not applied where JAX will run on an
-accelerator (JAX_PLATFORMS names one first, or a CUDA / TPU plugin is installed and JAX_PLATFORMS does not
-say cpu): there the step does not use host malloc and data preparation keeps its arenas.
+for all threads: other multi-threaded work in the process queues on it. The tokenizer's parallel
+encoding is such work (BARThez on 21 MB of TinyStories: 0.58M tokens/s in `prepare` under one arena,
+2.00M with glibc's arenas), so the token cache is not tokenized under it: `tokenizer.BatchEncoder` hands
+a corpus larger than 1 MiB to a child process started with VESPER_SYSTEM_MALLOC=1 (SYSTEM_MALLOC_ENV),
+which keeps glibc's defaults; reading and writing stay here, and the bytes are the same. That holds for
+`prepare`, for `train` building its cache on a first run, and for a notebook calling either. Applying
+the settings later instead (after the data, before JAX) does not work once the tokenizer has run in the
+process: threads keep the arena they started with, and M_ARENA_MAX=1 then hands new threads the existing
+arenas in turn, the tokenizer's included, whose heaps cannot hold a block over 64 MiB without mmap
+(measured: after an in-process encode, 4 of 6 threads started after the settings faulted a freed 64 MiB
+block in again on every allocation; none did without the encode).
+
+The step gains more than the lock costs on a CPU-only machine, so the settings are applied when
+`vesper_jax` is imported (the package's __init__), and the entry points, benchmarks, scripts and
+notebooks all get the same step: a script without them ran `small`'s 8 x 256 step 13% slower (1,393
+against 1,582 tok/s, ../shared/bench/cpu_side_by_side.py). Not applied where JAX will run on an
+accelerator (JAX_PLATFORMS names one first, or a CUDA / TPU plugin is installed and JAX_PLATFORMS does
+not say cpu): there the step does not use host malloc, and tokenization stays in the process.
 VESPER_SYSTEM_MALLOC=1 keeps glibc's defaults anywhere (e.g. to compare). It takes full effect when the
 import comes before JAX starts its CPU backend (threads keep the arena they started with). Other C
-libraries (macOS, musl) are left alone.
+libraries (macOS, musl) are left alone. `single_arena()` says whether this process runs under them.
 """
 
 import ctypes
@@ -32,6 +42,8 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+SYSTEM_MALLOC_ENV = {'VESPER_SYSTEM_MALLOC': '1'}  # in a child's environment: it keeps glibc's defaults
+_applied = False  # whether this process runs under the settings (set by retain_freed_memory)
 
 
 def retain_freed_memory() -> bool:
@@ -43,8 +55,15 @@ def retain_freed_memory() -> bool:
     libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (glibc only)
   except (OSError, AttributeError):
     return False
+  global _applied
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+  _applied = all(libc.mallopt(param, value) == 1 for param, value in settings)
+  return _applied
+
+
+def single_arena() -> bool:
+  """Whether this process runs under the settings above (one malloc arena for every thread)."""
+  return _applied
 
 
 def apply_default() -> bool:

@@ -4,19 +4,31 @@
 the code needs (EOS always; BOS and PAD when the tokenizer has them) and never adds special tokens
 implicitly: the data pipeline places EOS between documents itself, so a tokenizer's post-processor
 (BARThez's `<s> ... </s>` template, say) never leaks into the token stream.
+
+`BatchEncoder` encodes a corpus at the tokenizer's own speed: in a process that runs under host_memory's
+single malloc arena (a CPU-only training process), the tokenizer's threads would queue on that arena's
+lock, so a corpus larger than one batch is encoded by a child process with glibc's default arenas.
 """
 
+import collections
 import copy
 import hashlib
 import json
 import os
 import pathlib
+import pickle
+import queue
+import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import tokenizers
 from absl import logging
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from vesper_jax import host_memory
 
 # Special tokens recognised by name, most specific first. EOS is required: it separates documents.
 EOS_CANDIDATES = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>', '<|eos|>', '[SEP]')
@@ -96,6 +108,141 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f'Tokenizer({self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, '
             f'bos_id={self.bos_id}, pad_id={self.pad_id})')
+
+
+# Below this many bytes of corpus, encoding under the single arena costs less than a child process does
+# (~0.4 s to start, most of it loading the tokenizer): one batch of data.BATCH_CHARS characters.
+OUT_OF_PROCESS_BYTES = 1 << 20
+
+
+class BatchEncoder:
+  """Encodes a stream of batches with a tokenizer file at the tokenizer's own speed (a context manager).
+
+  In a process under host_memory's single arena (where the tokenizer's threads would queue on one malloc
+  lock), a corpus of more than OUT_OF_PROCESS_BYTES is encoded by a child process that keeps glibc's
+  default arenas (VESPER_SYSTEM_MALLOC=1). It is started here, so that it loads the tokenizer while the
+  caller does, and it runs one batch ahead: the caller reads and writes batch k while the child encodes
+  batch k + 1. Otherwise the batches are encoded in this process. The ids are the same either way: the
+  child loads the same file and calls the same `Tokenizer.encode_batch`.
+  """
+
+  def __init__(self, path: str | os.PathLike, eos_token: str, corpus_bytes: int):
+    """`path`, `eos_token`: as for `Tokenizer.load`; `corpus_bytes`: the size of what will be encoded."""
+    self._child = None
+    if host_memory.single_arena() and corpus_bytes > OUT_OF_PROCESS_BYTES:
+      self._child = _EncoderProcess(path, eos_token)
+
+  def encode_batches(self, tokenizer: Tokenizer, batches: Iterable[tuple[Any, Sequence[str]]]
+                     ) -> Iterator[tuple[Any, list[list[int]]]]:
+    """(tag, `tokenizer.encode_batch(texts)`) for each (tag, texts) of `batches`, in order. `tokenizer`
+    is the one loaded from the same file, used when the batches are encoded in this process."""
+    if self._child is None:
+      for tag, texts in batches:
+        yield tag, tokenizer.encode_batch(texts)
+      return
+    in_flight = collections.deque()
+    for tag, texts in batches:
+      self._child.send(texts)
+      in_flight.append(tag)
+      if len(in_flight) > 1:
+        yield in_flight.popleft(), self._child.receive()
+    while in_flight:
+      yield in_flight.popleft(), self._child.receive()
+
+  def __enter__(self) -> 'BatchEncoder':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._child is not None:
+      self._child.close(kill=exc[0] is not None)
+
+
+class _EncoderProcess:
+  """A child process (`_serve_encoder`) that encodes batches of texts, in order, with a tokenizer file."""
+
+  def __init__(self, path: str | os.PathLike, eos_token: str):
+    package_root = str(pathlib.Path(__file__).resolve().parent.parent)
+    env = {**os.environ, **host_memory.SYSTEM_MALLOC_ENV,
+           'PYTHONPATH': os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))}
+    command = [sys.executable, '-c', 'from vesper_jax import tokenizer; tokenizer._serve_encoder()',
+               str(path), eos_token]
+    self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    self.pid = self._process.pid
+    self._hello: dict | None = None
+
+  def send(self, texts: Sequence[str]) -> None:
+    try:
+      pickle.dump(list(texts), self._process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+      self._process.stdin.flush()
+    except BrokenPipeError:
+      raise self._died() from None
+
+  def receive(self) -> list[list[int]]:
+    if self._hello is None:
+      self._hello = self._read()
+      if self._hello['single_arena']:
+        raise RuntimeError(f'the tokenizer process {self.pid} runs under host_memory\'s single arena')
+      logging.info('tokenizing in process %d (glibc\'s malloc arenas; this process has one arena)', self.pid)
+    error, encoded = self._read()
+    if error:
+      raise RuntimeError(f'the tokenizer process failed: {error}')
+    return encoded
+
+  def close(self, kill: bool = False) -> None:
+    """Ends the child: at once with `kill`, else once it has read the end of its input."""
+    try:
+      self._process.stdin.close()
+    except OSError:
+      pass
+    if kill:
+      self._process.kill()
+    try:
+      self._process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self._process.kill()
+      self._process.wait()
+    self._process.stdout.close()
+
+  def _read(self) -> Any:
+    try:
+      return pickle.load(self._process.stdout)
+    except EOFError:
+      raise self._died() from None
+
+  def _died(self) -> RuntimeError:
+    return RuntimeError(f'the tokenizer process {self.pid} exited with status {self._process.wait()} '
+                        '(its error, if any, is above on stderr)')
+
+
+def _serve_encoder() -> None:
+  """The child side of `_EncoderProcess`: batches (pickled lists of texts) on stdin; a hello, then for
+  each batch (error or None, token ids of each text) on stdout, in order. argv: tokenizer file, eos_token."""
+  replies = os.fdopen(os.dup(1), 'wb')
+  os.dup2(2, 1)  # anything else written to stdout goes to stderr, not into the replies
+  pickle.dump({'pid': os.getpid(), 'single_arena': host_memory.single_arena()}, replies)
+  replies.flush()
+  requests = queue.SimpleQueue()
+  threading.Thread(target=_read_requests, args=(sys.stdin.buffer, requests), daemon=True).start()
+  try:
+    tokenizer, error = Tokenizer.load(sys.argv[1], sys.argv[2]), None
+  except Exception as e:  # pylint: disable=broad-except  (the parent, loading the same file, says why first)
+    tokenizer, error = None, f'{type(e).__name__}: {e}'
+  while (texts := requests.get()) is not None:
+    try:
+      reply = (error, None) if error else (None, tokenizer.encode_batch(texts))  # lists pickle fast
+    except Exception as e:  # pylint: disable=broad-except  (reported to the parent, which raises)
+      reply = (f'{type(e).__name__}: {e}', None)
+    pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
+    replies.flush()
+
+
+def _read_requests(stream: BinaryIO, requests: queue.SimpleQueue) -> None:
+  """Queues every batch as it arrives, so the parent never waits on a full pipe while the child writes."""
+  try:
+    while True:
+      requests.put(pickle.load(stream))
+  except (EOFError, OSError):
+    requests.put(None)
 
 
 def _find_eos(tokenizer: tokenizers.Tokenizer, path: str, eos_token: str) -> int:

@@ -126,8 +126,10 @@ def loss_and_grads():  # a new function each call: traced again, so the kernels 
   lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
   return lowered.as_text(), lowered.compile()(params)
 
+# The quantized projections' kernels are for inference (tests/test_quantize.py): not in a training step.
+training = [name for name in cpu_kernels.TARGETS if not name.endswith('_matmul')]
 text, with_kernels = loss_and_grads()
-missing = [name for name in cpu_kernels.TARGETS if name not in text]
+missing = [name for name in training if name not in text]
 assert not missing, f'kernels not in the lowered step: {missing}'
 cpu_kernels.usable = lambda *args, **kwargs: False
 text, without = loss_and_grads()
@@ -175,7 +177,7 @@ def test_softmax_cross_entropy_equals_the_jax_terms(M, V):
   z = z.at[3, targets[3]].set(100.0)
   weights = jax.random.uniform(keys[2], (M,))
   dz, nll, ent, correct = jax.jit(cross_entropy_cpu_ffi.softmax_cross_entropy)(z, targets, weights)
-  nll_r, ent_r, correct_r, e, s = losses._chunk_softmax_terms(z, targets)
+  nll_r, ent_r, correct_r, _, e, s = losses._chunk_softmax_terms(z, targets, with_stats=False)
   dz_r = (e / s[:, None] - (jnp.arange(V) == targets[:, None])) * weights[:, None]
   np.testing.assert_allclose(dz, dz_r, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(nll, nll_r, rtol=1e-6, atol=1e-6)   # NaN where the reference has NaN

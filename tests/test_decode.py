@@ -2,6 +2,8 @@
 chunked against stepwise, seeds, EOS, the streaming callback, left padding and the refusals."""
 
 import functools
+import math
+import re
 
 import jax
 import numpy as np
@@ -137,3 +139,24 @@ def test_chunk_size_must_be_positive():
   config, params = tiny_model()
   with pytest.raises(ValueError, match='chunk_size=0 must be >= 1'):
     decode.generate(params, config, [[1, 2]], max_new_tokens=4, chunk_size=0)
+
+
+@pytest.mark.parametrize('num_kv_heads', [None, 2])
+def test_decode_updates_the_kv_cache_in_place(num_kv_heads):
+  """No copy of a cache-sized buffer in the compiled step and loop, at batch 1 (the CPU decode case).
+
+  The cache's layouts ([J, H, S] keys, [J, S, H] values: model._update_cache) are the ones the attention
+  dots read; stored [B, S, K, H], every layer's keys and values were copied into them at each step.
+  """
+  config, params = tiny_model(num_kv_heads=num_kv_heads)
+  prompt_BP, mask_BP = decode.left_pad([[3, 4, 5]])
+  statics = dict(config=config, sampling=SamplingConfig(), eos_id=None)
+  state, _ = decode.prefill(params, prompt_BP, mask_BP, jax.random.key(0), cache_len=96, **statics)
+  cache_sizes = {x.size for x in jax.tree.leaves(state.cache) if x.ndim >= 3}  # keys and values
+  assert cache_sizes
+  for lowered in (decode.decode_step.lower(params, state, **statics),
+                  decode.decode_chunk.lower(params, state, jax.numpy.int32(8), chunk=8, **statics)):
+    copied = [re.search(r'= \w+\[([\d,]*)\]', line) for line in lowered.compile().as_text().splitlines()
+              if ' copy(' in line]
+    sizes = [math.prod(int(d) for d in m.group(1).split(',') if d) for m in copied if m]
+    assert not cache_sizes & set(sizes), sorted(sizes)

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from conftest import REPO, make_workdir, naive_greedy, tiny_model_config
 from vesper_jax import decode, export, finetune, quantize
+from vesper_jax.kernels import cpu_kernels, quantized_matmul_cpu_ffi
 from vesper_jax.model import VesperLM, cast_for_inference, init_params
 from vesper_jax.sampling import GREEDY
 
@@ -233,3 +234,127 @@ def test_export_and_generate_cli_with_quantize(tmp_path):
              '--quantize_head', '--temperature=0', '--max_new_tokens=8')
   assert done.returncode == 0, done.stderr
   assert done.stdout.startswith('The quick') and len(done.stdout) > len('The quick\n')
+
+
+# ------------------------------------------------------------------------------- the CPU decode kernel
+
+_needs_kernels = pytest.mark.skipif(
+    jax.default_backend() != 'cpu' or not cpu_kernels.available(),
+    reason='the CPU kernels did not build here (no C++ compiler, or not a CPU backend): quantized '
+           'projections use the XLA formulation, which the tests above check')
+
+
+def _kernel_operands(scheme, M, I, O, group_size, seed=0):
+  x_MI = jax.random.normal(jax.random.key(seed), (M, I))
+  w_IO = _weights((I, O), seed + 1)
+  if scheme == 'int8':
+    q_IO, scales_O = quantize.quantize_int8(w_IO)
+    return x_MI, (q_IO, scales_O), np.asarray(quantize.dequantize_int8(q_IO, scales_O), np.float64)
+  packed_JO, scales_GO, mins_GO = quantize.quantize_int4(w_IO, group_size)
+  w64_IO = np.asarray(quantize.dequantize_int4(packed_JO, scales_GO, mins_GO), np.float64)
+  return x_MI, (packed_JO, scales_GO, mins_GO), w64_IO
+
+
+@_needs_kernels
+@pytest.mark.parametrize('scheme', ['int8', 'int4'])
+@pytest.mark.parametrize('M, I, O, group_size', [
+    (1, 128, 64, 32),      # one vector row band, whole 8-column vectors
+    (1, 130, 77, 26),      # int8: rows past the last band of 4; int4: 13 byte rows per group; odd O
+    (3, 96, 45, 6),        # several rows; int4 groups of 3 byte rows (no band of 4 at all)
+    (4, 256, 517, 128),    # columns past the last vector
+    (32, 64, 40, 16),      # the most rows the model sends (quantize.KERNEL_MAX_ROWS)
+    (1, 1024, 1100, 128),  # over 1 M weights: columns split among threads, the last piece uneven
+])
+def test_kernel_equals_float64_reference(scheme, M, I, O, group_size):
+  # The kernel's product against numpy's in float64 on the same dequantized weights: only float32
+  # rounding apart. A wrong nibble order, group or scale index is off by the weights' size.
+  x_MI, weights, w64_IO = _kernel_operands(scheme, M, I, O, group_size)
+  matmul = (quantized_matmul_cpu_ffi.int8_matmul if scheme == 'int8'
+            else quantized_matmul_cpu_ffi.int4_matmul)
+  got_MO = np.asarray(jax.jit(matmul)(x_MI, *weights))
+  want_MO = np.asarray(x_MI, np.float64) @ w64_IO
+  assert got_MO.shape == (M, O) and got_MO.dtype == np.float32
+  np.testing.assert_allclose(got_MO, want_MO, rtol=1e-4, atol=2e-6 * np.abs(want_MO).max() * np.sqrt(I))
+
+
+@_needs_kernels
+def test_kernel_detects_a_swapped_nibble_order():
+  # The check above can fail: the same weights with the two nibbles of every byte swapped (odd input
+  # rows read as even ones) give a product far from the reference.
+  x_MI, (packed_JO, scales_GO, mins_GO), w64_IO = _kernel_operands('int4', 1, 256, 64, 128)
+  swapped_JO = (packed_JO >> 4) | (packed_JO << 4)
+  got = np.asarray(quantized_matmul_cpu_ffi.int4_matmul(x_MI, swapped_JO, scales_GO, mins_GO))
+  want = np.asarray(x_MI, np.float64) @ w64_IO
+  assert np.abs(got - want).max() > 0.1 * np.abs(want).max()
+
+
+def test_kernel_is_not_chosen_over_several_devices_or_off_cpu(float_model):
+  # 8 simulated devices here: the XLA formulation (cpu_kernels.usable). platform='gpu' makes the
+  # accelerator's choice on any machine: the XLA formulation, which must keep lowering.
+  config, params = float_model
+  for platform in ('cpu', 'gpu'):
+    qconfig, qparams = quantize.quantize_model(config.replace(platform=platform), params, 'int8',
+                                               quantize_head=True)
+    step = jax.jit(lambda p, t: VesperLM(qconfig).apply({'params': p}, t))
+    text = step.lower(qparams, jnp.zeros((1, 1), jnp.int32)).as_text()
+    assert 'vesper_int8_matmul' not in text and 'dot_general' in text
+
+
+# Run with one device (python -c _ONE_DEVICE REPO): where the kernel is chosen (decode steps of at most
+# KERNEL_MAX_ROWS rows on the CPU platform; not longer prefills, not platform='gpu'), and the same decoding with
+# the kernel as the model chooses it and with cpu_kernels.usable off: identical greedy tokens, and
+# logits of every step within float32 rounding of each other.
+_ONE_DEVICE = """
+import sys
+sys.path.insert(0, sys.argv[1] + '/tests')
+import jax, jax.numpy as jnp, numpy as np
+from conftest import decode_stepwise, tiny_model_config
+from vesper_jax import decode, quantize
+from vesper_jax.model import VesperLM, init_params
+from vesper_jax.kernels import cpu_kernels
+from vesper_jax.sampling import GREEDY
+
+assert jax.device_count() == 1, jax.devices()
+usable = cpu_kernels.usable
+tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 512)
+for scheme, bias in (('int8', False), ('int4', True)):
+  cpu_kernels.usable = usable
+  config = tiny_model_config(vocab_size=512, num_kv_heads=2, use_bias=bias)
+  params = init_params(config, jax.random.key(0))
+  if bias:  # non-zero biases, so that a bias the kernel path dropped would show
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if path[-1].key == 'bias' else x, params)
+  qconfig, qparams = quantize.quantize_model(config, params, scheme, quantize_head=True)
+  target = f'vesper_{scheme}_matmul'
+  text = lambda cfg, T: jax.jit(lambda p, t: VesperLM(cfg).apply({'params': p}, t)).lower(
+      qparams, jnp.zeros((1, T), jnp.int32)).as_text()
+  assert target in text(qconfig, 1)                                  # one row: the kernel
+  assert target in text(qconfig, quantize.KERNEL_MAX_ROWS)
+  assert target not in text(qconfig, quantize.KERNEL_MAX_ROWS + 1)   # prefill-sized: XLA
+  assert target not in text(qconfig.replace(platform='gpu'), 1)      # the accelerator's choice
+
+  def run():
+    cpu_kernels.usable = usable_now
+    jax.clear_caches()  # decode's jitted functions trace again, and choose again
+    logits = decode_stepwise(qconfig, qparams, tokens, prompt_len=5)
+    greedy = decode.generate(qparams, qconfig, [[5, 17, 300, 42, 7]], max_new_tokens=24, sampling=GREEDY,
+                             chunk_size=8)[0]
+    return np.asarray(logits), greedy
+
+  usable_now = usable
+  with_kernel = run()
+  usable_now = lambda *args, **kwargs: False
+  without = run()
+  np.testing.assert_allclose(with_kernel[0], without[0], rtol=1e-4, atol=1e-4)
+  assert with_kernel[1] == without[1] and len(set(without[1])) > 4, (with_kernel[1], without[1])
+print('checked int8 and int4')
+"""
+
+
+@_needs_kernels
+def test_decode_with_kernel_on_one_device_equals_xla_formulation():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _ONE_DEVICE, str(REPO)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith('checked ')

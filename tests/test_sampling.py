@@ -190,3 +190,47 @@ def test_both_methods_draw_the_same_tokens():
   draws = {m: np.asarray(sampling.sample_logits(jax.random.key(4), logits, seen, cfg, m)) for m in METHODS}
   np.testing.assert_array_equal(draws['sort'], draws['search'])
   assert len(set(draws['sort'].tolist())) > 10  # the rows really drew different tokens
+
+
+@pytest.mark.parametrize('V', [7, 300, 1000])
+def test_draw_matches_softmax_and_never_draws_removed_tokens(V):
+  """The inverse-CDF draw (one uniform per row, blocks of _DRAW_BLOCK) against softmax probabilities:
+  chi-square over 20k draws, V across one block, several, and a ragged last block; -inf never drawn."""
+  rng = np.random.default_rng(V)
+  logits = rng.normal(0, 1.0, (1, V)).astype(np.float32)
+  logits[0, rng.random(V) < 0.5] = -np.inf  # removed tokens, the first and last included
+  logits[0, [0, V - 1]] = -np.inf
+  logits[0, V // 2] = 0.5  # at least one kept token
+  want = np.exp(logits[0].astype(np.float64) - np.nanmax(logits[0]))
+  want /= want.sum()
+  n = 20000
+  draw = jax.jit(jax.vmap(lambda key: sampling._draw(key, jnp.asarray(logits))[0]))
+  tokens = np.asarray(draw(jax.random.split(jax.random.key(1), n)))
+  counts = np.bincount(tokens, minlength=V)
+  assert counts[want == 0].sum() == 0
+  # Chi-square over the kept tokens (expected counts >= 5, the rest pooled): far below the 1e-6 tail.
+  big = want * n >= 5
+  observed = np.append(counts[big], counts[~big & (want > 0)].sum())
+  expected = np.append(want[big] * n, want[~big & (want > 0)].sum() * n)
+  keep = expected > 0
+  chi2 = (((observed - expected) ** 2)[keep] / expected[keep]).sum()
+  dof = keep.sum() - 1
+  assert chi2 < dof + 7 * np.sqrt(2 * dof) + 25, (chi2, dof)
+
+
+def test_draw_is_deterministic_per_key_and_varies_across_keys():
+  logits = jnp.asarray(_random_logits(3, shape=(4, 16384)))
+  a = np.asarray(sampling._draw(jax.random.key(7), logits))
+  np.testing.assert_array_equal(a, np.asarray(sampling._draw(jax.random.key(7), logits)))
+  others = {tuple(np.asarray(sampling._draw(jax.random.key(s), logits)).tolist()) for s in range(8)}
+  assert len(others) > 1
+
+
+def test_draw_handles_a_single_kept_token_in_any_block():
+  """One finite logit (greedy-like rows): it is the token drawn, wherever it sits, whatever the key."""
+  V = 1000
+  for position in [0, 127, 128, 999]:
+    logits = np.full((1, V), -np.inf, np.float32)
+    logits[0, position] = 3.0
+    for seed in range(5):
+      assert int(sampling._draw(jax.random.key(seed), jnp.asarray(logits))[0]) == position

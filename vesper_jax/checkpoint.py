@@ -209,6 +209,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise ValueError(f'{path}: unreadable ({e})') from e
   config = config_lib.get_config()
   _overlay(config, saved, path, prefix='')
+  config_lib.older_meanings(config, saved)
   return config
 
 

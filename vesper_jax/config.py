@@ -89,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.metacog = False          # add the head (trained with weight train.metacog_weight)
   config.model.metacog_hidden = 256     # the head's hidden width: d_model → metacog_hidden → 2
   config.model.metacog_trunk_gradient = False  # let the head's loss reach the trunk (default: stop-gradient)
+  config.model.metacog_inputs = 'both'  # what the head reads: 'hidden' (final hidden states), 'stats' (max
+                                        # probability, entropy, top-1/top-2 margin) or 'both'; README says why
 
   # ---------------------------------------------------------------- data (→ data.py, tokenizer.py)
   config.data = ml_collections.ConfigDict()
@@ -183,6 +185,18 @@ ON_ERROR = ('skip', 'fail')
 _AT_LEAST_ONE = ('train.batch_size', 'train.eval_every',
                  'train.max_nonfinite_steps', 'checkpoint.every_steps', 'checkpoint.keep',
                  'logging.every_steps')
+
+
+# Keys whose base default changed after runs were saved without them: such a run meant the old value.
+_OLDER_MEANINGS = {('model', 'metacog_inputs'): 'hidden'}  # before the head could read the statistics
+
+
+def older_meanings(config: ml_collections.ConfigDict, saved: dict) -> None:
+  """Sets, in a saved run's `config` (laid over get_config()), the value a key the run's file lacks
+  meant when it was written (`_OLDER_MEANINGS`), instead of today's default."""
+  for (section, key), value in _OLDER_MEANINGS.items():
+    if key not in saved.get(section, {}):
+      config[section][key] = value
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,

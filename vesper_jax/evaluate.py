@@ -40,19 +40,25 @@ def eval_step(params: PyTree, model_state: PyTree, batch: dict[str, jax.Array], 
 
   With the metacognition head (model.metacog), a third element: per-token arrays [B, T] of the head's
   confidence and predicted loss, the real nll, correctness, max probability, entropy, and the weights
-  (what `score` gathers for metacog.calibration).
+  (what `score` gathers for metacog.calibration). The loss then comes from the same softmax as the
+  head's statistics (losses.token_stats): one pass over the vocabulary.
   """
   tokens_BT1, weights_BT = batch['tokens'], batch['weights']
   variables, targets_BT = {'params': params, **model_state}, tokens_BT1[:, 1:]
-  with_metacog = model.config.metacog
-  out = model.apply(variables, tokens_BT1[:, :-1], with_metacog=with_metacog)
-  logits_BTV, meta = out if with_metacog else (out, None)
-  loss, _ = losses.cross_entropy_and_entropy(logits_BTV, targets_BT, weights_BT)
   count = jnp.sum(weights_BT)
-  if not with_metacog:
+  if not model.config.metacog:
+    logits_BTV = model.apply(variables, tokens_BT1[:, :-1])
+    loss, _ = losses.cross_entropy_and_entropy(logits_BTV, targets_BT, weights_BT)
     return loss * count, count
+  # One softmax gives the loss, the head's inputs (with model.metacog_inputs 'stats'/'both') and the
+  # baselines: the head is applied here, as the train step applies it, to the statistics computed once.
+  logits_BTV, x_BTD = model.apply(variables, tokens_BT1[:, :-1], with_hidden=True)
+  stats = losses.token_stats(logits_BTV, targets_BT)
+  meta = metacog.apply(model.config, params, x_BTD, stats)
+  weights_BT = weights_BT.astype(jnp.float32)
+  loss = jnp.sum(stats['nll'] * weights_BT) / jnp.maximum(count, 1.0)
   per_token = {'confidence': meta.confidence_BT, 'predicted_loss': meta.predicted_loss_BT,
-               **losses.token_stats(logits_BTV, targets_BT), 'weights': weights_BT.astype(jnp.float32)}
+               **{k: stats[k] for k in ('nll', 'correct', 'max_prob', 'entropy')}, 'weights': weights_BT}
   return loss * count, count, per_token
 
 
@@ -138,11 +144,15 @@ def calibration_table(result: dict) -> str:
   """The metacognition head's measures beside the baselines' (a Markdown table)."""
   m, b = result['metacog'], result['baselines']
   f = lambda x: f'{x:.4f}'
-  return ('| predictor | ECE (15 bins) | AUROC (correct) | Pearson (loss) | Spearman (loss) |\n'
-          '|---|---:|---:|---:|---:|\n'
-          f"| metacog head | {f(m['ece'])} | {f(m['auroc'])} | {f(m['pearson'])} | {f(m['spearman'])} |\n"
-          f"| max softmax probability | {f(b['max_prob']['ece'])} | {f(b['max_prob']['auroc'])} | | |\n"
-          f"| predictive entropy | | | {f(b['entropy']['pearson'])} | {f(b['entropy']['spearman'])} |\n"
+  mp, en = b['max_prob'], b['entropy']
+  return ('| predictor | ECE (15 bins) | AUROC (correct) | AURC (↓) | Brier (↓) | Pearson (loss) | '
+          'Spearman (loss) |\n'
+          '|---|---:|---:|---:|---:|---:|---:|\n'
+          f"| metacog head | {f(m['ece'])} | {f(m['auroc'])} | {f(m['aurc'])} | {f(m['brier'])} | "
+          f"{f(m['pearson'])} | {f(m['spearman'])} |\n"
+          f"| max softmax probability | {f(mp['ece'])} | {f(mp['auroc'])} | {f(mp['aurc'])} | "
+          f"{f(mp['brier'])} | | |\n"
+          f"| predictive entropy | | | {f(en['aurc'])} | | {f(en['pearson'])} | {f(en['spearman'])} |\n"
           f"\nmean confidence {f(m['mean_confidence'])}, top-1 accuracy {f(m['accuracy'])} "
           f"over {result['tokens']:,} tokens")
 

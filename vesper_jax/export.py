@@ -11,7 +11,8 @@ PyTorch orientation: flax kernels are `[in, out]`, so 2-D tensors are transposed
   layers.{i}.ffn.{gate,up,down}_proj.weight,  layers.{i}.ffn_norm.weight,
   final_norm.weight, lm_head.weight         [V_pad, D]  (absent with tied embeddings)
   + `.bias` where biases are on; FlyLoRA: `{proj}.lora_a` [r, in], `.lora_b` [out, r], `.expert_bias` [r]
-  metacognition head (model.metacog): metacog.fc1.weight [hidden, D], metacog.fc1.bias [hidden],
+  metacognition head (model.metacog): metacog.fc1.weight [hidden, inputs] (inputs = D, 4 or D + 4 by
+  model.metacog_inputs, which the model config in the metadata carries), metacog.fc1.bias [hidden],
   metacog.fc2.weight [2, hidden], metacog.fc2.bias [2]
 
 and the ModelConfig as JSON in the file's metadata. `load_safetensors` rebuilds the parameter tree and

@@ -75,10 +75,11 @@ def load_base(init_from: str, config: ModelConfig) -> PyTree:
     field, base_value, value = changes[0]
     raise ValueError(f'train.init_from={init_from}: the base has model.{field}={base_value!r}, '
                      f'this config {value!r}')
-  if base_config.metacog and not (config.metacog and config.metacog_hidden == base_config.metacog_hidden):
+  if base_config.metacog and not (config.metacog and config.metacog_hidden == base_config.metacog_hidden
+                                  and config.metacog_inputs == base_config.metacog_inputs):
     logging.warning('train.init_from=%s: the base\'s metacognition head is left behind (this config has '
-                    'model.metacog=%s, model.metacog_hidden=%d)', init_from, config.metacog,
-                    config.metacog_hidden)
+                    'model.metacog=%s, model.metacog_hidden=%d, model.metacog_inputs=%r)', init_from,
+                    config.metacog, config.metacog_hidden, config.metacog_inputs)
     params = {k: v for k, v in params.items() if k != metacog.NAME}
   logging.info('Base weights from %s', init_from)
   return params

@@ -9,10 +9,12 @@ The library part turns tokens into text as they come: `TextStream` (whole UTF-8 
 strings) and `generate_text` (prompts as strings, pieces of text to a callback), used here, by chat.py
 and by the sample at the end of training. Decoding itself is decode.py.
 
-With `--regulate` (a model trained with the metacognition head, SPEC §9), `regulate` samples up to
-`--candidates` continuations, stops once one's mean confidence exceeds `--confidence_threshold`, and the
-most confident is printed after the selection (a progress line per candidate on stderr), its tokens
-under `--flag_below` confidence marked [[like this]]. Without it, streaming is unchanged.
+With `--regulate` (a model trained with the metacognition head, SPEC §9), `regulate_batch` samples up to
+`--candidates` continuations per prompt, stops once one's mean confidence exceeds
+`--confidence_threshold`, and the most confident is printed after the selection (a progress line per
+candidate on stderr), its tokens under `--flag_below` confidence marked [[like this]]. The confidences
+come from the decode steps themselves (decode.generate(confidences=...)), and the prompts' candidates are
+decoded as one batch per round. Without `--regulate`, streaming is unchanged.
 """
 
 import dataclasses
@@ -34,7 +36,7 @@ from vesper_jax.tokenizer import Tokenizer
 FLAGS = flags.FLAGS
 
 _STREAM_CONTEXT = 4  # prompt ids a TextStream decodes along with the first new ones (see TextStream)
-_SCORE_BUCKET = 64   # the regulator scores prompt + candidate padded to a multiple of this many tokens
+_SCORE_BUCKET = 64   # token_confidences pads prompt + continuation to a multiple of this many tokens
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -151,8 +153,10 @@ def _generate_rows(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
                    prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig,
                    seed: int, stop_strings: Sequence[str], chunk_size: int,
                    on_text: Callable[[int, str], None] | None = None,
-                   stats: decode.GenerationStats | None = None) -> tuple[list[str], list[list[int]]]:
-  """generate_text's work: (each row's text, each row's new token ids, EOS excluded)."""
+                   stats: decode.GenerationStats | None = None,
+                   confidences: list[list[float]] | None = None) -> tuple[list[str], list[list[int]]]:
+  """generate_text's work: (each row's text, each row's new token ids, EOS excluded); `confidences` as
+  decode.generate's."""
   ids = [_prompt_ids(tokenizer, p) for p in prompts]
   streams = [TextStream(tokenizer, stop_strings, context=row) for row in ids]
 
@@ -165,7 +169,7 @@ def _generate_rows(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
 
   new_ids = decode.generate(params, config, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                             eos_id=tokenizer.eos_id, seed=seed, chunk_size=chunk_size, on_tokens=on_tokens,
-                            stats=stats)
+                            stats=stats, confidences=confidences)
   for b, stream in enumerate(streams):
     piece = stream.finish()
     if piece and on_text is not None:
@@ -234,7 +238,10 @@ def _confidence_T(params: PyTree, tokens_1T: jax.Array, config: ModelConfig) -> 
 def token_confidences(params: PyTree, config: ModelConfig, prompt_ids: Sequence[int],
                       new_ids: Sequence[int]) -> np.ndarray:
   """The head's confidence at the prediction of each new token (and, for no new tokens, of the one that
-  ended the row), from one forward pass over prompt + new tokens. float32 [max(len(new_ids), 1)]."""
+  ended the row), from one forward pass over prompt + new tokens. float32 [max(len(new_ids), 1)].
+
+  For text that was not just decoded (the regulator reads its confidences from the decode steps, which
+  give the same values: tested)."""
   if not config.metacog:
     raise ValueError('token confidences need the metacognition head (model.metacog=True)')
   tokens = list(prompt_ids) + list(new_ids)
@@ -246,16 +253,16 @@ def token_confidences(params: PyTree, config: ModelConfig, prompt_ids: Sequence[
   return conf_T[first:first + max(len(new_ids), 1)]
 
 
-def _score(params: PyTree, config: ModelConfig, tokenizer: TextCodec, prompt_ids: Sequence[int],
-           new_ids: Sequence[int], text: str, seed: int, flag_below: float) -> Candidate:
-  """A candidate's kept tokens, their confidences, its score and its low-confidence spans."""
+def _score(tokenizer: TextCodec, prompt_ids: Sequence[int], new_ids: Sequence[int], conf: Sequence[float],
+           text: str, seed: int, flag_below: float) -> Candidate:
+  """A candidate's kept tokens, their confidences, its score and its low-confidence spans; `conf` holds
+  the decode steps' confidences (one per new token, and the EOS's when it ended the row)."""
   context = list(prompt_ids[-_STREAM_CONTEXT:])
   base = len(tokenizer.decode(context))
   ends = [max(0, len(tokenizer.decode(context + list(new_ids[:k + 1]))) - base) for k in range(len(new_ids))]
   ends = list(np.maximum.accumulate(ends)) if ends else []
   starts = [0] + ends[:-1]
   kept = [k for k in range(len(new_ids)) if starts[k] < len(text)]
-  conf = token_confidences(params, config, prompt_ids, new_ids)
   confidences = [float(conf[k]) for k in kept]
   score = float(np.mean(confidences)) if confidences else float(conf[0])
   flagged, run = [], []
@@ -279,26 +286,53 @@ def regulate(params: PyTree, config: ModelConfig, tokenizer: TextCodec, prompt: 
   confidence exceeds `regulator.confidence_threshold`, or after `regulator.candidates`; returns the most
   confident (the first of equals). Deterministic for a given seed. `on_candidate(i, candidate)` is
   called as each one is scored (for a progress line). Needs the metacognition head."""
+  return regulate_batch(params, config, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                        sampling=sampling, seed=seed, stop_strings=stop_strings, chunk_size=chunk_size,
+                        regulator=regulator,
+                        on_candidate=None if on_candidate is None else lambda _, i, c: on_candidate(i, c))[0]
+
+
+def regulate_batch(params: PyTree, config: ModelConfig, tokenizer: TextCodec,
+                   prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int,
+                   sampling: SamplingConfig = SamplingConfig(), seed: int = 0, stop_strings: Sequence[str] = (),
+                   chunk_size: int = 1, regulator: RegulatorConfig = RegulatorConfig(),
+                   on_candidate: Callable[[int, int, Candidate], None] | None = None) -> list[Regulated]:
+  """`regulate` for several prompts at once: round i decodes candidate i of every prompt still
+  undecided as one batch (seed + i), the head's confidences read from the decode steps; a prompt leaves
+  the rounds once a candidate exceeds the threshold. A prompt's candidates depend on the batch it ran
+  in (as generate_text's rows do). `on_candidate(prompt index, i, candidate)` is called as each one is
+  scored. Needs the metacognition head."""
   if not config.metacog:
     raise ValueError('the regulator needs a model trained with the metacognition head (model.metacog=True); '
                      'this model has none')
-  ids = _prompt_ids(tokenizer, prompt)
-  candidates = []
+  ids = [_prompt_ids(tokenizer, p) for p in prompts]
+  candidates: list[list[Candidate]] = [[] for _ in ids]
+  active = list(range(len(ids)))
   for i in range(regulator.candidates):
-    texts, new_ids = _generate_rows(params, config, tokenizer, [ids], max_new_tokens=max_new_tokens,
-                                    sampling=sampling, seed=seed + i, stop_strings=stop_strings,
-                                    chunk_size=chunk_size)
-    candidates.append(_score(params, config, tokenizer, ids, new_ids[0], texts[0], seed + i,
-                             regulator.flag_below))
-    if on_candidate is not None:
-      on_candidate(i, candidates[-1])
-    if candidates[-1].score > regulator.confidence_threshold:
+    if not active:
       break
-  chosen = max(range(len(candidates)), key=lambda i: (candidates[i].score, -i))
-  stopped_early = len(candidates) < regulator.candidates
-  logging.info('regulator: %d candidate(s), chose %d (mean confidence %.3f)%s', len(candidates), chosen,
-               candidates[chosen].score, ', stopped early' if stopped_early else '')
-  return Regulated(candidates[chosen].text, candidates[chosen].score, chosen, candidates, stopped_early)
+    confidences: list[list[float]] = []
+    texts, new_ids = _generate_rows(params, config, tokenizer, [ids[r] for r in active],
+                                    max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + i,
+                                    stop_strings=stop_strings, chunk_size=chunk_size, confidences=confidences)
+    still = []
+    for row, r in enumerate(active):
+      candidate = _score(tokenizer, ids[r], new_ids[row], confidences[row], texts[row], seed + i,
+                         regulator.flag_below)
+      candidates[r].append(candidate)
+      if on_candidate is not None:
+        on_candidate(r, i, candidate)
+      if candidate.score <= regulator.confidence_threshold:
+        still.append(r)
+    active = still
+  results = []
+  for r, cands in enumerate(candidates):
+    chosen = max(range(len(cands)), key=lambda i: (cands[i].score, -i))
+    stopped_early = len(cands) < regulator.candidates
+    logging.info('regulator: prompt %d, %d candidate(s), chose %d (mean confidence %.3f)%s', r, len(cands),
+                 chosen, cands[chosen].score, ', stopped early' if stopped_early else '')
+    results.append(Regulated(cands[chosen].text, cands[chosen].score, chosen, cands, stopped_early))
+  return results
 
 
 FLAG_OPEN, FLAG_CLOSE = '[[', ']]'  # how the CLIs mark low-confidence spans in printed text
@@ -361,18 +395,23 @@ def summary_line(result: Regulated, regulator: RegulatorConfig) -> str:
 
 def _main_regulated(params: PyTree, config: ModelConfig, tokenizer: Tokenizer, settings: SamplingConfig,
                     max_new_tokens: int) -> None:
-  """--regulate: per prompt, progress lines on stderr, then the chosen text (spans marked) on stdout."""
+  """--regulate: the prompts as one batch; progress lines on stderr, then per prompt the chosen text
+  (spans marked) on stdout."""
   regulator = regulator_from_flags()
-  for i, prompt in enumerate(FLAGS.prompt):
-    result = regulate(params, config, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=settings,
-                      seed=FLAGS.seed, stop_strings=FLAGS.stop, chunk_size=FLAGS.chunk_size,
-                      regulator=regulator,
-                      on_candidate=lambda j, c: print(progress_line(j, c, regulator), file=sys.stderr,
-                                                      flush=True))
-    header = f'--- [{i}]\n' if len(FLAGS.prompt) > 1 else ''
+  several = len(FLAGS.prompt) > 1
+
+  def progress(r: int, j: int, candidate: Candidate) -> None:
+    print(f'{f"[{r}] " if several else ""}{progress_line(j, candidate, regulator)}', file=sys.stderr,
+          flush=True)
+
+  results = regulate_batch(params, config, tokenizer, FLAGS.prompt, max_new_tokens=max_new_tokens,
+                           sampling=settings, seed=FLAGS.seed, stop_strings=FLAGS.stop,
+                           chunk_size=FLAGS.chunk_size, regulator=regulator, on_candidate=progress)
+  for i, (prompt, result) in enumerate(zip(FLAGS.prompt, results)):
+    header = f'--- [{i}]\n' if several else ''
     sys.stdout.write(f'{header}{prompt}{mark_spans(result.text, result.flagged)}\n')
     sys.stdout.flush()
-    print(summary_line(result, regulator), file=sys.stderr, flush=True)
+    print(f'{f"[{i}] " if several else ""}{summary_line(result, regulator)}', file=sys.stderr, flush=True)
 
 
 def main(argv):

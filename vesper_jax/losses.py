@@ -1,7 +1,9 @@
 """Next-token cross-entropy and the predictive entropy, computed together in one pass over the logits.
 
 Per-token statistics (`token_stats`, and `per_token=True` on the fused head) serve the metacognition
-head (metacog.py): the loss of each token and whether its top-1 prediction was right.
+head (metacog.py): the loss of each token and whether its top-1 prediction was right (its training
+targets), and what the predicted distribution says of itself, read from the same softmax (its inputs,
+`DISTRIBUTION_STATS`): the max probability, the entropy, and the top-1/top-2 margin in log space.
 """
 
 import functools
@@ -34,21 +36,57 @@ def cross_entropy_and_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
   return jnp.sum(nll_BT * weights_BT) / denom, jnp.sum(ent_BT * weights_BT) / denom
 
 
+DISTRIBUTION_STATS = ('max_prob', 'entropy', 'margin')  # what a prediction says of itself (metacog.py)
+
+
+def _top2(z_BTV: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The largest and second-largest logit of each row ([B, T, 1] and [B, T]); equal when the top is tied.
+
+  Three fused reductions over the row rather than `jax.lax.top_k(z, 2)`: inside the train step's jitted
+  scan XLA:CPU lowered that top_k to a sort of every row, a ~20x slower step (tiny, 1,024 tokens of a
+  4,096-token vocabulary: 2.5 s against 0.12 s, measured).
+  """
+  max_BT1 = jnp.max(z_BTV, axis=-1, keepdims=True)
+  at_max_BTV = z_BTV == max_BT1
+  ties_BT = jnp.sum(at_max_BTV.astype(jnp.int32), axis=-1)
+  below_BT = jnp.max(jnp.where(at_max_BTV, -jnp.inf, z_BTV), axis=-1)
+  return max_BT1, jnp.where(ties_BT > 1, max_BT1[..., 0], below_BT)
+
+
+def _softmax_stats(z_BTV: jax.Array) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+  """(DISTRIBUTION_STATS, shifted logits z − max z, their exp, the softmax's normaliser Σ exp(z − max z)).
+
+  The max the softmax shifts by is the first of `_top2`: the margin is z₁ − z₂ = log p₁ − log p₂ (0 for
+  a tie). It runs only where the head reads the statistics (and in evaluation).
+  """
+  max_BT1, second_BT = _top2(z_BTV)
+  shifted_BTV = z_BTV - max_BT1
+  e_BTV = jnp.exp(shifted_BTV)
+  s_BT = jnp.sum(e_BTV, axis=-1)
+  stats = {'max_prob': 1.0 / s_BT,
+           'entropy': jnp.log(s_BT) - jnp.sum(e_BTV * shifted_BTV, axis=-1) / s_BT,
+           'margin': max_BT1[..., 0] - second_BT}
+  return stats, shifted_BTV, e_BTV, s_BT
+
+
+def distribution_stats(logits_BTV: jax.Array) -> dict[str, jax.Array]:
+  """Per token, float32 and without gradient: max_prob, entropy (nats) and margin (log p₁ − log p₂) of
+  the predicted distribution: the metacognition head's inputs where no target is known (decoding)."""
+  return _softmax_stats(jax.lax.stop_gradient(logits_BTV.astype(jnp.float32)))[0]
+
+
 def token_stats(logits_BTV: jax.Array, targets_BT: jax.Array) -> dict[str, jax.Array]:
-  """Per token, float32 and without gradient: nll, correct, max_prob, entropy.
+  """Per token, float32 and without gradient: nll, correct, max_prob, entropy, margin; one softmax.
 
   `correct` is 1.0 where the target has the highest logit (ties count as correct: the same test the
   fused head makes for free, as `z[target] − max z == 0`), `max_prob` the model's top-1 probability
-  (the confidence a model without a head would report), `entropy` the predictive entropy in nats.
+  (the confidence a model without a head would report), `entropy` the predictive entropy in nats,
+  `margin` log p₁ − log p₂.
   """
   z_BTV = jax.lax.stop_gradient(logits_BTV.astype(jnp.float32))
-  shifted_BTV = z_BTV - jnp.max(z_BTV, axis=-1, keepdims=True)
-  e_BTV = jnp.exp(shifted_BTV)
-  s_BT = jnp.sum(e_BTV, axis=-1)
-  log_s_BT = jnp.log(s_BT)
+  stats, shifted_BTV, _, s_BT = _softmax_stats(z_BTV)
   target_BT = jnp.take_along_axis(shifted_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return {'nll': log_s_BT - target_BT, 'correct': (target_BT >= 0.0).astype(jnp.float32),
-          'max_prob': 1.0 / s_BT, 'entropy': log_s_BT - jnp.sum(e_BTV * shifted_BTV, axis=-1) / s_BT}
+  return {'nll': jnp.log(s_BT) - target_BT, 'correct': (target_BT >= 0.0).astype(jnp.float32), **stats}
 
 
 # The per-token terms carry a hand-written gradient. Autodiff of log_softmax + take_along_axis + the
@@ -103,8 +141,8 @@ HEAD_CHUNK_TOKENS = 1024  # tokens per chunk: a 1,024 × 16,384 float32 chunk of
 
 def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_V: jax.Array | None,
                                    targets_BT: jax.Array, weights_BT: jax.Array | None = None, *,
-                                   per_token: bool = False, kernel: bool | None = None
-                                   ) -> tuple[jax.Array, ...]:
+                                   per_token: bool | str = False, kernel: bool | None = None
+                                   ) -> tuple:
   """`cross_entropy_and_entropy(x·kernel + bias, ...)` without ever holding the [B, T, V] logits.
 
   The head runs over chunks of about HEAD_CHUNK_TOKENS tokens (a slice of the positions of every row,
@@ -121,12 +159,14 @@ def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_
     kernel_DV, bias_V: the head cut to the real vocabulary (`VesperLM.head_weights`); bias may be None.
     targets_BT: int target ids.
     weights_BT: 1 for real targets, 0 for padding; the means are over real targets only.
-    per_token: also return each token's nll_BT and correct_BT (1.0 where the target has the highest
-      logit; see token_stats), without gradient, read from the chunks' logits as they pass.
+    per_token: also return, per token and without gradient, its nll and correct (1.0 where the target
+      has the highest logit; see token_stats), read from the chunks' logits as they pass; 'stats' adds
+      DISTRIBUTION_STATS (max_prob, entropy, margin: the metacognition head's inputs) from the same
+      chunks (in the kernel's path, the top two logits are read before the kernel reuses the buffer).
     kernel: each chunk's softmax pass in the C++ kernel where it applies (the CPU platform's choice,
       platforms.py); None = when the default devices are CPUs.
   Returns:
-    (loss, entropy): scalars, float32 nats; with per_token, (loss, entropy, nll_BT, correct_BT).
+    (loss, entropy): scalars, float32 nats; with per_token, (loss, entropy, {name: [B, T] float32}).
   """
   B, T, _ = x_BTD.shape
   if weights_BT is None:
@@ -135,12 +175,12 @@ def head_cross_entropy_and_entropy(x_BTD: jax.Array, kernel_DV: jax.Array, bias_
   chunk_len = max([c for c in range(1, T + 1) if T % c == 0 and B * c <= HEAD_CHUNK_TOKENS] or [1])
   if kernel is None:
     kernel = platforms.resolve() == 'cpu'
-  loss, entropy, nll_BT, correct_BT = _fused_head(x_BTD, kernel_DV, bias_V, targets_BT,
-                                                  weights_BT.astype(jnp.float32), chunk_len, per_token,
-                                                  kernel)
+  if per_token not in (False, True, 'stats'):
+    raise ValueError(f'per_token={per_token!r}: expected False, True or "stats"')
+  loss, entropy, per_token_BT = _fused_head(x_BTD, kernel_DV, bias_V, targets_BT,
+                                            weights_BT.astype(jnp.float32), chunk_len, per_token, kernel)
   if per_token:
-    return (loss, jax.lax.stop_gradient(entropy), jax.lax.stop_gradient(nll_BT),
-            jax.lax.stop_gradient(correct_BT))
+    return loss, jax.lax.stop_gradient(entropy), jax.lax.stop_gradient(per_token_BT)
   return loss, jax.lax.stop_gradient(entropy)
 
 
@@ -164,16 +204,22 @@ def _chunk_logits(x_MD, kernel_DV, bias_V):
   return logits_MV.astype(jnp.float32)
 
 
-def _chunk_softmax_terms(z_MV, targets_M):
-  """Per token: nll, entropy, correct, and the pieces of the softmax its gradient needs (see _forward)."""
-  shifted_MV = z_MV - jnp.max(z_MV, axis=-1, keepdims=True)
-  e_MV = jnp.exp(shifted_MV)
-  s_M = jnp.sum(e_MV, axis=-1)
-  log_s_M = jnp.log(s_M)
-  ent_M = log_s_M - jnp.sum(e_MV * shifted_MV, axis=-1) / s_M
+def _chunk_softmax_terms(z_MV, targets_M, with_stats):
+  """Per token: nll, entropy, correct, the softmax's statistics (with_stats, else None), and the pieces
+  of the softmax its gradient needs (see _forward)."""
+  if with_stats:
+    stats, shifted_MV, e_MV, s_M = _softmax_stats(z_MV)
+    log_s_M, ent_M = jnp.log(s_M), stats['entropy']
+  else:
+    stats = None
+    shifted_MV = z_MV - jnp.max(z_MV, axis=-1, keepdims=True)
+    e_MV = jnp.exp(shifted_MV)
+    s_M = jnp.sum(e_MV, axis=-1)
+    log_s_M = jnp.log(s_M)
+    ent_M = log_s_M - jnp.sum(e_MV * shifted_MV, axis=-1) / s_M
   target_M = jnp.take_along_axis(shifted_MV, targets_M[:, None], axis=-1)[:, 0]
   correct_M = (target_M >= 0.0).astype(jnp.float32)  # the target holds the max (token_stats' test)
-  return log_s_M - target_M, ent_M, correct_M, e_MV, s_M
+  return log_s_M - target_M, ent_M, correct_M, stats, e_MV, s_M
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -188,21 +234,29 @@ def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
   B = x_BTD.shape[0]
   denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
 
+  with_stats = per_token == 'stats'
+
   def body(carry, chunk):
     x_MD, targets_M, weights_M = chunk
     z_MV = _chunk_logits(x_MD, kernel_DV, bias_V)
     if with_grads and use_kernel and cross_entropy_cpu_ffi.supports(z_MV):
+      if with_stats:  # read before the kernel writes dz over z's buffer
+        max_M1, second_M = _top2(z_MV)
+        target_logit_M = jnp.take_along_axis(z_MV, targets_M[:, None], axis=-1)[:, 0]
       # On CPU, one pass per row in C++ (kernels/cross_entropy_cpu.cc) instead of XLA's five over the chunk.
       dz_MV, nll_M, ent_M, correct_M = cross_entropy_cpu_ffi.softmax_cross_entropy(
           z_MV, targets_M, weights_M / denom)
       dz_MV = dz_MV.astype(x_MD.dtype)
+      # p₁ = exp(z₁ − lse), and the kernel's nll = lse − z[target] gives the lse.
+      stats = ({'max_prob': jnp.exp(max_M1[:, 0] - target_logit_M - nll_M), 'entropy': ent_M,
+                'margin': max_M1[:, 0] - second_M} if with_stats else None)
     else:
-      nll_M, ent_M, correct_M, e_MV, s_M = _chunk_softmax_terms(z_MV, targets_M)
+      nll_M, ent_M, correct_M, stats, e_MV, s_M = _chunk_softmax_terms(z_MV, targets_M, with_stats)
       dz_MV = None
     loss_sum, ent_sum, dkernel_DV, dbias_V = carry
     loss_sum += jnp.sum(nll_M * weights_M)
     ent_sum += jnp.sum(ent_M * weights_M)
-    stats = (nll_M, correct_M) if per_token else None
+    stats = {'nll': nll_M, 'correct': correct_M, **(stats or {})} if per_token else None
     if not with_grads:
       return (loss_sum, ent_sum, dkernel_DV, dbias_V), (None, stats)
     # d loss / d logits = (softmax − onehot(target)) · weight / denom, for the upstream cotangent 1;
@@ -221,10 +275,9 @@ def _fused_head_fwd(x_BTD, kernel_DV, bias_V, targets_BT, weights_BT, chunk_len,
   chunks = (_to_chunks(x_BTD, chunk_len), _to_chunks(targets_BT, chunk_len),
             _to_chunks(weights_BT, chunk_len))
   (loss_sum, ent_sum, dkernel_DV, dbias_V), (dx_NMD, stats) = jax.lax.scan(body, carry, chunks)
-  # Without per_token the per-token outputs are placeholders (zeros of shape []) that nothing reads.
-  nll_BT, correct_BT = ((_from_chunks(stats[0], B), _from_chunks(stats[1], B)) if per_token
-                        else (jnp.zeros(()), jnp.zeros(())))
-  outputs = (loss_sum / denom, ent_sum / denom, nll_BT, correct_BT)
+  # Without per_token the per-token output is a placeholder ({}) that nothing reads.
+  per_token_BT = {k: _from_chunks(v, B) for k, v in stats.items()} if per_token else {}
+  outputs = (loss_sum / denom, ent_sum / denom, per_token_BT)
   if not with_grads:
     return outputs, None
   grads = (_from_chunks(dx_NMD, B), dkernel_DV.astype(kernel_DV.dtype),

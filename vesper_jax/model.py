@@ -8,6 +8,7 @@ each letter with one meaning everywhere (model, flylora, decode, train, losses):
     A  micro-batches of one step (gradient accumulation)    B  batch (sequences)
     T  sequence / query length                              S  key length (the KV cache in decode mode)
     N  query heads        K  key/value heads                H  head dim
+    G  query heads per key/value head (N / K)          J  batch × key/value heads (B·K, the KV cache)
     D  d_model            F  d_ff (FFN hidden units)        V  vocabulary (padded where stated)
     I  in features        O  out features of a projection   R  adapter rank (FlyLoRA / LoRA)
     E  ranks selected per token (FlyLoRA's top-k)           P  (padded) prompt length
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from vesper_jax import attention_cpu
 from vesper_jax import dense
 from vesper_jax import flylora
+from vesper_jax import losses
 from vesper_jax import metacog
 from vesper_jax import platforms
 from vesper_jax import quantize
@@ -90,6 +92,10 @@ class ModelConfig:
   metacog: bool = False             # a confidence / predicted-loss head on the final hidden states
   metacog_hidden: int = 256         # the head's hidden width (D → metacog_hidden → 2)
   metacog_trunk_gradient: bool = False  # let the head's loss reach the trunk (default: stop_gradient)
+  # What the head reads: 'hidden' (the final hidden states), 'stats' (the predicted distribution's max
+  # probability, entropy and top-1/top-2 margin) or 'both'. 'hidden' here is what a model config without
+  # the key meant (older runs and exports); the base config (config.py) sets the default for new runs.
+  metacog_inputs: str = 'hidden'
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -240,10 +246,8 @@ class Attention(nn.Module):
     k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_theta)
 
     if c.decode:
-      k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, attention_mask_BT)
-      # The softmax runs in float32 inside dot_product_attention (its logits are accumulated in float32).
-      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
-                                              implementation=c.attention_impl)
+      k_JHS, v_JSH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, attention_mask_BT)
+      out_BTNH = _cached_attention(q_BTNH, k_JHS, v_JSH, mask_B1TS)
     elif c.attention_impl is None and c.runs_on == 'cpu':
       out_BTNH = attention_cpu.causal_attention(q_BTNH, k_BTKH, v_BTKH, attention_mask_BT)
     else:
@@ -254,24 +258,33 @@ class Attention(nn.Module):
     return out_MD.reshape(B, T, c.d_model)
 
   def _update_cache(self, k_BTKH, v_BTKH, attention_mask_BT):
-    """Writes this call's keys/values at the cache index; returns the whole cache and its mask."""
-    B, T = k_BTKH.shape[:2]
+    """Writes this call's keys/values at the cache index; returns the whole cache and its mask.
+
+    The cache holds keys as [J, H, S] and values as [J, S, H] (J = B·K): the layouts the attention dots
+    of `_cached_attention` read in place, updated in place. Stored [B, S, K, H], XLA:CPU copied every
+    layer's whole key and value caches into [B, K, H, S] at each decode step (~1 ms per token for small at
+    S = 192); with separate B and K axes and B = 1, it fused the update into the dot's operand and into
+    the carried cache separately, each on a copy of the cache.
+    """
+    B, T, K, H = k_BTKH.shape
+    k_JHT = k_BTKH.transpose(0, 2, 3, 1).reshape(B * K, H, T)
+    v_JTH = v_BTKH.transpose(0, 2, 1, 3).reshape(B * K, T, H)
     initialized = self.has_variable('cache', 'cached_key')
     # On `init`, the input's length sets the cache length (call init with a [B, max_len] input).
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_JHT.shape, k_JHT.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_JTH.shape, v_JTH.dtype)
     key_valid = self.variable('cache', 'key_valid', jnp.zeros, (B, T), jnp.bool_)
     index = self.variable('cache', 'index', lambda: jnp.array(0, jnp.int32))
     valid_BT = (jnp.ones((B, T), jnp.bool_) if attention_mask_BT is None
                 else attention_mask_BT.astype(jnp.bool_))
     if not initialized:
       causal_TT = jnp.tril(jnp.ones((T, T), jnp.bool_))
-      return k_BTKH, v_BTKH, causal_TT[None, None] & valid_BT[:, None, None, :]
+      return k_JHT, v_JTH, causal_TT[None, None] & valid_BT[:, None, None, :]
 
     idx = index.value
-    S = cached_key.value.shape[1]
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BTKH, (0, idx, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BTKH, (0, idx, 0, 0))
+    S = key_valid.value.shape[1]
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_JHT, (0, 0, idx))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_JTH, (0, idx, 0))
     key_valid.value = jax.lax.dynamic_update_slice(key_valid.value, valid_BT, (0, idx))
     index.value = idx + T
     # Causality in cache slots: query slot idx+t sees key slots ≤ idx+t that hold real (unpadded) tokens.
@@ -279,6 +292,27 @@ class Attention(nn.Module):
     causal_TS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
     mask_B1TS = causal_TS[None, None] & key_valid.value[:, None, None, :]
     return cached_key.value, cached_value.value, mask_B1TS
+
+
+def _cached_attention(q_BTNH: jax.Array, k_JHS: jax.Array, v_JSH: jax.Array,
+                      mask_B1TS: jax.Array) -> jax.Array:
+  """Attention of this call's queries over the KV cache, in the cache's layouts (`_update_cache`).
+
+  XLA's dot_product_attention written for them: logits accumulated and softmaxed in float32, masked keys
+  set to a large negative number. Query head n reads key/value head n // G (grouped-query attention).
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_JHS.shape[0] // B
+  G = N // K
+  q_JGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G, T, H)
+  logits_JGTS = jnp.einsum('JGTH,JHS->JGTS', q_JGTH, k_JHS, preferred_element_type=jnp.float32)
+  logits_JGTS = logits_JGTS * jnp.float32(1 / math.sqrt(H))
+  S = logits_JGTS.shape[-1]
+  mask_J1TS = jnp.broadcast_to(mask_B1TS, (B, K, T, S)).reshape(B * K, 1, T, S)
+  logits_JGTS = jnp.where(mask_J1TS, logits_JGTS, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+  probs_JGTS = jax.nn.softmax(logits_JGTS, axis=-1).astype(v_JSH.dtype)
+  out_JGTH = jnp.einsum('JGTS,JSH->JGTH', probs_JGTS, v_JSH)
+  return out_JGTH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 class FeedForward(nn.Module):
@@ -321,8 +355,8 @@ class VesperLM(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                attention_mask_BT: jax.Array | None = None, last_only: bool = False,
-               return_hidden: bool = False, with_metacog: bool = False
-               ) -> jax.Array | tuple[jax.Array, metacog.Outputs]:
+               return_hidden: bool = False, with_metacog: bool = False, with_hidden: bool = False
+               ) -> jax.Array | tuple[jax.Array, ...]:
     """Args:
       tokens_BT: int token ids.
       positions_BT: RoPE positions; default 0..T-1. Required in decode mode (the cache does not know
@@ -332,11 +366,14 @@ class VesperLM(nn.Module):
         saves the head's T×D×V matmul).
       return_hidden: return the final-normed hidden states instead of the logits, for a loss that
         applies the head itself (losses.head_cross_entropy_and_entropy, with `head_weights`).
-      with_metacog: also return the metacognition head's predictions on the same hidden states
-        (needs config.metacog).
+      with_metacog: also return the metacognition head's predictions on the same hidden states and
+        logits (needs config.metacog; with model.metacog_inputs 'stats' or 'both' the head reads
+        losses.distribution_stats of these logits).
+      with_hidden: also return the final-normed hidden states beside the logits, for a caller that
+        applies the head itself to statistics it computes from the logits (metacog.apply).
     Returns:
       logits_BTV, float32, V = config.vocab_size; T = 1 when last_only. With return_hidden: x_BTD in
-      the compute dtype. With with_metacog: (that, metacog.Outputs).
+      the compute dtype. With with_metacog: (that, metacog.Outputs); with with_hidden: (logits_BTV, x_BTD).
     """
     c = self.config
     B, T = tokens_BT.shape
@@ -355,11 +392,11 @@ class VesperLM(nn.Module):
     x_BTD = _norm(c, 'final_norm')(x_BTD)
     if with_metacog and not c.metacog:
       raise ValueError('with_metacog=True needs a model with the metacognition head (model.metacog=True)')
-    # Only computed when asked for (init creates its parameters): plain decoding never pays for it.
-    meta = (metacog.MetacogHead(c, name=metacog.NAME)(x_BTD)
-            if c.metacog and (with_metacog or self.is_initializing()) else None)
+    if with_metacog and return_hidden:
+      raise ValueError('with_metacog=True computes the logits the head may read: it cannot be combined '
+                       'with return_hidden=True (apply the head with metacog.apply)')
     if return_hidden and not self.is_initializing():  # init still creates the head's parameters
-      return (x_BTD, meta) if with_metacog else x_BTD
+      return x_BTD
     x_MD = x_BTD.reshape(-1, c.d_model)  # flattened tokens: see the module docstring
     if c.tie_embeddings:
       logits_MV = embed.attend(x_MD)
@@ -371,7 +408,15 @@ class VesperLM(nn.Module):
                            name='lm_head')(x_MD)
     # The loss and the samplers work in float32; the padded classes are never real tokens.
     logits_BTV = logits_MV.reshape(*x_BTD.shape[:2], -1)[..., :c.vocab_size].astype(jnp.float32)
-    return (logits_BTV, meta) if with_metacog else logits_BTV
+    # The head only when asked for (init creates its parameters): plain decoding never pays for it.
+    if c.metacog and (with_metacog or self.is_initializing()):
+      stats = losses.distribution_stats(logits_BTV) if metacog.uses_stats(c) else None
+      meta = metacog.MetacogHead(c, name=metacog.NAME)(x_BTD, stats)
+      if with_metacog:
+        return logits_BTV, meta
+    if with_hidden:
+      return logits_BTV, x_BTD
+    return logits_BTV
 
   def head_weights(self, params: PyTree) -> tuple[jax.Array, jax.Array | None]:
     """The head as (kernel_DV, bias_V or None), cut to the real vocabulary: the logits are

@@ -159,4 +159,40 @@ def sample_logits(rng: jax.Array, logits_BV: jax.Array, seen_BV: jax.Array, samp
     logits_BV = _top_k_top_p_sorted(logits_BV, k, p)
   else:
     logits_BV = top_p_filter(top_k_filter(logits_BV, k, method), p, method)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  return _draw(rng, logits_BV)
+
+
+def _first_above(cumulative_BX: jax.Array, target_B1: jax.Array, positive_BX: jax.Array) -> jax.Array:
+  """Per row, the first index with positive weight whose cumulative exceeds the target: int32[B]. If
+  rounding leaves none above (u·total rounded up to the total), the last index with positive weight."""
+  above_BX = positive_BX & (cumulative_BX > target_B1)
+  last_B = positive_BX.shape[-1] - 1 - jnp.argmax(positive_BX[:, ::-1], axis=-1)
+  return jnp.where(jnp.any(above_BX, axis=-1), jnp.argmax(above_BX, axis=-1), last_B).astype(jnp.int32)
+
+
+_DRAW_BLOCK = 128  # tokens per block of `_draw`'s two-level search
+
+
+def _draw(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
+  """One token per row from softmax(logits_BV) by inverse CDF: int32[B]. A -inf token is never drawn.
+
+  One uniform u per row; the token is the first whose running probability mass exceeds u × the total:
+  the same distribution as `jax.random.categorical`, whose Gumbel noise costs V random numbers and two
+  logs per row (~1 ms per decode step on a CPU at V = 16k; this, ~0.05 ms). The running mass is found in
+  two levels, blocks of `_DRAW_BLOCK` tokens and then the tokens of one block, because a cumulative sum
+  over all V lowers on a CPU to a reduce-window whose cost grows with V².
+  """
+  B, V = logits_BV.shape
+  W = _DRAW_BLOCK
+  G = -(-V // W)
+  weights_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))  # removed tokens: 0
+  weights_BGW = jnp.pad(weights_BV, ((0, 0), (0, G * W - V))).reshape(B, G, W)  # padding: weight 0
+  block_BG = jnp.sum(weights_BGW, axis=-1)
+  block_cumulative_BG = jnp.cumsum(block_BG, axis=-1)
+  target_B1 = jax.random.uniform(rng, (B, 1), jnp.float32) * block_cumulative_BG[:, -1:]
+  block_B = _first_above(block_cumulative_BG, target_B1, block_BG > 0)
+  in_block_BW = jnp.take_along_axis(weights_BGW, block_B[:, None, None], axis=1)[:, 0]
+  before_B1 = jnp.where(block_B[:, None] > 0, jnp.take_along_axis(
+      block_cumulative_BG, jnp.maximum(block_B - 1, 0)[:, None], axis=1), 0.0)
+  token_B = _first_above(before_B1 + jnp.cumsum(in_block_BW, axis=-1), target_B1, in_block_BW > 0)
+  return block_B * W + token_B

@@ -72,29 +72,28 @@ def _loss(params: PyTree, model_state: PyTree, tokens_BT1: jax.Array, model: Ves
   head's loss terms ({} without the head)).
   """
   variables, inputs_BT, targets_BT = {'params': params, **model_state}, tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-  with_metacog = model.config.metacog
-  meta = stats = None
+  c = model.config
+  # The head's targets (nll, correct) and, with model.metacog_inputs 'stats'/'both', its inputs (the
+  # predicted distribution's statistics) come from the loss's own softmax: nothing is computed twice.
+  per_token = ('stats' if metacog.uses_stats(c) else True) if c.metacog else False
   # FlyLoRA layers sow how often each rank was selected, for the expert-bias rule (flylora.py).
-  if model.config.runs_on == 'cpu':
+  if c.runs_on == 'cpu':
     # On CPU the loss applies the head itself, in chunks, and never holds the [B, T, V] logits
     # (losses.py says why). Elsewhere this is unmeasured, so the logits path stays.
-    out, sown = model.apply(variables, inputs_BT, return_hidden=True, with_metacog=with_metacog,
-                            mutable=[flylora.COUNTS])
-    x_BTD, meta = out if with_metacog else (out, None)
-    loss, entropy, *per_token = losses.head_cross_entropy_and_entropy(
-        x_BTD, *model.head_weights(params), targets_BT, per_token=with_metacog, kernel=True)
-    if with_metacog:
-      stats = dict(zip(('nll', 'correct'), per_token))
+    x_BTD, sown = model.apply(variables, inputs_BT, return_hidden=True, mutable=[flylora.COUNTS])
+    loss, entropy, *stats = losses.head_cross_entropy_and_entropy(
+        x_BTD, *model.head_weights(params), targets_BT, per_token=per_token, kernel=True)
   else:
-    out, sown = model.apply(variables, inputs_BT, with_metacog=with_metacog, mutable=[flylora.COUNTS])
-    logits_BTV, meta = out if with_metacog else (out, None)
+    (logits_BTV, x_BTD), sown = model.apply(variables, inputs_BT, with_hidden=True,
+                                            mutable=[flylora.COUNTS])
     loss, entropy = losses.cross_entropy_and_entropy(logits_BTV, targets_BT)
-    if with_metacog:
-      stats = losses.token_stats(logits_BTV, targets_BT)
+    stats = [losses.token_stats(logits_BTV, targets_BT)] if c.metacog else []
   counts = sown.get(flylora.COUNTS, {})
-  if not with_metacog:
+  if not c.metacog:
     return loss, (loss, entropy, counts, {})
-  # --- metacognition (SPEC §9): the head's loss, from the same forward pass.
+  # --- metacognition (SPEC §9): the head on the same hidden states and softmax, and its loss.
+  stats = stats[0]
+  meta = metacog.apply(c, params, x_BTD, stats)
   meta_loss, terms = metacog.head_loss(meta, stats['correct'], stats['nll'])
   terms = {'meta_loss': meta_loss, **terms}
   return loss + metacog_weight * meta_loss, (loss, entropy, counts, terms)
@@ -333,7 +332,8 @@ def evaluate(parts: 'Parts', state: TrainState, val_tokens: np.ndarray,
              config: ml_collections.ConfigDict) -> dict[str, float]:
   """Validation loss, perplexity and the number of targets scored: every target of the split up to
   train.eval_tokens, in the same windows as `python -m vesper_jax.evaluate` (evaluate.score).
-  With the metacognition head, also its calibration: eval_ece, eval_auroc, eval_loss_corr (Pearson)."""
+  With the metacognition head, also its calibration: eval_ece, eval_auroc, eval_aurc, eval_loss_corr
+  (Pearson)."""
   t = config.train
   result = eval_lib.score(lambda batch: parts.eval_fn(state.params, state.model_state, batch), val_tokens,
                           seq_len=config.data.seq_len, batch_size=t.batch_size // parts.grad_accum_steps,
@@ -343,7 +343,7 @@ def evaluate(parts: 'Parts', state: TrainState, val_tokens: np.ndarray,
          'eval_tokens': result['tokens']}
   if 'metacog' in result:
     m = result['metacog']
-    out.update(eval_ece=m['ece'], eval_auroc=m['auroc'], eval_loss_corr=m['pearson'])
+    out.update(eval_ece=m['ece'], eval_auroc=m['auroc'], eval_aurc=m['aurc'], eval_loss_corr=m['pearson'])
   return out
 
 

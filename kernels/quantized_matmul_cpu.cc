@@ -1,0 +1,242 @@
+// Weight-only int8 / int4 projections for decoding on CPU (vesper_jax/quantize.py): y = x · dequant(w),
+// with the dequantization done in registers, so each weight byte is read once per call.
+//
+// Decoding is memory-bound: a step reads every weight once for a few rows of x. XLA's formulation of
+// the same product (dequantize, then dot) writes a float copy of the weights and reads it back, so the
+// integers save memory but no time. Here the weight rows stream past once: each 8 int8 values (or 8
+// packed int4 pairs) are widened to float in registers and multiplied into the sums, and the scales come
+// in once at the end (int8) or once per group (int4):
+//   int8: y[m, o] = s[o] · sum_i x[m, i] q[i, o]
+//   int4: y[m, o] = sum_g ( s[g, o] · sum_{i in g} x[m, i] q[i, o]  +  m[g, o] · sum_{i in g} x[m, i] )
+// Layouts are quantize.py's: q int8 [I, O]; int4 packed uint8 [I/2, O], input row 2j in the low nibble of
+// byte row j and 2j + 1 in the high one; scales [O] (int8) or [G, O] with mins [G, O] (int4). x and y
+// float32 [M, I] and [M, O]; the bias is added by the caller. Large weights split their columns among
+// XLA's intra-op threads. Built by kernels/cpu_kernels.py; called through
+// kernels/quantized_matmul_cpu_ffi.py.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include "cpu_common.h"
+
+namespace {
+
+using namespace vesper;  // NOLINT: the shared helpers
+
+// 8 floats: one AVX2 register.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+// 8 int8 → 8 floats, 8 uint8 → 8 int32. GCC scalarises __builtin_convertvector from 8-byte vectors
+// (a vpinsrd per byte, 5x slower), so on AVX2 these are its two instructions (vpmovsxbd / vpmovzxbd
+// from memory); elsewhere plain loops.
+#ifdef __AVX2__
+inline v8 widen_s8(const int8_t* p) {
+  const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<v8>(_mm256_cvtepi32_ps(w));
+}
+inline v8i widen_u8(const uint8_t* p) {
+  return reinterpret_cast<v8i>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+inline v8 widen_s8(const int8_t* p) {
+  v8 v;
+  for (int k = 0; k < 8; ++k) v[k] = float(p[k]);
+  return v;
+}
+inline v8i widen_u8(const uint8_t* p) {
+  v8i v;
+  for (int k = 0; k < 8; ++k) v[k] = p[k];
+  return v;
+}
+#endif
+
+// Rows of the weight are read front to back (a few at a time, R), each across the item's columns, with
+// the sums kept in the output rows (int8) or in a group buffer (int4), in L1/L2: every weight row is
+// one long contiguous run, which the hardware prefetchers stream. (Blocks of columns walked down all
+// the rows, with the sums in registers, read one cache line per row at a stride of O bytes and ran at
+// half the speed.) Each weight vector is widened once and used for every row of x.
+
+// out[m, c .. c+8) += sum_r x[m, i+r] · w_r for the R widened weight vectors w_r of rows i .. i+R, for
+// several rows of x (M > 1): the broadcasts of x are redone per vector (out may alias nothing, but the
+// compiler cannot know); decoding one sequence takes the loops' M = 1 branches below instead, with the
+// broadcasts hoisted: 4 widened rows then cost 4 loads, 4 conversions, 4 FMAs and one load and store.
+template <int R>
+inline void accumulate(long M, const float* x, long x_stride, long i, const v8* w, float* out,
+                       long out_stride, long c) {
+  for (long m = 0; m < M; ++m) {
+    const float* xm = x + m * x_stride + i;
+    v8 a = load8(out + m * out_stride + c);
+    for (int r = 0; r < R; ++r) a += splat8(xm[r]) * w[r];
+    store8(out + m * out_stride + c, a);
+  }
+}
+
+// y[:, c0:c1) += x[:, i0:i1) · q[i0:i1, c0:c1) (unscaled int8), R rows at a time.
+template <int R>
+void int8_rows(long M, const float* x, long I, long i0, long i1, const int8_t* q, long O, long c0, long c1,
+               float* y) {
+  for (long i = i0; i + R <= i1; i += R) {
+    long c = c0;
+    if (M == 1) {
+      v8 xs[R];
+      for (int r = 0; r < R; ++r) xs[r] = splat8(x[i + r]);
+      for (; c + 8 <= c1; c += 8) {
+        v8 a = load8(y + c);
+        for (int r = 0; r < R; ++r) a += xs[r] * widen_s8(q + (i + r) * O + c);
+        store8(y + c, a);
+      }
+    }
+    for (; c + 8 <= c1; c += 8) {
+      v8 w[R];
+      for (int r = 0; r < R; ++r) w[r] = widen_s8(q + (i + r) * O + c);
+      accumulate<R>(M, x, I, i, w, y, O, c);
+    }
+    for (; c < c1; ++c)
+      for (long m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) y[m * O + c] += x[m * I + i + r] * float(q[(i + r) * O + c]);
+  }
+}
+
+// acc[:, 0:c1-c0) += the int4 product of input rows 2 j0 .. 2 j1 (byte rows j0 .. j1), R byte rows at a time.
+template <int R>
+void int4_rows(long M, const float* x, long I, long j0, long j1, const uint8_t* packed, long O, long c0,
+               long c1, float* acc, long W) {
+  for (long j = j0; j + R <= j1; j += R) {
+    long c = c0;
+    if (M == 1) {
+      v8 xs[2 * R];
+      for (int r = 0; r < 2 * R; ++r) xs[r] = splat8(x[2 * j + r]);
+      for (; c + 8 <= c1; c += 8) {
+        v8 a = load8(acc + c - c0);
+        for (int r = 0; r < R; ++r) {
+          const v8i b = widen_u8(packed + (j + r) * O + c);
+          a += xs[2 * r] * __builtin_convertvector(b & 15, v8);
+          a += xs[2 * r + 1] * __builtin_convertvector(b >> 4, v8);
+        }
+        store8(acc + c - c0, a);
+      }
+    }
+    for (; c + 8 <= c1; c += 8) {
+      v8 w[2 * R];  // input rows 2j, 2j+1, 2j+2, ...: the low then the high nibble of each byte row
+      for (int r = 0; r < R; ++r) {
+        const v8i b = widen_u8(packed + (j + r) * O + c);
+        w[2 * r] = __builtin_convertvector(b & 15, v8);
+        w[2 * r + 1] = __builtin_convertvector(b >> 4, v8);
+      }
+      accumulate<2 * R>(M, x, I, 2 * j, w, acc, W, c - c0);
+    }
+    for (; c < c1; ++c)
+      for (long m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) {
+          const uint8_t b = packed[(j + r) * O + c];
+          const float* xm = x + m * I + 2 * (j + r);
+          acc[m * W + c - c0] += xm[0] * float(b & 15) + xm[1] * float(b >> 4);
+        }
+  }
+}
+
+// Work items: the columns cut into pieces of at least kMinWidth (a multiple of 8), about two per thread
+// so a thread held up elsewhere (the CPU is shared) leaves its second piece to the others. A weight
+// smaller than kParallelWeights runs on the calling thread alone: waking the pool's threads costs more
+// than they save on the smallest products. At 1 << 17 every projection of `small` (0.15 M weights and up)
+// is split: its batch-1 int8 decode measured 1.68-1.90x float32 over four runs, against 1.64x with only
+// the head split (1 << 20); pieces narrower than 256 columns (kMinWidth 64 or 128) were slower on
+// average and far noisier (1.2-2.1x), each thread streaming short rows.
+constexpr long kMinWidth = 256;
+constexpr long kParallelWeights = 1L << 17;
+
+template <typename F>
+void for_column_items(ffi::ThreadPool& pool, long I, long O, F&& fn) {
+  if (I * O < kParallelWeights) {
+    fn(0L, O);
+    return;
+  }
+  const long threads = pool.num_threads() + 1;
+  long width = (O + 2 * threads - 1) / (2 * threads);
+  width = std::max(kMinWidth, (width + 7) / 8 * 8);
+  const long items = (O + width - 1) / width;
+  parallel_for(pool, items, [&](long item) { fn(item * width, std::min(O, (item + 1) * width)); });
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                      ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y) {
+  const auto dx = x.dimensions(), dq = q.dimensions();
+  if (dx.size() != 2 || dq.size() != 2 || dq[0] != dx[1] || scales.element_count() != dq[1])
+    return ffi::Error::InvalidArgument("vesper int8 matmul: expected x [M, I], q [I, O], scales [O]");
+  const long M = dx[0], I = dx[1], O = dq[1];
+  const float *xp = x.typed_data(), *sp = scales.typed_data();
+  const int8_t* qp = q.typed_data();
+  float* yp = y->typed_data();
+  for_column_items(pool, I, O, [&](long c0, long c1) {
+    for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
+    const long i4 = I / 4 * 4;
+    int8_rows<4>(M, xp, I, 0, i4, qp, O, c0, c1, yp);
+    int8_rows<1>(M, xp, I, i4, I, qp, O, c0, c1, yp);
+    for (long m = 0; m < M; ++m)
+      for (long c = c0; c < c1; ++c) yp[m * O + c] *= sp[c];
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
+                      ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> mins,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto dx = x.dimensions(), dp = packed.dimensions(), ds = scales.dimensions();
+  if (dx.size() != 2 || dp.size() != 2 || ds.size() != 2 || 2 * dp[0] != dx[1] || ds[1] != dp[1]
+      || ds[0] <= 0 || dx[1] % ds[0] || (dx[1] / ds[0]) % 2 || mins.element_count() != scales.element_count())
+    return ffi::Error::InvalidArgument(
+        "vesper int4 matmul: expected x [M, I], packed [I/2, O], scales and mins [I/G, O], G even");
+  const long M = dx[0], I = dx[1], O = dp[1], groups = ds[0], G = I / groups, J = G / 2;
+  const float *xp = x.typed_data(), *sp = scales.typed_data(), *mp = mins.typed_data();
+  const uint8_t* qp = packed.typed_data();
+  float* yp = y->typed_data();
+  // Each row's sum of x over each group: the offsets' share of the product.
+  std::vector<float> xsum(M * groups, 0.f);
+  for (long m = 0; m < M; ++m)
+    for (long i = 0; i < I; ++i) xsum[m * groups + i / G] += xp[m * I + i];
+  for_column_items(pool, I, O, [&](long c0, long c1) {
+    const long W = c1 - c0;
+    std::vector<float> acc(M * W);  // one group's unscaled sums
+    for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
+    for (long g = 0; g < groups; ++g) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const long j0 = g * J, j4 = j0 + J / 4 * 4;
+      int4_rows<4>(M, xp, I, j0, j4, qp, O, c0, c1, acc.data(), W);
+      int4_rows<1>(M, xp, I, j4, j0 + J, qp, O, c0, c1, acc.data(), W);
+      for (long m = 0; m < M; ++m) {
+        const float xs = xsum[m * groups + g];
+        for (long c = c0; c < c1; ++c)
+          yp[m * O + c] += acc[m * W + c - c0] * sp[g * O + c] + xs * mp[g * O + c];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VesperInt8Matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VesperInt4Matmul, Int4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -193,6 +193,15 @@ def tokenizer_table(results: list[dict]) -> str:
   return '\n'.join([header, *rows])
 
 
+def _write(table: str, machine: str, results: list) -> None:
+  """--out (JSON: the machine line and every result) and the table beside it (.md)."""
+  out = pathlib.Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({'machine': machine, 'results': results}, indent=1))
+  out.with_suffix('.md').write_text(table + '\n')
+  print(f'wrote {out} and {out.with_suffix(".md")}')
+
+
 def main(argv):
   del argv
   if _LOOP.value:
@@ -223,11 +232,7 @@ def main(argv):
                f'corpora built from {", ".join(corpora)}; medians of {_REPEATS.value} alternating runs')
     table = '\n'.join([tokenizer_table(results), '', machine])
     print(table)
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'machine': machine, 'results': results}, indent=1))
-    out.with_suffix('.md').write_text(table + '\n')
-    print(f'wrote {out} and {out.with_suffix(".md")}')
+    _write(table, machine, results)
     return
   header = ('| corpus MB | tokens | wall s | build s | build tok/s | CPU s / wall s | peak RSS MB |\n'
             '|---:|---:|---:|---:|---:|---:|---:|')
@@ -238,11 +243,7 @@ def main(argv):
              f'data.bpe_sample_bytes={_SAMPLE.value} MB; corpora built from {", ".join(CORPORA)}')
   table = '\n'.join([header, *rows, '', machine])
   print(table)
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({'machine': machine, 'results': results}, indent=1))
-  out.with_suffix('.md').write_text(table + '\n')
-  print(f'wrote {out} and {out.with_suffix(".md")}')
+  _write(table, machine, results)
 
 
 if __name__ == '__main__':

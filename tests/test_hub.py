@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import constants
 
 from conftest import FRENCH_TOKENIZER
-from hub_server import SHA1, TOKEN, LocalHub, point_at
+from hub_server import SHA1, TOKEN, LocalHub, hub_env, point_at
 from vesper_jax import config as config_lib
 from vesper_jax import data, hub, sources
 from vesper_jax.sources import DataError, ErrorLog
@@ -269,8 +269,7 @@ def test_export_pushes_to_the_hub_and_reads_back(tmp_path, inference_workdir, mo
     out = tmp_path / 'export'
     command = [sys.executable, '-m', 'vesper_jax.export', f'--workdir={inference_workdir}', f'--out={out}',
                '--push_to_hub=me/vesper-tiny']
-    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')} | {
-        'HF_HOME': str(tmp_path / 'hf_home'), 'HF_ENDPOINT': server.url}
+    env = hub_env(tmp_path / 'hf_home', server.url)
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr
     assert 'vesper_jax.export: error: hf://me/vesper-tiny: the Hub refused the upload (HTTP 401)' in refused.stderr

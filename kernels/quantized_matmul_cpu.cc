@@ -144,27 +144,69 @@ void int4_rows(long M, const float* x, long I, long j0, long j1, const uint8_t* 
   }
 }
 
-// Work items: the columns cut into pieces of at least kMinWidth (a multiple of 8), about two per thread
-// so a thread held up elsewhere (the CPU is shared) leaves its second piece to the others. A weight
-// smaller than kParallelWeights runs on the calling thread alone: waking the pool's threads costs more
-// than they save on the smallest products. At 1 << 17 every projection of `small` (0.15 M weights and up)
-// is split: its batch-1 int8 decode measured 1.68-1.90x float32 over four runs, against 1.64x with only
-// the head split (1 << 20); pieces narrower than 256 columns (kMinWidth 64 or 128) were slower on
-// average and far noisier (1.2-2.1x), each thread streaming short rows.
-constexpr long kMinWidth = 256;
+// How a product is split among XLA's intra-op threads (the calling thread and the pool).
+//
+// A decode step (a few rows of x) splits the weight's rows (the reduction): each work item streams one
+// contiguous band of whole weight rows into sums of its own, [M, O], added up at the end. Every thread
+// then reads one long run of memory that the prefetchers follow, which matters once the weights are
+// larger than the last-level cache (medium's int8 weights are 110 MB): with the columns split instead,
+// each thread read a few hundred bytes of a row, then jumped a row ahead, and a chain of medium's
+// projections streamed 7.2 G weights/s against 15-19 for one cached matrix. The partial sums cost
+// items x M x O floats, so larger M (up to KERNEL_MAX_ROWS, short prefills) split the columns, where each
+// weight is reused M times and the stride matters less.
+//
+// Items: about two per thread, so a thread held up elsewhere (the CPU is shared) leaves its second to the
+// others. A weight smaller than kParallelWeights runs on the calling thread alone: waking the pool's
+// threads costs more than they save on the smallest products. Column pieces are at least kMinWidth wide:
+// narrower ones (64 or 128) were slower on average and far noisier, each thread streaming short rows.
 constexpr long kParallelWeights = 1L << 17;
+constexpr long kMinWidth = 256;
+constexpr long kRowSplitMaxRows = 4;
 
+long item_count(ffi::ThreadPool& pool) { return 2 * (pool.num_threads() + 1); }
+
+// fn(c0, c1) over column pieces of the O columns.
 template <typename F>
-void for_column_items(ffi::ThreadPool& pool, long I, long O, F&& fn) {
-  if (I * O < kParallelWeights) {
-    fn(0L, O);
-    return;
-  }
-  const long threads = pool.num_threads() + 1;
-  long width = (O + 2 * threads - 1) / (2 * threads);
+void for_column_items(ffi::ThreadPool& pool, long O, F&& fn) {
+  long width = (O + item_count(pool) - 1) / item_count(pool);
   width = std::max(kMinWidth, (width + 7) / 8 * 8);
   const long items = (O + width - 1) / width;
   parallel_for(pool, items, [&](long item) { fn(item * width, std::min(O, (item + 1) * width)); });
+}
+
+// fn(r0, r1, sums) over bands of the R rows (multiples of `align` but the last), each adding into its own
+// zeroed [M, O] sums; returns them, items x [M, O].
+template <typename F>
+std::vector<float> for_row_items(ffi::ThreadPool& pool, long R, long align, long MO, long* items_out,
+                                 F&& fn) {
+  long band = (R + item_count(pool) - 1) / item_count(pool);
+  band = std::max(align, (band + align - 1) / align * align);
+  const long items = (R + band - 1) / band;
+  std::vector<float> sums(items * MO, 0.f);
+  parallel_for(pool, items, [&](long item) {
+    fn(item * band, std::min(R, (item + 1) * band), sums.data() + item * MO);
+  });
+  *items_out = items;
+  return sums;
+}
+
+// y[m, c] = scale(c) * sum over items of sums[item, m, c].
+template <typename S>
+void reduce_items(const std::vector<float>& sums, long items, long M, long O, float* y, S&& scale) {
+  for (long m = 0; m < M; ++m)
+    for (long c = 0; c < O; ++c) {
+      float t = 0.f;
+      for (long k = 0; k < items; ++k) t += sums[(k * M + m) * O + c];
+      y[m * O + c] = scale(c) * t;
+    }
+}
+
+// y[:, c0:c1) = sums of x[:, i0:i1) · q[i0:i1, c0:c1) (unscaled), into y with row stride O.
+void int8_band(long M, const float* x, long I, long i0, long i1, const int8_t* q, long O, long c0, long c1,
+               float* y) {
+  const long i4 = i0 + (i1 - i0) / 4 * 4;
+  int8_rows<4>(M, x, I, i0, i4, q, O, c0, c1, y);
+  int8_rows<1>(M, x, I, i4, i1, q, O, c0, c1, y);
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
@@ -176,15 +218,46 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float *xp = x.typed_data(), *sp = scales.typed_data();
   const int8_t* qp = q.typed_data();
   float* yp = y->typed_data();
-  for_column_items(pool, I, O, [&](long c0, long c1) {
+  auto columns = [&](long c0, long c1) {
     for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
-    const long i4 = I / 4 * 4;
-    int8_rows<4>(M, xp, I, 0, i4, qp, O, c0, c1, yp);
-    int8_rows<1>(M, xp, I, i4, I, qp, O, c0, c1, yp);
+    int8_band(M, xp, I, 0, I, qp, O, c0, c1, yp);
     for (long m = 0; m < M; ++m)
       for (long c = c0; c < c1; ++c) yp[m * O + c] *= sp[c];
-  });
+  };
+  if (I * O < kParallelWeights) {
+    columns(0, O);
+  } else if (M > kRowSplitMaxRows) {
+    for_column_items(pool, O, columns);
+  } else {
+    long items;
+    const auto sums = for_row_items(pool, I, 4, M * O, &items, [&](long i0, long i1, float* part) {
+      int8_band(M, xp, I, i0, i1, qp, O, 0, O, part);
+    });
+    reduce_items(sums, items, M, O, yp, [&](long c) { return sp[c]; });
+  }
   return ffi::Error::Success();
+}
+
+// out[:, 0:c1-c0) += the int4 product of byte rows j0 .. j1 (input rows 2 j0 .. 2 j1), group by group:
+// within a group the unscaled sums gather in acc, then come in scaled, with the mins times the sum of
+// x over the same rows (a band may start or end inside a group: both terms are linear in the rows).
+void int4_band(long M, const float* x, long I, long j0, long j1, const uint8_t* packed, const float* sp,
+               const float* mp, long O, long J, long c0, long c1, float* out, long out_stride) {
+  const long W = c1 - c0;
+  std::vector<float> acc(M * W);
+  for (long j = j0; j < j1;) {
+    const long g = j / J, end = std::min(j1, (g + 1) * J), j4 = j + (end - j) / 4 * 4;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    int4_rows<4>(M, x, I, j, j4, packed, O, c0, c1, acc.data(), W);
+    int4_rows<1>(M, x, I, j4, end, packed, O, c0, c1, acc.data(), W);
+    for (long m = 0; m < M; ++m) {
+      float xs = 0.f;
+      for (long i = 2 * j; i < 2 * end; ++i) xs += x[m * I + i];
+      for (long c = c0; c < c1; ++c)
+        out[m * out_stride + c - c0] += acc[m * W + c - c0] * sp[g * O + c] + xs * mp[g * O + c];
+    }
+    j = end;
+  }
 }
 
 ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
@@ -195,30 +268,25 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       || ds[0] <= 0 || dx[1] % ds[0] || (dx[1] / ds[0]) % 2 || mins.element_count() != scales.element_count())
     return ffi::Error::InvalidArgument(
         "vesper int4 matmul: expected x [M, I], packed [I/2, O], scales and mins [I/G, O], G even");
-  const long M = dx[0], I = dx[1], O = dp[1], groups = ds[0], G = I / groups, J = G / 2;
+  const long M = dx[0], I = dx[1], O = dp[1], J = I / ds[0] / 2;  // J byte rows per group
   const float *xp = x.typed_data(), *sp = scales.typed_data(), *mp = mins.typed_data();
   const uint8_t* qp = packed.typed_data();
   float* yp = y->typed_data();
-  // Each row's sum of x over each group: the offsets' share of the product.
-  std::vector<float> xsum(M * groups, 0.f);
-  for (long m = 0; m < M; ++m)
-    for (long i = 0; i < I; ++i) xsum[m * groups + i / G] += xp[m * I + i];
-  for_column_items(pool, I, O, [&](long c0, long c1) {
-    const long W = c1 - c0;
-    std::vector<float> acc(M * W);  // one group's unscaled sums
+  auto columns = [&](long c0, long c1) {
     for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
-    for (long g = 0; g < groups; ++g) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const long j0 = g * J, j4 = j0 + J / 4 * 4;
-      int4_rows<4>(M, xp, I, j0, j4, qp, O, c0, c1, acc.data(), W);
-      int4_rows<1>(M, xp, I, j4, j0 + J, qp, O, c0, c1, acc.data(), W);
-      for (long m = 0; m < M; ++m) {
-        const float xs = xsum[m * groups + g];
-        for (long c = c0; c < c1; ++c)
-          yp[m * O + c] += acc[m * W + c - c0] * sp[g * O + c] + xs * mp[g * O + c];
-      }
-    }
-  });
+    int4_band(M, xp, I, 0, I / 2, qp, sp, mp, O, J, c0, c1, yp + c0, O);
+  };
+  if (I * O < kParallelWeights) {
+    columns(0, O);
+  } else if (M > kRowSplitMaxRows) {
+    for_column_items(pool, O, columns);
+  } else {
+    long items;
+    const auto sums = for_row_items(pool, I / 2, 4, M * O, &items, [&](long j0, long j1, float* part) {
+      int4_band(M, xp, I, j0, j1, qp, sp, mp, O, J, 0, O, part, O);
+    });
+    reduce_items(sums, items, M, O, yp, [](long) { return 1.f; });
+  }
   return ffi::Error::Success();
 }
 

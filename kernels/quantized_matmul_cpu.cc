@@ -144,6 +144,96 @@ void int4_rows(long M, const float* x, long I, long j0, long j1, const uint8_t* 
   }
 }
 
+// Several rows of x (M > kRowSplitMaxRows: batched decode steps, short prefills) are a small GEMM, and
+// the streaming loops above would load and store every row's sums once per weight vector. Instead, as
+// a GEMM packs its operand: a panel of kPanel columns is dequantized once into floats (I x 16, 128 KB at
+// I = 2048: it stays in L2), then each band of 4 rows of x runs down it with its 4 x 16 sums in
+// registers (8 of AVX2's 16), so a weight costs one widening for all M rows and each FMA one broadcast.
+constexpr long kPanel = 16;
+constexpr long kRowSplitMaxRows = 4;  // up to this many rows of x: the streaming loops above
+
+template <int MR>
+void panel_product(long I, const float* x, long m0, const float* panel, float* out, long out_stride) {
+  v8 acc[MR][2] = {};
+  for (long i = 0; i < I; ++i) {
+    const v8 w0 = load8(panel + i * kPanel), w1 = load8(panel + i * kPanel + 8);
+    for (int r = 0; r < MR; ++r) {
+      const v8 xb = splat8(x[(m0 + r) * I + i]);
+      acc[r][0] += xb * w0;
+      acc[r][1] += xb * w1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    store8(out + r * out_stride, acc[r][0]);
+    store8(out + r * out_stride + 8, acc[r][1]);
+  }
+}
+
+// y[:, c0:c1) = x · panel for every row of x, panel after panel; dequantize(c, panel) fills the I x 16
+// floats of columns c .. c+16 (zeros past O).
+template <typename D>
+void panel_columns(long M, const float* x, long I, long O, long c0, long c1, float* y, D&& dequantize) {
+  std::vector<float> panel(I * kPanel);
+  float tail[4 * kPanel];
+  for (long c = c0; c < c1; c += kPanel) {
+    const long width = std::min(kPanel, c1 - c);
+    dequantize(c, panel.data());
+    long m = 0;
+    for (; m + 4 <= M; m += 4) {
+      if (width == kPanel) {
+        panel_product<4>(I, x, m, panel.data(), y + m * O + c, O);
+      } else {
+        panel_product<4>(I, x, m, panel.data(), tail, kPanel);
+        for (int r = 0; r < 4; ++r) std::copy(tail + r * kPanel, tail + r * kPanel + width, y + (m + r) * O + c);
+      }
+    }
+    for (; m < M; ++m) {
+      panel_product<1>(I, x, m, panel.data(), tail, kPanel);
+      std::copy(tail, tail + width, y + m * O + c);
+    }
+  }
+}
+
+// The panels' dequantization, column c's 16 (or the last few) weights of every input row: q · s (int8),
+// q · s[g] + m[g] (int4, low nibble then high nibble of each byte row).
+void int8_panel(const int8_t* q, const float* s, long I, long O, long c, float* panel) {
+  if (c + kPanel <= O) {
+    const v8 s0 = load8(s + c), s1 = load8(s + c + 8);
+    for (long i = 0; i < I; ++i) {
+      store8(panel + i * kPanel, widen_s8(q + i * O + c) * s0);
+      store8(panel + i * kPanel + 8, widen_s8(q + i * O + c + 8) * s1);
+    }
+    return;
+  }
+  for (long i = 0; i < I; ++i)
+    for (long k = 0; k < kPanel; ++k) panel[i * kPanel + k] = c + k < O ? float(q[i * O + c + k]) * s[c + k] : 0.f;
+}
+
+void int4_panel(const uint8_t* packed, const float* s, const float* mn, long I, long O, long G, long c,
+                float* panel) {
+  for (long j = 0; j < I / 2; ++j) {
+    const long g = 2 * j / G;
+    float* lo = panel + 2 * j * kPanel;
+    float* hi = lo + kPanel;
+    if (c + kPanel <= O) {
+      for (long h = 0; h < kPanel; h += 8) {
+        const v8i b = widen_u8(packed + j * O + c + h);
+        const v8 sg = load8(s + g * O + c + h), mg = load8(mn + g * O + c + h);
+        store8(lo + h, __builtin_convertvector(b & 15, v8) * sg + mg);
+        store8(hi + h, __builtin_convertvector(b >> 4, v8) * sg + mg);
+      }
+    } else {
+      for (long k = 0; k < kPanel; ++k) {
+        const bool in = c + k < O;
+        const uint8_t b = in ? packed[j * O + c + k] : 0;
+        const float sg = in ? s[g * O + c + k] : 0.f, mg = in ? mn[g * O + c + k] : 0.f;
+        lo[k] = float(b & 15) * sg + mg;
+        hi[k] = float(b >> 4) * sg + mg;
+      }
+    }
+  }
+}
+
 // How a product is split among XLA's intra-op threads (the calling thread and the pool).
 //
 // A decode step (a few rows of x) splits the weight's rows (the reduction): each work item streams one
@@ -161,7 +251,6 @@ void int4_rows(long M, const float* x, long I, long j0, long j1, const uint8_t* 
 // narrower ones (64 or 128) were slower on average and far noisier, each thread streaming short rows.
 constexpr long kParallelWeights = 1L << 17;
 constexpr long kMinWidth = 256;
-constexpr long kRowSplitMaxRows = 4;
 
 long item_count(ffi::ThreadPool& pool) { return 2 * (pool.num_threads() + 1); }
 
@@ -169,7 +258,7 @@ long item_count(ffi::ThreadPool& pool) { return 2 * (pool.num_threads() + 1); }
 template <typename F>
 void for_column_items(ffi::ThreadPool& pool, long O, F&& fn) {
   long width = (O + item_count(pool) - 1) / item_count(pool);
-  width = std::max(kMinWidth, (width + 7) / 8 * 8);
+  width = std::max(kMinWidth, (width + kPanel - 1) / kPanel * kPanel);
   const long items = (O + width - 1) / width;
   parallel_for(pool, items, [&](long item) { fn(item * width, std::min(O, (item + 1) * width)); });
 }
@@ -219,6 +308,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int8_t* qp = q.typed_data();
   float* yp = y->typed_data();
   auto columns = [&](long c0, long c1) {
+    if (M > kRowSplitMaxRows) {
+      panel_columns(M, xp, I, O, c0, c1, yp, [&](long c, float* panel) { int8_panel(qp, sp, I, O, c, panel); });
+      return;
+    }
     for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
     int8_band(M, xp, I, 0, I, qp, O, c0, c1, yp);
     for (long m = 0; m < M; ++m)
@@ -273,6 +366,11 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const uint8_t* qp = packed.typed_data();
   float* yp = y->typed_data();
   auto columns = [&](long c0, long c1) {
+    if (M > kRowSplitMaxRows) {
+      panel_columns(M, xp, I, O, c0, c1, yp,
+                    [&](long c, float* panel) { int4_panel(qp, sp, mp, I, O, 2 * J, c, panel); });
+      return;
+    }
     for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
     int4_band(M, xp, I, 0, I / 2, qp, sp, mp, O, J, c0, c1, yp + c0, O);
   };

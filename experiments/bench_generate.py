@@ -117,7 +117,6 @@ def _torch(config: ModelConfig, scheme: str, batch: int, prompts, new_tokens: in
   sys.path[:] = [p for p in sys.path if pathlib.Path(p or '.').resolve() != REPO]
   try:
     import torch
-    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM  # the lazy import happens here
   except ImportError as e:
     print(f'  --torch: skipped ({e}); it needs torch and transformers installed beside the project')

@@ -373,8 +373,8 @@ def main(argv):
           print(f'{n} {o} {kernel}: skipped: {type(e).__name__}: {str(e).strip()[:300]}', flush=True)
         # Written after every row: a run cut short by a time limit keeps what it measured.
         out.write_text(json.dumps(rows, indent=2))
-  print(f'\n| config | framework | optimizer | kernel | activation | attention | device | dtype | batch×seq '
-        f'| params | step ms | tokens/s | first step s | MFU |')
+  print('\n| config | framework | optimizer | kernel | activation | attention | device | dtype | batch×seq '
+        '| params | step ms | tokens/s | first step s | MFU |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'

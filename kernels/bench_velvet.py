@@ -30,7 +30,6 @@ import pathlib
 import statistics
 import sys
 import time
-import importlib.util
 
 from absl import app, flags
 
@@ -39,7 +38,6 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from vesper_jax import config as base_config  # noqa: E402

@@ -242,7 +242,6 @@ def metacog_workdir(tmp_path_factory) -> pathlib.Path:
   """A root holding `run/`, the tiny model with the metacognition head trained 150 steps, and
   `eval.json`, `python -m vesper_jax.evaluate --json` on its validation split (shared by the metacog,
   generate and chat tests)."""
-  import json
   import subprocess
   import sys
   from vesper_jax import train

@@ -13,7 +13,6 @@ import math
 import os
 import pathlib
 import signal
-import sys
 import threading
 from typing import Any, Callable
 

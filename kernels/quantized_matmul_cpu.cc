@@ -65,6 +65,17 @@ inline v8i widen_u8(const uint8_t* p) {
 // the rows, with the sums in registers, read one cache line per row at a stride of O bytes and ran at
 // half the speed.) Each weight vector is widened once and used for every row of x.
 
+// One decoding sequence (M = 1) asks for the cache line of each of the next R rows as it enters a line
+// of the current ones, a band ahead: the hardware prefetchers follow each row's stream, but late for R
+// interleaved streams, and a chain of small's int8 projections ran 1.6x faster with it (in the L3) and
+// medium's 1.14x (from DRAM), in one process against the same code without.
+constexpr long kLine = 64;
+
+template <int R, typename T>
+inline void prefetch_rows(const T* p, long stride) {
+  for (int r = 0; r < R; ++r) __builtin_prefetch(p + r * stride);
+}
+
 // out[m, c .. c+8) += sum_r x[m, i+r] · w_r for the R widened weight vectors w_r of rows i .. i+R, for
 // several rows of x (M > 1): the broadcasts of x are redone per vector (out may alias nothing, but the
 // compiler cannot know); decoding one sequence takes the loops' M = 1 branches below instead, with the
@@ -90,6 +101,7 @@ void int8_rows(long M, const float* x, long I, long i0, long i1, const int8_t* q
       v8 xs[R];
       for (int r = 0; r < R; ++r) xs[r] = splat8(x[i + r]);
       for (; c + 8 <= c1; c += 8) {
+        if (c % kLine == 0) prefetch_rows<R>(q + (i + R) * O + c, O);
         v8 a = load8(y + c);
         for (int r = 0; r < R; ++r) a += xs[r] * widen_s8(q + (i + r) * O + c);
         store8(y + c, a);
@@ -116,6 +128,7 @@ void int4_rows(long M, const float* x, long I, long j0, long j1, const uint8_t* 
       v8 xs[2 * R];
       for (int r = 0; r < 2 * R; ++r) xs[r] = splat8(x[2 * j + r]);
       for (; c + 8 <= c1; c += 8) {
+        if (c % kLine == 0) prefetch_rows<R>(packed + (j + R) * O + c, O);
         v8 a = load8(acc + c - c0);
         for (int r = 0; r < R; ++r) {
           const v8i b = widen_u8(packed + (j + r) * O + c);

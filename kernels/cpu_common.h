@@ -1,4 +1,4 @@
-// Shared by the CPU kernels (attention_cpu.cc, cross_entropy_cpu.cc): 16-float vectors, a vectorisable
+// Shared by the CPU kernels (kernels/*.cc): 16-float vectors, a vectorisable
 // exp, and a parallel loop on XLA's intra-op thread pool. Built by kernels/cpu_kernels.py.
 #ifndef VESPER_KERNELS_CPU_COMMON_H_
 #define VESPER_KERNELS_CPU_COMMON_H_

@@ -1,12 +1,13 @@
 """The CPU kernels (kernels/*.cc): built on first use, registered with XLA as FFI targets.
 
 `available()` compiles the C++ sources (attention_cpu.cc, cross_entropy_cpu.cc, era_cpu.cc,
-quantized_matmul_cpu.cc and their cpu_common.h) into one library with the system's C++ compiler (`$CXX`, else g++, c++ or clang++)
-against the XLA FFI headers that ship with jaxlib, once per source / compiler / jaxlib / CPU: the
-library is cached under `$VESPER_KERNEL_CACHE` (default ~/.cache/vesper_jax/kernels); ~7 s to build.
-Where there is no compiler, or the build fails, it logs why once and returns False, and the callers
-keep their JAX code (vesper_jax/attention_cpu.py, losses.py, era.py, quantize.py). `VESPER_CPU_KERNELS=0` turns
-the kernels off (to compare, or to rule them out).
+quantized_matmul_cpu.cc, sampling_cpu.cc and their cpu_common.h) into one library with the system's
+C++ compiler (`$CXX`, else g++, c++ or clang++) against the XLA FFI headers that ship with jaxlib, once
+per source / compiler / jaxlib / CPU: the library is cached under `$VESPER_KERNEL_CACHE` (default
+~/.cache/vesper_jax/kernels); ~7 s to build. Where there is no compiler, or the build fails, it logs why
+once and returns False, and the callers keep their JAX code (vesper_jax/attention_cpu.py, losses.py,
+era.py, quantize.py, sampling.py). `VESPER_CPU_KERNELS=0` turns the kernels off (to compare, or to rule
+them out).
 
 One device only (`usable`): XLA's SPMD partitioner does not know how to split these calls, so over a
 mesh of several devices it would gather every operand to every device; there the JAX code runs, which
@@ -28,14 +29,16 @@ import jax
 import jax.numpy as jnp
 
 _DIR = Path(__file__).parent
-SOURCES = ('attention_cpu.cc', 'cross_entropy_cpu.cc', 'era_cpu.cc', 'quantized_matmul_cpu.cc')
+SOURCES = ('attention_cpu.cc', 'cross_entropy_cpu.cc', 'era_cpu.cc', 'quantized_matmul_cpu.cc',
+           'sampling_cpu.cc')
 _HEADERS = ('cpu_common.h',)
 # FFI target name -> the library's handler symbol.
 TARGETS = {'vesper_attention_forward': 'VesperAttentionForward',
            'vesper_attention_backward': 'VesperAttentionBackward',
            'vesper_softmax_cross_entropy': 'VesperSoftmaxCrossEntropy',
            'vesper_era_forward': 'VesperEraForward', 'vesper_era_backward': 'VesperEraBackward',
-           'vesper_int8_matmul': 'VesperInt8Matmul', 'vesper_int4_matmul': 'VesperInt4Matmul'}
+           'vesper_int8_matmul': 'VesperInt8Matmul', 'vesper_int4_matmul': 'VesperInt4Matmul',
+           'vesper_sample': 'VesperSample'}
 LANES = 16  # the kernels' vector width in floats
 # -march=native: the library is built on (and for) the machine that runs it, and its cache key holds
 # the CPU's flags. 512-bit vectors where the CPU has them (GCC prefers 256 by default).

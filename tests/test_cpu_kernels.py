@@ -23,6 +23,7 @@ from vesper_jax.kernels import attention_cpu_ffi
 from vesper_jax.kernels import cpu_kernels
 from vesper_jax.kernels import cross_entropy_cpu_ffi
 from vesper_jax.kernels import era_cpu_ffi
+from vesper_jax.kernels import sampling_cpu_ffi
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != 'cpu' or not cpu_kernels.available(),
@@ -91,6 +92,7 @@ def test_kernels_are_never_chosen_over_several_devices():
   assert not attention_cpu_ffi.supports(f32, f32, f32)
   assert not cross_entropy_cpu_ffi.supports(f32[0, 0])
   assert not era_cpu_ffi.supports(f32)
+  assert not sampling_cpu_ffi.supports(f32[0, 0])
 
 
 # Run with one device (python -c _ONE_DEVICE REPO): where each kernel applies, and the tiny model's loss
@@ -103,14 +105,16 @@ import jax, jax.numpy as jnp, numpy as np
 from conftest import tiny_model_config
 from vesper_jax import losses, model as M
 from vesper_jax.kernels import attention_cpu_ffi, cpu_kernels, cross_entropy_cpu_ffi, era_cpu_ffi
+from vesper_jax.kernels import sampling_cpu_ffi
 
 assert jax.device_count() == 1, jax.devices()
 f32, bf16, odd = jnp.zeros((1, 4, 2, 16)), jnp.zeros((1, 4, 2, 16), jnp.bfloat16), jnp.zeros((1, 4, 2, 8))
 assert attention_cpu_ffi.supports(f32, f32, f32) and cross_entropy_cpu_ffi.supports(f32[0, 0])
-assert era_cpu_ffi.supports(f32)
+assert era_cpu_ffi.supports(f32) and sampling_cpu_ffi.supports(f32[0, 0])
 assert not attention_cpu_ffi.supports(bf16, bf16, bf16)    # bfloat16: the JAX version
 assert not attention_cpu_ffi.supports(odd, odd, odd)       # head size not a multiple of 16
 assert not cross_entropy_cpu_ffi.supports(f32[0, 0].astype(jnp.bfloat16)) and not era_cpu_ffi.supports(bf16)
+assert not sampling_cpu_ffi.supports(bf16[0, 0])
 
 cfg = tiny_model_config(vocab_size=512)   # head size 32, ERA with lambda = 0.1
 params = M.init_params(cfg, jax.random.key(0))
@@ -126,8 +130,9 @@ def loss_and_grads():  # a new function each call: traced again, so the kernels 
   lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
   return lowered.as_text(), lowered.compile()(params)
 
-# The quantized projections' kernels are for inference (tests/test_quantize.py): not in a training step.
-training = [name for name in cpu_kernels.TARGETS if not name.endswith('_matmul')]
+# The quantized projections' and sampling's kernels are for inference (tests/test_quantize.py,
+# tests/test_sampling.py): not in a training step.
+training = [name for name in cpu_kernels.TARGETS if not name.endswith('_matmul') and name != 'vesper_sample']
 text, with_kernels = loss_and_grads()
 missing = [name for name in training if name not in text]
 assert not missing, f'kernels not in the lowered step: {missing}'

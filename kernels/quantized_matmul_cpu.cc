@@ -258,19 +258,25 @@ void int4_panel(const uint8_t* packed, const float* s, const float* mn, long I, 
 // items x M x O floats, so larger M (up to KERNEL_MAX_ROWS, short prefills) split the columns, where each
 // weight is reused M times and the stride matters less.
 //
-// Items: about two per thread, so a thread held up elsewhere (the CPU is shared) leaves its second to the
-// others. A weight smaller than kParallelWeights runs on the calling thread alone: waking the pool's
-// threads costs more than they save on the smallest products. Column pieces are at least kMinWidth wide:
-// narrower ones (64 or 128) were slower on average and far noisier, each thread streaming short rows.
-constexpr long kParallelWeights = 1L << 17;
+// Items: at most two per thread, so a thread held up elsewhere (the CPU is shared) leaves its second to
+// the others, and none smaller than kItemWeights weights: waking the pool's threads costs more than they
+// save on small products. On this project's 2-core VM, small's projections (0.15-0.39 M weights) ran
+// 1.0-1.6x faster on the calling thread alone than split (in one-process A/B chains of all of a step's
+// projections), medium's (0.59-1.6 M) 1.03-1.09x faster split, and both heads (6.3 and 12.6 M) split.
+// Column pieces are at least kMinWidth wide: narrower ones (64 or 128) were slower on average and far
+// noisier, each thread streaming short rows.
+constexpr long kItemWeights = 1L << 18;
 constexpr long kMinWidth = 256;
 
-long item_count(ffi::ThreadPool& pool) { return 2 * (pool.num_threads() + 1); }
+long item_count(ffi::ThreadPool& pool, long weights) {
+  return std::max(1L, std::min(2 * (pool.num_threads() + 1), weights / kItemWeights));
+}
 
 // fn(c0, c1) over column pieces of the O columns.
 template <typename F>
-void for_column_items(ffi::ThreadPool& pool, long O, F&& fn) {
-  long width = (O + item_count(pool) - 1) / item_count(pool);
+void for_column_items(ffi::ThreadPool& pool, long O, long weights, F&& fn) {
+  const long n = item_count(pool, weights);
+  long width = (O + n - 1) / n;
   width = std::max(kMinWidth, (width + kPanel - 1) / kPanel * kPanel);
   const long items = (O + width - 1) / width;
   parallel_for(pool, items, [&](long item) { fn(item * width, std::min(O, (item + 1) * width)); });
@@ -279,9 +285,10 @@ void for_column_items(ffi::ThreadPool& pool, long O, F&& fn) {
 // fn(r0, r1, sums) over bands of the R rows (multiples of `align` but the last), each adding into its own
 // zeroed [M, O] sums; returns them, items x [M, O].
 template <typename F>
-std::vector<float> for_row_items(ffi::ThreadPool& pool, long R, long align, long MO, long* items_out,
-                                 F&& fn) {
-  long band = (R + item_count(pool) - 1) / item_count(pool);
+std::vector<float> for_row_items(ffi::ThreadPool& pool, long R, long align, long weights, long MO,
+                                 long* items_out, F&& fn) {
+  const long n = item_count(pool, weights);
+  long band = (R + n - 1) / n;
   band = std::max(align, (band + align - 1) / align * align);
   const long items = (R + band - 1) / band;
   std::vector<float> sums(items * MO, 0.f);
@@ -330,13 +337,15 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (long m = 0; m < M; ++m)
       for (long c = c0; c < c1; ++c) yp[m * O + c] *= sp[c];
   };
-  if (I * O < kParallelWeights) {
+  // Past kRowSplitMaxRows rows each weight is used M times, and the work grows with M.
+  const long work = M > kRowSplitMaxRows ? M * I * O : I * O;
+  if (item_count(pool, work) == 1) {
     columns(0, O);
   } else if (M > kRowSplitMaxRows) {
-    for_column_items(pool, O, columns);
+    for_column_items(pool, O, work, columns);
   } else {
     long items;
-    const auto sums = for_row_items(pool, I, 4, M * O, &items, [&](long i0, long i1, float* part) {
+    const auto sums = for_row_items(pool, I, 4, I * O, M * O, &items, [&](long i0, long i1, float* part) {
       int8_band(M, xp, I, i0, i1, qp, O, 0, O, part);
     });
     reduce_items(sums, items, M, O, yp, [&](long c) { return sp[c]; });
@@ -387,13 +396,15 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
     int4_band(M, xp, I, 0, I / 2, qp, sp, mp, O, J, c0, c1, yp + c0, O);
   };
-  if (I * O < kParallelWeights) {
+  // Past kRowSplitMaxRows rows each weight is used M times, and the work grows with M.
+  const long work = M > kRowSplitMaxRows ? M * I * O : I * O;
+  if (item_count(pool, work) == 1) {
     columns(0, O);
   } else if (M > kRowSplitMaxRows) {
-    for_column_items(pool, O, columns);
+    for_column_items(pool, O, work, columns);
   } else {
     long items;
-    const auto sums = for_row_items(pool, I / 2, 4, M * O, &items, [&](long j0, long j1, float* part) {
+    const auto sums = for_row_items(pool, I / 2, 4, I * O, M * O, &items, [&](long j0, long j1, float* part) {
       int4_band(M, xp, I, j0, j1, qp, sp, mp, O, J, 0, O, part, O);
     });
     reduce_items(sums, items, M, O, yp, [](long) { return 1.f; });

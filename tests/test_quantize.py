@@ -264,7 +264,7 @@ def _kernel_operands(scheme, M, I, O, group_size, seed=0):
     (4, 256, 517, 128),    # columns past the last vector
     (32, 64, 40, 16),      # the most rows the model sends (quantize.KERNEL_MAX_ROWS)
     (1, 1024, 1100, 128),  # over 1 M weights: rows split among threads, each band's sums added up
-    (3, 520, 300, 130),    # int4: bands that start and end inside a group (65 byte rows per group)
+    (3, 1040, 800, 130),   # 3 bands; int4: bands that start and end inside a group (65 byte rows each)
     (5, 64, 37, 16),       # past 4 rows: the dequantized-panel path, a band of 4 plus one, a partial panel
     (8, 512, 300, 128),    # the panel path with columns split among threads, the last piece uneven
 ])

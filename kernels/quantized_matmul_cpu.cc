@@ -160,9 +160,10 @@ void int4_rows(long M, const float* x, long I, long j0, long j1, const uint8_t* 
 // Several rows of x (M > kRowSplitMaxRows: batched decode steps, short prefills) are a small GEMM, and
 // the streaming loops above would load and store every row's sums once per weight vector. Instead, as
 // a GEMM packs its operand: a panel of kPanel columns is dequantized once into floats (I x 16, 128 KB at
-// I = 2048: it stays in L2), then each band of 4 rows of x runs down it with its 4 x 16 sums in
-// registers (8 of AVX2's 16), so a weight costs one widening for all M rows and each FMA one broadcast.
+// I = 2048: it stays in L2), then each band of up to 6 rows of x runs down it with its 6 x 16 sums in
+// registers, so a weight costs one widening for all M rows and each FMA one broadcast.
 constexpr long kPanel = 16;
+constexpr int kMaxBand = 6;  // rows of x per pass down a panel
 constexpr long kRowSplitMaxRows = 4;  // up to this many rows of x: the streaming loops above
 
 template <int MR>
@@ -184,25 +185,38 @@ void panel_product(long I, const float* x, long m0, const float* panel, float* o
 
 // y[:, c0:c1) = x · panel for every row of x, panel after panel; dequantize(c, panel) fills the I x 16
 // floats of columns c .. c+16 (zeros past O).
+// Rows m .. m + MR of y[:, c .. c + width) = x · panel, through `tail` when the panel is the last, narrow one.
+template <int MR>
+void panel_rows(long I, const float* x, long m, const float* panel, float* y, long O, long c, long width,
+                float* tail) {
+  if (width == kPanel) {
+    panel_product<MR>(I, x, m, panel, y + m * O + c, O);
+    return;
+  }
+  panel_product<MR>(I, x, m, panel, tail, kPanel);
+  for (int r = 0; r < MR; ++r) std::copy(tail + r * kPanel, tail + r * kPanel + width, y + (m + r) * O + c);
+}
+
+// y[:, c0:c1) = x · panel for every row of x, panel after panel; dequantize(c, panel) fills the I x 16
+// floats of columns c .. c+16 (zeros past O). Rows go 6 at a time (12 sums + 2 weight vectors + the
+// broadcast: 15 of AVX2's 16 registers; 6 rows ran a chain of small's projections at 32 rows 1.25x
+// faster than 4), the last few in one band of their own.
 template <typename D>
 void panel_columns(long M, const float* x, long I, long O, long c0, long c1, float* y, D&& dequantize) {
   std::vector<float> panel(I * kPanel);
-  float tail[4 * kPanel];
+  float tail[kMaxBand * kPanel];
   for (long c = c0; c < c1; c += kPanel) {
     const long width = std::min(kPanel, c1 - c);
     dequantize(c, panel.data());
     long m = 0;
-    for (; m + 4 <= M; m += 4) {
-      if (width == kPanel) {
-        panel_product<4>(I, x, m, panel.data(), y + m * O + c, O);
-      } else {
-        panel_product<4>(I, x, m, panel.data(), tail, kPanel);
-        for (int r = 0; r < 4; ++r) std::copy(tail + r * kPanel, tail + r * kPanel + width, y + (m + r) * O + c);
-      }
-    }
-    for (; m < M; ++m) {
-      panel_product<1>(I, x, m, panel.data(), tail, kPanel);
-      std::copy(tail, tail + width, y + m * O + c);
+    for (; m + kMaxBand <= M; m += kMaxBand) panel_rows<kMaxBand>(I, x, m, panel.data(), y, O, c, width, tail);
+    switch (M - m) {
+      case 5: panel_rows<5>(I, x, m, panel.data(), y, O, c, width, tail); break;
+      case 4: panel_rows<4>(I, x, m, panel.data(), y, O, c, width, tail); break;
+      case 3: panel_rows<3>(I, x, m, panel.data(), y, O, c, width, tail); break;
+      case 2: panel_rows<2>(I, x, m, panel.data(), y, O, c, width, tail); break;
+      case 1: panel_rows<1>(I, x, m, panel.data(), y, O, c, width, tail); break;
+      default: break;
     }
   }
 }

@@ -265,7 +265,8 @@ def _kernel_operands(scheme, M, I, O, group_size, seed=0):
     (32, 64, 40, 16),      # the most rows the model sends (quantize.KERNEL_MAX_ROWS)
     (1, 1024, 1100, 128),  # over 1 M weights: rows split among threads, each band's sums added up
     (3, 1040, 800, 130),   # 3 bands; int4: bands that start and end inside a group (65 byte rows each)
-    (5, 64, 37, 16),       # past 4 rows: the dequantized-panel path, a band of 4 plus one, a partial panel
+    (5, 64, 37, 16),       # past 4 rows: the dequantized-panel path, one band of 5, a partial panel
+    (13, 64, 37, 16),      # bands of 6, 6 and 1
     (8, 512, 300, 128),    # the panel path with columns split among threads, the last piece uneven
 ])
 def test_kernel_equals_float64_reference(scheme, M, I, O, group_size):

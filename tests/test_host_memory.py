@@ -118,8 +118,7 @@ def test_the_tokenizer_process_keeps_glibcs_arenas_or_is_refused(monkeypatch):
   expected = [(k, tokenizer.encode_batch(texts)) for k, texts in batches]
   large = tokenizer_lib.OUT_OF_PROCESS_BYTES + 1  # what is encoded is not sized: a child is started
   with tokenizer_lib.BatchEncoder(FRENCH_TOKENIZER, '', large) as encoder:
-    got = [(k, [list(map(int, ids)) for ids in encoded]) for k, encoded in encoder.encode_batches(None, batches)]
-    assert got == expected  # no tokenizer here: the child's
+    assert list(encoder.encode_batches(None, batches)) == expected  # no tokenizer here: the child's
   # Without VESPER_SYSTEM_MALLOC=1 in its environment the child would apply the settings on import:
   # its first reply says so, and the parent refuses it rather than tokenize slowly.
   monkeypatch.setattr(host_memory, 'SYSTEM_MALLOC_ENV', {'VESPER_SYSTEM_MALLOC': '0', 'JAX_PLATFORMS': 'cpu'})

@@ -21,6 +21,7 @@ the step, and each process gathers only its own rows.
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -272,19 +273,17 @@ def _build(directory: pathlib.Path, key: str, reading: dict, sources, options, e
     with open(tmp / 'train.bin', 'wb') as train_file, open(tmp / 'val.bin', 'wb') as val_file, bar:
       pieces = _pieces(sources, options, errors, val_fraction, counts, per_source, bar.update)
       batches = ((batch, [text for _, _, _, text in batch]) for batch in _batches(pieces, BATCH_CHARS))
-      eos = np.array([tokenizer.eos_id], dtype)
       for batch, encoded in encoder.encode_batches(tokenizer, batches):
         out = {False: [], True: []}
         for (k, is_val, last, _), ids in zip(batch, encoded):
-          out[is_val].append(np.asarray(ids, dtype))  # lists (encoded here) or a child's uint32 arrays
           if last:
-            out[is_val].append(eos)
-          per_source[k]['tokens'] += len(ids) + last
+            ids.append(tokenizer.eos_id)
+          per_source[k]['tokens'] += len(ids)
+          out[is_val].append(ids)
         for is_val, file in ((False, train_file), (True, val_file)):
-          if out[is_val]:
-            joined = np.concatenate(out[is_val])
-            joined.tofile(file)
-            counts['val_tokens' if is_val else 'train_tokens'] += len(joined)
+          n = sum(map(len, out[is_val]))
+          np.fromiter(itertools.chain.from_iterable(out[is_val]), dtype=dtype, count=n).tofile(file)
+          counts['val_tokens' if is_val else 'train_tokens'] += n
         tokens = counts['train_tokens'] + counts['val_tokens']
         bar.set_postfix_str(f'{tokens:,} tokens, {tokens / max(bar.format_dict["elapsed"], 1e-9):,.0f} tok/s',
                             refresh=False)

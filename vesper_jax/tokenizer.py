@@ -13,7 +13,6 @@ lock, so a corpus larger than one batch is encoded by a child process with glibc
 import collections
 import copy
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -25,7 +24,6 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
-import numpy as np
 import tokenizers
 from absl import logging
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -84,11 +82,8 @@ class Tokenizer:
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, encoded in parallel by the Rust library (no offsets computed)."""
-    return [e.ids for e in self.encodings(texts)]
-
-  def encodings(self, texts: Sequence[str]) -> list[tokenizers.Encoding]:
-    """The library's encodings of each text (encode_batch's, before the ids are taken out)."""
-    return self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    return [e.ids for e in encodings]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     """Text of `ids` (a list, array or jax.Array of ints)."""
@@ -138,10 +133,9 @@ class BatchEncoder:
       self._child = _EncoderProcess(path, eos_token)
 
   def encode_batches(self, tokenizer: Tokenizer, batches: Iterable[tuple[Any, Sequence[str]]]
-                     ) -> Iterator[tuple[Any, Sequence[Sequence[int]]]]:
-    """(tag, the token ids of each text) for each (tag, texts) of `batches`, in order: the ids of
-    `tokenizer.encode_batch(texts)`, as its lists, or as uint32 arrays when a child process encoded them.
-    `tokenizer` is the one loaded from the same file, used when the batches are encoded in this process."""
+                     ) -> Iterator[tuple[Any, list[list[int]]]]:
+    """(tag, `tokenizer.encode_batch(texts)`) for each (tag, texts) of `batches`, in order. `tokenizer`
+    is the one loaded from the same file, used when the batches are encoded in this process."""
     if self._child is None:
       for tag, texts in batches:
         yield tag, tokenizer.encode_batch(texts)
@@ -183,7 +177,7 @@ class _EncoderProcess:
     except BrokenPipeError:
       raise self._died() from None
 
-  def receive(self) -> list[np.ndarray]:
+  def receive(self) -> list[list[int]]:
     if self._hello is None:
       self._hello = self._read()
       if self._hello['single_arena']:
@@ -192,8 +186,7 @@ class _EncoderProcess:
     error, encoded = self._read()
     if error:
       raise RuntimeError(f'the tokenizer process failed: {error}')
-    lengths, flat = encoded
-    return np.split(flat, np.cumsum(lengths)[:-1])
+    return encoded
 
   def close(self, kill: bool = False) -> None:
     """Ends the child: at once with `kill`, else once it has read the end of its input."""
@@ -223,32 +216,23 @@ class _EncoderProcess:
 
 def _serve_encoder() -> None:
   """The child side of `_EncoderProcess`: batches (pickled lists of texts) on stdin; a hello, then for
-  each batch (error or None, (lengths, ids)) on stdout, in order: every text's token count, int64, and all
-  the ids one after the other, uint32. argv: tokenizer file, eos_token.
-
-  Two stages, so the tokenizer's threads never wait on Python: a thread runs the Rust encoding of batch
-  k + 1 (it releases the GIL) while this one turns batch k's encodings into arrays and writes them. Arrays
-  because a million Python ints cost ~0.1 s to pickle here and ~0.3 s to unpickle and flatten in the
-  parent, on cores the encoding needs (a 21 MB corpus: 0.65 s of CPU in lists, 0.2 s in arrays).
-  """
+  each batch (error or None, token ids of each text) on stdout, in order. argv: tokenizer file, eos_token."""
   replies = os.fdopen(os.dup(1), 'wb')
   os.dup2(2, 1)  # anything else written to stdout goes to stderr, not into the replies
   pickle.dump({'pid': os.getpid(), 'single_arena': host_memory.single_arena()}, replies)
   replies.flush()
-  requests, encoded = queue.SimpleQueue(), queue.Queue(maxsize=2)
+  requests = queue.SimpleQueue()
   threading.Thread(target=_read_requests, args=(sys.stdin.buffer, requests), daemon=True).start()
-  threading.Thread(target=_encode_requests, args=(sys.argv[1], sys.argv[2], requests, encoded),
-                   daemon=True).start()
-  while (item := encoded.get()) is not None:
-    error, encodings = item
-    if not error:
-      try:
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-        encodings = (lengths, np.fromiter(itertools.chain.from_iterable(ids), np.uint32, count=int(lengths.sum())))
-      except Exception as e:  # pylint: disable=broad-except  (reported to the parent, which raises)
-        error, encodings = f'{type(e).__name__}: {e}', None
-    pickle.dump((error, encodings), replies, protocol=pickle.HIGHEST_PROTOCOL)
+  try:
+    tokenizer, error = Tokenizer.load(sys.argv[1], sys.argv[2]), None
+  except Exception as e:  # pylint: disable=broad-except  (the parent, loading the same file, says why first)
+    tokenizer, error = None, f'{type(e).__name__}: {e}'
+  while (texts := requests.get()) is not None:
+    try:
+      reply = (error, None) if error else (None, tokenizer.encode_batch(texts))  # lists pickle fast
+    except Exception as e:  # pylint: disable=broad-except  (reported to the parent, which raises)
+      reply = (f'{type(e).__name__}: {e}', None)
+    pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
     replies.flush()
 
 
@@ -259,20 +243,6 @@ def _read_requests(stream: BinaryIO, requests: queue.SimpleQueue) -> None:
       requests.put(pickle.load(stream))
   except (EOFError, OSError):
     requests.put(None)
-
-
-def _encode_requests(path: str, eos_token: str, requests: queue.SimpleQueue, encoded: queue.Queue) -> None:
-  """The first stage of `_serve_encoder`: (error or None, the tokenizer's encodings) per batch, then None."""
-  try:
-    tokenizer, error = Tokenizer.load(path, eos_token), None
-  except Exception as e:  # pylint: disable=broad-except  (the parent, loading the same file, says why first)
-    tokenizer, error = None, f'{type(e).__name__}: {e}'
-  while (texts := requests.get()) is not None:
-    try:
-      encoded.put((error, None) if error else (None, tokenizer.encodings(texts)))
-    except Exception as e:  # pylint: disable=broad-except
-      encoded.put((f'{type(e).__name__}: {e}', None))
-  encoded.put(None)
 
 
 def _find_eos(tokenizer: tokenizers.Tokenizer, path: str, eos_token: str) -> int:

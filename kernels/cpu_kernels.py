@@ -62,6 +62,12 @@ def _cpu_flags() -> str:
   return platform.processor()
 
 
+@functools.cache
+def wide_vectors() -> bool:
+  """Whether this CPU has AVX-512 (the kernels' 16-float vectors in one register each)."""
+  return 'avx512f' in _cpu_flags().split()
+
+
 def _cache_dir() -> Path:
   return Path(os.environ.get('VESPER_KERNEL_CACHE', Path.home() / '.cache' / 'vesper_jax' / 'kernels'))
 

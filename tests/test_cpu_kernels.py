@@ -109,12 +109,16 @@ from vesper_jax.kernels import sampling_cpu_ffi
 
 assert jax.device_count() == 1, jax.devices()
 f32, bf16, odd = jnp.zeros((1, 4, 2, 16)), jnp.zeros((1, 4, 2, 16), jnp.bfloat16), jnp.zeros((1, 4, 2, 8))
+cpu_kernels.wide_vectors = lambda: True
 assert attention_cpu_ffi.supports(f32, f32, f32) and cross_entropy_cpu_ffi.supports(f32[0, 0])
 assert era_cpu_ffi.supports(f32) and sampling_cpu_ffi.supports(f32[0, 0])
 assert not attention_cpu_ffi.supports(bf16, bf16, bf16)    # bfloat16: the JAX version
 assert not attention_cpu_ffi.supports(odd, odd, odd)       # head size not a multiple of 16
 assert not cross_entropy_cpu_ffi.supports(f32[0, 0].astype(jnp.bfloat16)) and not era_cpu_ffi.supports(bf16)
 assert not sampling_cpu_ffi.supports(bf16[0, 0])
+cpu_kernels.wide_vectors = lambda: False
+assert not attention_cpu_ffi.supports(f32, f32, f32)       # no AVX-512: the JAX version (faster there)
+cpu_kernels.wide_vectors = lambda: True                     # the step below has every kernel, on any CPU
 
 cfg = tiny_model_config(vocab_size=512)   # head size 32, ERA with lambda = 0.1
 params = M.init_params(cfg, jax.random.key(0))

@@ -262,7 +262,7 @@ def _kernel_operands(scheme, M, I, O, group_size, seed=0):
     (1, 130, 77, 26),      # int8: rows past the last band of 4; int4: 13 byte rows per group; odd O
     (3, 96, 45, 6),        # several rows; int4 groups of 3 byte rows (no band of 4 at all)
     (4, 256, 517, 128),    # columns past the last vector
-    (32, 64, 40, 16),      # the most rows the model sends (quantize.KERNEL_MAX_ROWS)
+    (128, 64, 40, 16),     # the most rows the model sends (quantize.KERNEL_MAX_ROWS)
     (1, 1024, 1100, 128),  # over 1 M weights: rows split among threads, each band's sums added up
     (3, 1040, 800, 130),   # 3 bands; int4: bands that start and end inside a group (65 byte rows each)
     (5, 64, 37, 16),       # past 4 rows: the dequantized-panel path, one band of 5, a partial panel

@@ -150,12 +150,15 @@ def dequantize_int4(packed_JO: jax.Array, scales_GO: jax.Array, mins_GO: jax.Arr
 # ------------------------------------------------------------------------------------------ the layer
 
 # On a CPU, projections of at most this many rows (tokens) run in the C++ kernel, which reads the integers
-# and dequantizes in registers (kernels/quantized_matmul_cpu.cc): decode steps of up to 32 sequences, and
-# short prefills. It re-broadcasts x per row, so its cost grows with the rows while XLA's dequantized copy
-# is amortised over them; longer prefills and scoring keep XLA's formulation. Measured (bench_generate,
-# small, one run): at 4 rows, batch-8 decode ran at 0.94x float32 and a 32-token prefill at 0.82x (XLA's
-# copy); at 32 rows, 1.59x and 0.96x, batch-1 decode unchanged. Not tuned beyond 4, 8 and 32.
-KERNEL_MAX_ROWS = 32
+# and dequantizes in registers (kernels/quantized_matmul_cpu.cc): decode steps of up to 128 sequences, and
+# prefills of up to 128 tokens (decode.left_pad pads prompts to multiples of 64: a 32-token prompt is 64
+# rows). Past 4 rows the kernel dequantizes 16-column panels once and runs every row of x down each, so x
+# is re-read once per panel: its cost grows with the rows while XLA's dequantized copy is amortised over
+# them, and longer prefills and scoring keep XLA's formulation. Measured (one medium-sized product each,
+# the 2-core AVX2 CPU): at 64 and 128 rows the kernel ran 0.88-2.1x the time of XLA's dequantize-then-dot
+# (faster but for I = 2048, equal there), at 256 rows 0.84-1.0x; at 32 the limit sent 64-row prompts to
+# XLA, whose float copies took 66 of medium's 138 ms prefill.
+KERNEL_MAX_ROWS = 128
 
 
 class QuantizedDense(nn.Module):

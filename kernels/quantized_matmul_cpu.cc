@@ -185,7 +185,8 @@ void panel_product(long I, const float* x, long m0, const float* panel, float* o
 
 // y[:, c0:c1) = x · panel for every row of x, panel after panel; dequantize(c, panel) fills the I x 16
 // floats of columns c .. c+16 (zeros past O).
-// Rows m .. m + MR of y[:, c .. c + width) = x · panel, through `tail` when the panel is the last, narrow one.
+// Rows m .. m + MR of y[:, c .. c + width) = x · panel, through `tail` when the panel is the last, narrow
+// one.
 template <int MR>
 void panel_rows(long I, const float* x, long m, const float* panel, float* y, long O, long c, long width,
                 float* tail) {
@@ -209,7 +210,8 @@ void panel_columns(long M, const float* x, long I, long O, long c0, long c1, flo
     const long width = std::min(kPanel, c1 - c);
     dequantize(c, panel.data());
     long m = 0;
-    for (; m + kMaxBand <= M; m += kMaxBand) panel_rows<kMaxBand>(I, x, m, panel.data(), y, O, c, width, tail);
+    for (; m + kMaxBand <= M; m += kMaxBand)
+      panel_rows<kMaxBand>(I, x, m, panel.data(), y, O, c, width, tail);
     switch (M - m) {
       case 5: panel_rows<5>(I, x, m, panel.data(), y, O, c, width, tail); break;
       case 4: panel_rows<4>(I, x, m, panel.data(), y, O, c, width, tail); break;
@@ -233,7 +235,8 @@ void int8_panel(const int8_t* q, const float* s, long I, long O, long c, float* 
     return;
   }
   for (long i = 0; i < I; ++i)
-    for (long k = 0; k < kPanel; ++k) panel[i * kPanel + k] = c + k < O ? float(q[i * O + c + k]) * s[c + k] : 0.f;
+    for (long k = 0; k < kPanel; ++k)
+      panel[i * kPanel + k] = c + k < O ? float(q[i * O + c + k]) * s[c + k] : 0.f;
 }
 
 void int4_panel(const uint8_t* packed, const float* s, const float* mn, long I, long O, long G, long c,
@@ -324,6 +327,26 @@ void reduce_items(const std::vector<float>& sums, long items, long M, long O, fl
     }
 }
 
+// y [M, O] = x [M, I] times a weight of R stored rows (I for int8, I/2 packed int4 rows), split as above:
+// on the calling thread alone or by column pieces, columns(c0, c1) writing y's columns whole; or by bands
+// of stored rows, band(r0, r1, sums) adding a band's unscaled product into its own zeroed [M, O] sums,
+// which are added up and multiplied by scale(c).
+template <typename C, typename B, typename S>
+void split_product(ffi::ThreadPool& pool, long M, long I, long O, long R, float* y, C&& columns, B&& band,
+                   S&& scale) {
+  // Past kRowSplitMaxRows rows each weight is used M times, and the work grows with M.
+  const long work = M > kRowSplitMaxRows ? M * I * O : I * O;
+  if (item_count(pool, work) == 1) {
+    columns(0, O);
+  } else if (M > kRowSplitMaxRows) {
+    for_column_items(pool, O, work, columns);
+  } else {
+    long items;
+    const auto sums = for_row_items(pool, R, 4, I * O, M * O, &items, band);
+    reduce_items(sums, items, M, O, y, scale);
+  }
+}
+
 // y[:, c0:c1) = sums of x[:, i0:i1) · q[i0:i1, c0:c1) (unscaled), into y with row stride O.
 void int8_band(long M, const float* x, long I, long i0, long i1, const int8_t* q, long O, long c0, long c1,
                float* y) {
@@ -343,7 +366,8 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   float* yp = y->typed_data();
   auto columns = [&](long c0, long c1) {
     if (M > kRowSplitMaxRows) {
-      panel_columns(M, xp, I, O, c0, c1, yp, [&](long c, float* panel) { int8_panel(qp, sp, I, O, c, panel); });
+      panel_columns(M, xp, I, O, c0, c1, yp,
+                    [&](long c, float* panel) { int8_panel(qp, sp, I, O, c, panel); });
       return;
     }
     for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
@@ -351,19 +375,9 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (long m = 0; m < M; ++m)
       for (long c = c0; c < c1; ++c) yp[m * O + c] *= sp[c];
   };
-  // Past kRowSplitMaxRows rows each weight is used M times, and the work grows with M.
-  const long work = M > kRowSplitMaxRows ? M * I * O : I * O;
-  if (item_count(pool, work) == 1) {
-    columns(0, O);
-  } else if (M > kRowSplitMaxRows) {
-    for_column_items(pool, O, work, columns);
-  } else {
-    long items;
-    const auto sums = for_row_items(pool, I, 4, I * O, M * O, &items, [&](long i0, long i1, float* part) {
-      int8_band(M, xp, I, i0, i1, qp, O, 0, O, part);
-    });
-    reduce_items(sums, items, M, O, yp, [&](long c) { return sp[c]; });
-  }
+  split_product(pool, M, I, O, I, yp, columns,
+                [&](long i0, long i1, float* part) { int8_band(M, xp, I, i0, i1, qp, O, 0, O, part); },
+                [&](long c) { return sp[c]; });
   return ffi::Error::Success();
 }
 
@@ -410,19 +424,11 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (long m = 0; m < M; ++m) std::fill(yp + m * O + c0, yp + m * O + c1, 0.f);
     int4_band(M, xp, I, 0, I / 2, qp, sp, mp, O, J, c0, c1, yp + c0, O);
   };
-  // Past kRowSplitMaxRows rows each weight is used M times, and the work grows with M.
-  const long work = M > kRowSplitMaxRows ? M * I * O : I * O;
-  if (item_count(pool, work) == 1) {
-    columns(0, O);
-  } else if (M > kRowSplitMaxRows) {
-    for_column_items(pool, O, work, columns);
-  } else {
-    long items;
-    const auto sums = for_row_items(pool, I / 2, 4, I * O, M * O, &items, [&](long j0, long j1, float* part) {
-      int4_band(M, xp, I, j0, j1, qp, sp, mp, O, J, 0, O, part, O);
-    });
-    reduce_items(sums, items, M, O, yp, [](long) { return 1.f; });
-  }
+  split_product(pool, M, I, O, I / 2, yp, columns,
+                [&](long j0, long j1, float* part) {
+                  int4_band(M, xp, I, j0, j1, qp, sp, mp, O, J, 0, O, part, O);
+                },
+                [](long) { return 1.f; });
   return ffi::Error::Success();
 }
 
